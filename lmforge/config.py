@@ -1,0 +1,223 @@
+"""Configuration dataclasses: the model's shape (ModelConfig, with named presets) and the training run (TrainConfig).
+
+Configs are flat dataclasses with a default and a one-line comment per field. They convert to and from plain dicts,
+JSON and TOML, and check themselves at construction: an invalid value raises ValueError with one line that names the
+field and says how to fix it. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+MLP_KINDS = ("relu", "gelu", "swiglu", "relu2")
+NORM_KINDS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+POSITION_KINDS = ("learned", "sinusoidal", "alibi", "rope", "none")
+ATTENTION_KINDS = ("sdpa", "manual")
+
+
+def _closest(name: str, options) -> str:
+    """' (did you mean X?)' when a close option exists, else ''."""
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _check_choice(field_name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"{field_name}={value!r} is not an option{_closest(str(value), options)}; "
+                         f"choose one of {', '.join(options)}")
+
+
+def _coerce(field_name: str, value: Any, kind: type) -> Any:
+    """Convert a value read from text (CLI, TOML) to the field's type, or fail with a one-line message."""
+    if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if kind is int:
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError
+            return int(as_float)
+        if kind is float:
+            return float(value)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"{field_name}={value!r} is not a valid {kind.__name__}")
+
+
+def _field_types(cls) -> dict[str, type]:
+    """Map each field to the plain type it holds (int, float, str, bool), unwrapping `X | None`."""
+    hints = get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
+        out[f.name] = args[0] if args and isinstance(args[0], type) else hint
+    return out
+
+
+class _ConfigMixin:
+    """Dict / JSON / TOML conversion shared by the config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        types = _field_types(cls)
+        unknown = [k for k in values if k not in types]
+        if unknown:
+            key = unknown[0]
+            raise ValueError(f"unknown {cls.__name__} field {key!r}{_closest(key, types)}")
+        kwargs = {}
+        for k, v in values.items():
+            kind = types[k]
+            kwargs[k] = _coerce(k, v, kind) if isinstance(kind, type) and kind in (int, float, str, bool) else v
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path):
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_toml(cls, path: str | Path):
+        with open(path, "rb") as f:
+            return cls.from_dict(tomllib.load(f))
+
+
+@dataclass
+class ModelConfig(_ConfigMixin):
+    """The shape of a decoder-only Transformer. Defaults are GPT-2 small (124M)."""
+
+    vocab_size: int = 50257  # number of token ids; the embedding and output layer have this many rows
+    block_size: int = 1024  # context length the model is trained for (and the limit for learned positions)
+    n_layer: int = 12  # number of Transformer blocks
+    n_head: int = 12  # number of query heads
+    n_kv_head: int | None = None  # key/value heads: None = n_head (multi-head), 1 = multi-query, else grouped-query
+    n_embd: int = 768  # width of the residual stream
+    mlp: str = "gelu"  # MLP kind: relu | gelu (tanh approximation, as GPT/GPT-2) | swiglu | relu2 (squared ReLU)
+    mlp_hidden: int | None = None  # MLP hidden width: None = 4 * n_embd (swiglu: 8/3 * n_embd, rounded up to 64)
+    norm: str = "layernorm"  # normalisation: layernorm | rmsnorm
+    norm_position: str = "pre"  # pre-norm (GPT-2, modern) or post-norm (original Transformer, GPT-1)
+    norm_eps: float = 1e-5  # epsilon inside every norm
+    qk_norm: bool = False  # RMS-normalise queries and keys per head before attention scores
+    position: str = "learned"  # positions: learned | sinusoidal | alibi | rope | none
+    rope_theta: float = 10000.0  # RoPE base frequency
+    attention: str = "sdpa"  # sdpa (F.scaled_dot_product_attention, fast) | manual (explicit fp32 softmax, readable)
+    dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
+    bias: bool = True  # biases in Linear layers and LayerNorm
+    tie_embeddings: bool = True  # share the token embedding matrix with the output layer
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(n_embd) (original Transformer)
+    init_std: float = 0.02  # std of the normal init; residual projections get init_std / sqrt(2 * n_layer)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        _check_choice("mlp", self.mlp, MLP_KINDS)
+        _check_choice("norm", self.norm, NORM_KINDS)
+        _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        _check_choice("position", self.position, POSITION_KINDS)
+        _check_choice("attention", self.attention, ATTENTION_KINDS)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"pick n_embd as a multiple of n_head (e.g. {self.n_head * max(1, round(self.n_embd / self.n_head))})")
+        if self.n_kv_head is not None:
+            if not isinstance(self.n_kv_head, int) or self.n_kv_head < 1:
+                raise ValueError(f"n_kv_head={self.n_kv_head!r} must be a positive integer or None (= n_head)")
+            if self.n_head % self.n_kv_head:
+                raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
+                                 "use a divisor of n_head (1 = multi-query, n_head = multi-head)")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"position='rope' needs an even head size, but n_embd/n_head = {self.head_dim}; "
+                             "change n_embd or n_head")
+        if self.position == "sinusoidal" and self.n_embd % 2:
+            raise ValueError(f"position='sinusoidal' needs an even n_embd, got {self.n_embd}")
+        if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1):
+            raise ValueError(f"mlp_hidden={self.mlp_hidden!r} must be a positive integer or None (automatic)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be positive")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("norm_eps and init_std must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":  # keeps the parameter count of a 4x MLP with two input matrices
+            return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return 4 * self.n_embd
+
+    @property
+    def extrapolates(self) -> bool:
+        """Whether the model can attend over more than block_size tokens (relative or no positions)."""
+        return self.position in ("alibi", "rope", "none")
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        return list(PRESETS)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}{_closest(name, PRESETS)}; "
+                             f"available: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+# Named sizes are overrides of the defaults above (which are GPT-2 small). The model never looks at these names.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The original GPT (Radford et al. 2018): post-norm, learned positions, GELU, 12 x 768, context 512.
+    "gpt1": dict(vocab_size=40478, block_size=512, norm_position="post", dropout=0.1),
+    "gpt2": dict(),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    # "Attention is all you need", decoder only: sinusoidal positions, post-norm, ReLU, embeddings x sqrt(d).
+    "vanilla": dict(vocab_size=32000, block_size=512, n_layer=6, n_head=8, n_embd=512, mlp="relu",
+                    position="sinusoidal", norm_position="post", scale_embeddings=True, dropout=0.1),
+    # A modern small model: RoPE, grouped-query attention, RMSNorm, SwiGLU, pre-norm, no biases.
+    "modern": dict(vocab_size=32768, block_size=2048, n_layer=12, n_head=12, n_kv_head=4, n_embd=768,
+                   mlp="swiglu", norm="rmsnorm", position="rope", bias=False, qk_norm=True, norm_eps=1e-6),
+    # Small ones for CPU runs and tests.
+    "tiny": dict(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=64),
+    "nano": dict(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=128),  # nanoGPT's CPU recipe
+    "baby": dict(vocab_size=256, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),  # nanoGPT char
+    "modern-tiny": dict(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+                        mlp="swiglu", norm="rmsnorm", position="rope", bias=False, qk_norm=True, norm_eps=1e-6),
+}

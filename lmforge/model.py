@@ -1,0 +1,405 @@
+"""The GPT model: one configurable decoder-only Transformer, in dependency order.
+
+    norms -> positions (learned, sinusoidal, RoPE, ALiBi) -> attention mask -> KV cache -> attention -> MLP
+    -> Block -> GPT
+
+Every option of ModelConfig maps to one small named piece here. The model imports only torch: it knows nothing about
+tokenizers, files or training. Generation owns the KV cache and passes it to forward() explicitly, so training never
+depends on cache state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+# ----------------------------------------------------------------------------------------------------------- norms
+
+def make_norm(cfg, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# ------------------------------------------------------------------------------------------------------- positions
+
+class LearnedPositions(nn.Module):
+    """A trained vector per position (GPT-1, GPT-2). Cannot go past block_size."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.block_size, cfg.n_embd))
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:  # pos (B|1, T) -> (B|1, T, C)
+        return F.embedding(pos, self.weight)
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sines and cosines of geometric frequencies (Vaswani et al. 2017), computed for any position."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, cfg.n_embd, 2, dtype=torch.float32) / cfg.n_embd))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:  # pos (B|1, T) -> (B|1, T, C)
+        angles = pos.float().unsqueeze(-1) * self.inv_freq  # (B, T, C/2)
+        return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleaved sin, cos
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021), rotate-half layout: (cos, sin) tables per position, applied to queries and keys."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.theta, self.head_dim, self.cached = cfg.rope_theta, cfg.head_dim, cfg.block_size
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_tables()
+
+    def tables(self, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
+        angles = torch.outer(torch.arange(n, device=device).float(), inv_freq)  # (n, hs/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (n, hs)
+        return angles.cos(), angles.sin()
+
+    def reset_tables(self):
+        self.cos, self.sin = self.tables(self.cached, device=self.cos.device)
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pos (B|1, T) -> 2 x (B|1, 1, T, hs)
+        if pos.numel() and int(pos.max()) >= self.cos.size(0):  # past the table: compute what is needed
+            cos, sin = self.tables(int(pos.max()) + 1, device=pos.device)
+        else:
+            cos, sin = self.cos, self.sin
+        return cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head slopes of ALiBi (Press et al. 2021), with the paper's rule for head counts that are not powers of 2."""
+    def powers(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+    if math.log2(n_head).is_integer():
+        return torch.tensor(powers(n_head))
+    closest = 2 ** math.floor(math.log2(n_head))
+    return torch.tensor(powers(closest) + powers(2 * closest)[0::2][: n_head - closest])
+
+
+# -------------------------------------------------------------------------------------------------- attention mask
+
+def attention_bias(q_len: int, past: int, key_valid: torch.Tensor | None, slopes: torch.Tensor | None,
+                   device) -> torch.Tensor | None:
+    """The mask every layer shares: causal, padding and ALiBi in one tensor; None means "plain causal".
+
+    Returns a bool mask (B|1, 1, T, S), True where a query may attend, or, with ALiBi, a float bias (B|1, H, T, S)
+    holding -inf where it may not. A padded query may always see itself, so no softmax row is empty.
+    """
+    if key_valid is None and slopes is None and past == 0:
+        return None
+    q_idx = torch.arange(past, past + q_len, device=device).unsqueeze(1)  # (T, 1): absolute query positions
+    k_idx = torch.arange(past + q_len, device=device).unsqueeze(0)  # (1, S)
+    allowed = (k_idx <= q_idx)[None, None]  # (1, 1, T, S)
+    if key_valid is not None:
+        allowed = allowed & (key_valid[:, None, None, :].bool() | (k_idx == q_idx))  # (B, 1, T, S)
+    if slopes is None:
+        return allowed
+    bias = -slopes.to(device).view(1, -1, 1, 1) * (q_idx - k_idx).clamp(min=0).float()  # (1, H, T, S)
+    return bias.masked_fill(~allowed, float("-inf"))
+
+
+# ------------------------------------------------------------------------------------------------------- KV cache
+
+class LayerKVCache(nn.Module):
+    """Preallocated keys and values of one layer; update() writes in place and returns everything so far."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache(nn.Module):
+    """One LayerKVCache per block plus the number of positions filled. Made by GPT.make_kv_cache()."""
+
+    def __init__(self, n_layer: int, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            LayerKVCache(batch_size, max_len, n_kv_head, head_dim, dtype, device) for _ in range(n_layer))
+        self.max_len, self.pos = max_len, 0
+
+    def reset(self):
+        self.pos = 0
+
+    def reorder(self, index: torch.Tensor):
+        """Select batch rows in place (beam search keeps the caches of the surviving beams)."""
+        for layer in self.layers:
+            layer.k.copy_(layer.k.index_select(0, index))
+            layer.v.copy_(layer.v.index_select(0, index))
+
+
+# ------------------------------------------------------------------------------------------------------ attention
+
+class Attention(nn.Module):
+    """Causal self-attention with multi-head, grouped-query (n_kv_head < n_head) or multi-query (n_kv_head = 1)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)  # q,k,v
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.manual = cfg.attention == "manual"
+
+    def forward(self, x, mask=None, rope=None, cache: LayerKVCache | None = None, pos: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+                                        self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, nkv, S, hs) with S = pos + T
+        dropout = self.dropout if self.training else 0.0
+        attend = manual_attention if self.manual else sdpa_attention
+        y = attend(q, k, v, mask, dropout)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def sdpa_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
+    """The fast path: PyTorch's fused kernels (flash / memory-efficient on GPU)."""
+    if q.size(1) != k.size(1) and not _SDPA_HAS_GQA:
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+    gqa = {"enable_gqa": q.size(1) != k.size(1)} if _SDPA_HAS_GQA else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, **gqa)
+
+
+def manual_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
+    """The readable path: explicit scores, mask and softmax, all in fp32."""
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    if mask is None:  # plain causal, no cache
+        T = q.size(2)
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout)
+    return (weights @ v.float()).type_as(q)
+
+
+# ------------------------------------------------------------------------------------------------------------ MLP
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: ReLU, GELU (tanh approximation), squared ReLU, or SwiGLU (gate and up fused)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = cfg.hidden_dim
+        self.kind = cfg.mlp
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if cfg.mlp == "swiglu" else hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2 * hidden)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.relu(h)
+        return self.dropout(self.c_proj(h))
+
+
+# ---------------------------------------------------------------------------------------------------------- Block
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.norm_1, self.attn = make_norm(cfg, cfg.n_embd), Attention(cfg)
+        self.norm_2, self.mlp = make_norm(cfg, cfg.n_embd), MLP(cfg)
+
+    def forward(self, x, mask=None, rope=None, cache=None, pos: int = 0):
+        if self.pre_norm:
+            x = x + self.attn(self.norm_1(x), mask, rope, cache, pos)
+            x = x + self.mlp(self.norm_2(x))
+        else:  # post-norm: normalise after each residual sum
+            x = self.norm_1(x + self.attn(x, mask, rope, cache, pos))
+            x = self.norm_2(x + self.mlp(x))
+        return x
+
+
+# ------------------------------------------------------------------------------------------------------------ GPT
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(cfg.position, lambda c: None)(cfg)
+        self.rotary = RotaryEmbedding(cfg) if cfg.position == "rope" else None
+        self.register_buffer("alibi", alibi_slopes(cfg.n_head) if cfg.position == "alibi" else None, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg, cfg.n_embd) if cfg.norm_position == "pre" else nn.Identity()  # post-norm ends normalised
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.embed_scale = math.sqrt(cfg.n_embd) if cfg.scale_embeddings else 1.0
+        self.activation_checkpointing = False  # recompute each block in backward to save memory
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self):
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    @torch.no_grad()
+    def init_weights(self):
+        """GPT-2 initialisation, in one place. Also rebuilds the non-persistent buffers (after to_empty()).
+
+        - every Linear weight and both embeddings: normal(0, init_std)
+        - residual projections (attn.c_proj, mlp.c_proj): normal(0, init_std / sqrt(2 * n_layer)), so the
+          residual stream's variance does not grow with depth
+        - biases: 0; norm weights: 1, norm biases: 0
+        - the output layer shares the token embedding when tied
+        """
+        cfg = self.config
+        self.tie_weights()
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj") else cfg.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.wte.weight, mean=0.0, std=cfg.init_std)
+        if isinstance(self.wpe, LearnedPositions):
+            nn.init.normal_(self.wpe.weight, mean=0.0, std=cfg.init_std)
+        if isinstance(self.wpe, SinusoidalPositions):
+            self.wpe.inv_freq.copy_(SinusoidalPositions(cfg).inv_freq.to(self.wpe.inv_freq.device))
+        if self.rotary is not None:
+            self.rotary.reset_tables()
+        if self.alibi is not None:
+            self.alibi.copy_(alibi_slopes(cfg.n_head))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters counted once (tied ones too); non_embedding leaves out the position embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and isinstance(self.wpe, LearnedPositions):
+            n -= self.wpe.weight.numel()
+        return n
+
+    def make_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
+        cfg = self.config
+        if max_len > cfg.block_size and not cfg.extrapolates:
+            raise ValueError(f"a cache of {max_len} positions exceeds block_size={cfg.block_size}, which "
+                             f"position={cfg.position!r} cannot go past")
+        ref = self.wte.weight
+        return KVCache(cfg.n_layer, batch_size, max_len, cfg.kv_heads, cfg.head_dim,
+                       dtype or ref.dtype, device or ref.device)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                loss_mask: torch.Tensor | None = None, last_only: bool = False):
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+
+        attention_mask (B, S), 1 = token, 0 = padding, covers the cached positions and these T (S = cache.pos + T).
+        kv_cache: made by make_kv_cache(); its pos advances by T. loss_mask (B, T): loss only where it is 1.
+        last_only: compute logits for the last position only (generation), returned as (B, 1, V).
+        """
+        self._check_inputs(idx, targets, attention_mask, kv_cache, loss_mask)
+        B, T = idx.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        if attention_mask is not None:  # positions count real tokens only, so left padding does not shift them
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        else:
+            pos = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
+
+        x = self.wte(idx) * self.embed_scale  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos).to(x.dtype)
+        x = self.drop(x)
+        rope = self.rotary(pos) if self.rotary is not None else None
+        mask = attention_bias(T, past, attention_mask, self.alibi, idx.device)
+        for i, block in enumerate(self.blocks):
+            cache = kv_cache.layers[i] if kv_cache is not None else None
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, rope, cache, past, use_reentrant=False)
+            else:
+                x = block(x, mask, rope, cache, past)
+        if kv_cache is not None:
+            kv_cache.pos = past + T
+        x = self.norm_f(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)  # (B, T, V)
+
+        loss = None
+        if targets is not None:
+            if loss_mask is not None:
+                targets = targets.masked_fill(loss_mask == 0, -100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def _check_inputs(self, idx, targets, attention_mask, kv_cache, loss_mask):
+        """Turn user mistakes into one-line ValueErrors instead of index errors deep inside."""
+        cfg = self.config
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"idx must be a 2-D tensor of token ids (batch, time), got {shape}; use idx[None] for one sequence")
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}; convert with idx.long()")
+        if idx.size(1) == 0:
+            raise ValueError("idx is empty along time; give at least one token")
+        past = kv_cache.pos if kv_cache is not None else 0
+        total = past + idx.size(1)
+        if total > cfg.block_size and not cfg.extrapolates:
+            raise ValueError(f"sequence length {total} exceeds block_size={cfg.block_size}, and position="
+                             f"{cfg.position!r} cannot go past it; crop the input to the last {cfg.block_size} tokens")
+        if kv_cache is not None and total > kv_cache.max_len:
+            raise ValueError(f"the KV cache holds {kv_cache.max_len} positions but {total} are needed; make a larger one")
+        if not torch.compiler.is_compiling():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token id {hi if hi >= cfg.vocab_size else lo} is outside the vocabulary "
+                                 f"[0, {cfg.vocab_size}); check the tokenizer matches the model")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        if loss_mask is not None and loss_mask.shape != idx.shape:
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal idx shape {tuple(idx.shape)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (idx.size(0), total):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must be (batch, cached + new) = "
+                             f"{(idx.size(0), total)}")
