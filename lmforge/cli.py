@@ -64,3 +64,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge {args.verb}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+# ---------------------------------------------------------------------------------------------------------- verbs
+
+@verb("prepare", "data:prepare_cli", "Tokenize a corpus into train.bin / val.bin / tokenizer.json / meta.json.",
+      "lmforge prepare shakespeare --tokenizer char --out data/shakespeare-char")
+def _prepare_args(p):
+    p.add_argument("source", help="a text file, a folder of .txt, a URL, a .jsonl of prompt/completion pairs, "
+                                  "or the built-in 'shakespeare'")
+    p.add_argument("--out", required=True, help="output data directory")
+    p.add_argument("--tokenizer", default="char", help="char | bpe:VOCAB (e.g. bpe:8192) | gpt2 (default: char)")
+    p.add_argument("--tokenizer-from", help="reuse the tokenizer of a run or data directory")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation (default 0.1)")
+    p.add_argument("--split", default="auto", choices=["auto", "documents", "tail"],
+                   help="hold out whole documents or the tail of the token stream (auto: documents when there are "
+                        "enough of them)")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace"], help="on invalid UTF-8")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -1,0 +1,387 @@
+"""Tokenizers: characters, and byte-level BPE trained here (or GPT-2's own), behind one small interface.
+
+    encode(text) -> list[int]      decode(ids) -> str      vocab_size      special_tokens      save(path) / load(path)
+
+BPE splits text with GPT-2's regex, then merges bytes by rank. Training counts each distinct chunk once with its
+frequency and, per merge, rewrites only the chunks that hold the merged pair. Encoding has two implementations that must
+agree id for id: `encode_reference` (pure Python, the definition) and `encode` (our ranks handed to tiktoken's core).
+Both files of a tokenizer are plain JSON; nothing here knows about models or training.
+"""
+
+from __future__ import annotations
+
+import base64
+from abc import ABC, abstractmethod
+import heapq
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Iterable
+
+import regex
+
+EOT = "<|endoftext|>"
+# GPT-2's pre-split pattern in tiktoken's equivalent, faster spelling (possessive quantifiers).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+FORMAT, VERSION = "lmforge-tokenizer", 1
+GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (used in encoder.json and tokenizer.json)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+_B2U = bytes_to_unicode()
+_U2B = {c: b for b, c in _B2U.items()}
+
+
+def _readable(token: bytes) -> str:
+    return "".join(_B2U[b] for b in token)
+
+
+def _from_readable(text: str) -> bytes:
+    return bytes(_U2B[c] for c in text)
+
+
+class Tokenizer(ABC):
+    """What both tokenizers share: special tokens, decoding to str, saving."""
+
+    special_tokens: dict[str, int]
+
+    @property
+    def eot_id(self) -> int:
+        return self.special_tokens[EOT]
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode_bytes(self, ids: Iterable[int]) -> bytes: ...
+
+    @abstractmethod
+    def _state(self) -> dict: ...
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the ids; bytes that end mid-character become U+FFFD, never an exception."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json atomically (a temp file renamed over the target)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, **self._state()}, indent=1, ensure_ascii=False))
+        tmp.replace(path)
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside this tokenizer's vocabulary [0, {self.vocab_size})")
+        return ids
+
+
+def _specials_after(n: int, special_tokens: Iterable[str]) -> dict[str, int]:
+    names = list(dict.fromkeys(special_tokens))
+    if not names or any(not isinstance(s, str) or not s for s in names):
+        raise ValueError("special_tokens must be non-empty strings, e.g. ['<|endoftext|>']")
+    return {s: n + i for i, s in enumerate(names)}
+
+
+# --------------------------------------------------------------------------------------------------- characters
+
+class CharTokenizer(Tokenizer):
+    """One id per character seen in training, then the special tokens. Unknown characters are an error unless an
+    unknown token was declared."""
+
+    def __init__(self, chars: list[str], special_tokens: dict[str, int], unk_token: str | None = None):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.special_tokens = dict(special_tokens)
+        self.unk_token = unk_token
+        self._itos = {**dict(enumerate(self.chars)), **{i: s for s, i in self.special_tokens.items()}}
+        if unk_token is not None and unk_token not in self.special_tokens:
+            raise ValueError(f"unk_token {unk_token!r} must be one of the special tokens")
+
+    @classmethod
+    def train(cls, text: str, special_tokens: Iterable[str] = (EOT,), unk_token: str | None = None) -> CharTokenizer:
+        if not text:
+            raise ValueError("cannot build a character vocabulary from empty text")
+        specials = list(special_tokens) + ([unk_token] if unk_token and unk_token not in special_tokens else [])
+        chars = sorted(set(text))
+        return cls(chars, _specials_after(len(chars), specials), unk_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + len(self.special_tokens)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError:
+            pass
+        unk = self.special_tokens.get(self.unk_token) if self.unk_token else None
+        if unk is not None:
+            return [self.stoi.get(c, unk) for c in text]
+        pos, char = next((i, c) for i, c in enumerate(text) if c not in self.stoi)
+        raise ValueError(f"character {char!r} (U+{ord(char):04X}) at position {pos} is not in the character "
+                         f"vocabulary; build the tokenizer with unk_token=... or remove it")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return "".join(self._itos[i] for i in self._check_ids(ids)).encode("utf-8")
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self._itos[i] for i in self._check_ids(ids))
+
+    def _state(self) -> dict:
+        return {"type": "char", "chars": self.chars, "special_tokens": self.special_tokens, "unk_token": self.unk_token}
+
+
+# ---------------------------------------------------------------------------------------------------------- BPE
+
+def bpe_reference(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
+    """Encode one pre-split chunk: a chunk that is a token stays whole; otherwise repeatedly merge the adjacent pair
+    whose concatenation has the lowest rank (leftmost on ties). This is tiktoken's rule, written plainly."""
+    if piece in ranks:
+        return [ranks[piece]]
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        best_rank, best_i = None, -1
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and (best_rank is None or rank < best_rank):
+                best_rank, best_i = rank, i
+        if best_rank is None:
+            break
+        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return [ranks[p] for p in parts]
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE: ranks map byte strings to ids (ids 0..n-1), special tokens follow."""
+
+    def __init__(self, ranks: dict[bytes, int], special_tokens: dict[str, int], pattern: str = GPT2_PATTERN,
+                 name: str = "lmforge-bpe"):
+        self.ranks = dict(ranks)
+        self.special_tokens = dict(special_tokens)
+        self.pattern, self.name = pattern, name
+        self.vocab = {i: t for t, i in self.ranks.items()}
+        if len(self.vocab) != len(self.ranks) or set(self.vocab) != set(range(len(self.ranks))):
+            raise ValueError("BPE ranks must be the ids 0..n-1, each used once")
+        self._split = regex.compile(pattern)
+        self._special_bytes = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
+        self._tiktoken = None
+
+    # --- training
+    @classmethod
+    def train(cls, text: str, vocab_size: int, special_tokens: Iterable[str] = (EOT,), pattern: str = GPT2_PATTERN,
+              progress: bool | None = None) -> BPETokenizer:
+        """Learn vocab_size - 256 - len(special_tokens) merges from text. Deterministic: equal counts break towards
+        the smallest pair of ids."""
+        specials = list(dict.fromkeys(special_tokens))
+        if vocab_size < 256 + len(specials):
+            raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 256 + "
+                             f"{len(specials)} special tokens = {256 + len(specials)}")
+        if not text:
+            raise ValueError("cannot train BPE on empty text")
+        n_merges = vocab_size - 256 - len(specials)
+        chunks = Counter(regex.findall(pattern, text))
+        words = [list(chunk.encode("utf-8")) for chunk in chunks]
+        freqs = list(chunks.values())
+        tokens = [bytes([b]) for b in range(256)]
+        ranks = {t: i for i, t in enumerate(tokens)}
+
+        counts: dict[tuple[int, int], int] = defaultdict(int)
+        where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> words that may hold it (superset)
+        for w, (word, freq) in enumerate(zip(words, freqs)):
+            for pair in zip(word, word[1:]):
+                counts[pair] += freq
+                where[pair].add(w)
+        heap = [(-c, pair) for pair, c in counts.items()]
+        heapq.heapify(heap)
+
+        bar = _progress(n_merges, "training BPE", len(text) > 1_000_000 if progress is None else progress)
+        merges = 0
+        while merges < n_merges and heap:
+            neg, pair = heapq.heappop(heap)
+            if counts.get(pair, 0) != -neg or -neg <= 0:  # stale heap entry: the count changed since it was pushed
+                continue
+            merged = tokens[pair[0]] + tokens[pair[1]]
+            new_id = ranks.get(merged)
+            if new_id is None:  # the usual case; a byte string reachable by two splits keeps its first id
+                new_id = len(tokens)
+                tokens.append(merged)
+                ranks[merged] = new_id
+                merges += 1
+                bar.update(1)
+            changed: dict[tuple[int, int], int] = {}
+            for w in where.pop(pair):
+                word = words[w]
+                if len(word) < 2:
+                    continue
+                new_word = _merge_word(word, pair, new_id)
+                if len(new_word) == len(word):
+                    continue
+                freq = freqs[w]
+                for p in zip(word, word[1:]):
+                    counts[p] -= freq
+                    changed[p] = counts[p]
+                for p in zip(new_word, new_word[1:]):
+                    counts[p] += freq
+                    changed[p] = counts[p]
+                    where[p].add(w)
+                words[w] = new_word
+            counts.pop(pair, None)
+            for p, c in changed.items():
+                if p == pair:
+                    continue
+                if c > 0:
+                    heapq.heappush(heap, (-c, p))
+                else:
+                    counts.pop(p, None)
+        bar.close()
+        return cls(ranks, _specials_after(len(tokens), specials), pattern)
+
+    # --- GPT-2's files
+    @classmethod
+    def from_tiktoken_file(cls, path: str | Path, special_tokens: dict[str, int] | None = None) -> BPETokenizer:
+        """Load a `.tiktoken` rank file (base64 token, space, rank per line), e.g. GPT-2's. <|endoftext|> follows
+        the ranks unless special_tokens says otherwise."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no rank file at {path}")
+        ranks = {}
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise ValueError(f"{path}:{n}: expected 'BASE64TOKEN RANK', got {line[:40]!r}") from None
+        return cls(ranks, special_tokens or {EOT: len(ranks)}, GPT2_PATTERN, name=path.stem)
+
+    @classmethod
+    def from_gpt2_files(cls, encoder_json: str | Path, vocab_bpe: str | Path) -> BPETokenizer:
+        """Load GPT-2's original `encoder.json` (token -> id) and `vocab.bpe` (merges, checked against the ids)."""
+        for p in (encoder_json, vocab_bpe):
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"no such file: {p}")
+        encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+        specials = {t: i for t, i in encoder.items() if t.startswith("<|") and t.endswith("|>")}
+        ranks = {_from_readable(t): i for t, i in encoder.items() if t not in specials}
+        lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
+        merges = [ln.split() for ln in lines if ln and not ln.startswith("#version")]
+        for n, (a, b) in enumerate(merges):
+            merged = _from_readable(a + b)
+            if ranks.get(merged) != 256 + n:
+                raise ValueError(f"{vocab_bpe}: merge {n} ({a} {b}) does not match encoder.json; the files are not a pair")
+        return cls(ranks, specials or {EOT: len(ranks)}, GPT2_PATTERN, name="gpt2")
+
+    @classmethod
+    def gpt2(cls) -> BPETokenizer:
+        """GPT-2's tokenizer, its ranks taken from a PyPI package (fetched once into the cache)."""
+        from .data import file_from_pypi_sdist
+        path = file_from_pypi_sdist("openai-whisper", "20250625", "whisper/assets/gpt2.tiktoken", GPT2_TIKTOKEN_SHA256)
+        return cls.from_tiktoken_file(path, {EOT: 50256})
+
+    # --- encoding and decoding
+    @property
+    def vocab_size(self) -> int:
+        return len(self.ranks) + len(self.special_tokens)
+
+    def _allowed(self, allowed_special) -> set[str]:
+        return set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+
+    def encode_reference(self, text: str, allowed_special: Iterable[str] | str = ()) -> list[int]:
+        """Pure-Python encoder: the definition the fast path is tested against."""
+        allowed = self._allowed(allowed_special)
+        ids = []
+        pieces = regex.split("(" + "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")",
+                             text) if allowed else [text]
+        for piece in pieces:
+            if piece in allowed:
+                ids.append(self.special_tokens[piece])
+                continue
+            for chunk in self._split.findall(piece):
+                ids.extend(bpe_reference(chunk.encode("utf-8"), self.ranks))
+        return ids
+
+    def encode(self, text: str, allowed_special: Iterable[str] | str = ()) -> list[int]:
+        """Fast path: the same ranks and pattern, run by tiktoken's core. Special-token text is ordinary text unless
+        listed in allowed_special ("all" for every one)."""
+        return self._fast().encode(text, allowed_special=self._allowed(allowed_special), disallowed_special=())
+
+    def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
+        return self._fast().encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def _fast(self):
+        if self._tiktoken is None:
+            import tiktoken
+            self._tiktoken = tiktoken.Encoding(self.name, pat_str=self.pattern, mergeable_ranks=self.ranks,
+                                               special_tokens=self.special_tokens)
+        return self._tiktoken
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        ids = self._check_ids(ids)
+        return b"".join(self.vocab[i] if i in self.vocab else self._special_bytes[i] for i in ids)
+
+    def _state(self) -> dict:
+        return {"type": "bpe", "name": self.name, "pattern": self.pattern, "special_tokens": self.special_tokens,
+                "vocab": [_readable(self.vocab[i]) for i in range(len(self.vocab))]}
+
+
+def _merge_word(word: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    a, b = pair
+    out, i, n = [], 0, len(word)
+    while i < n:
+        if i < n - 1 and word[i] == a and word[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="merge")
+
+
+# ------------------------------------------------------------------------------------------------------- files
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json written by save() (either kind), or a run or data directory that holds one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}; prepare data first (lmforge prepare) or pass a tokenizer.json")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-create it with lmforge prepare") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an lmforge tokenizer file (no \"format\": \"{FORMAT}\")")
+    if state.get("version") != VERSION:
+        raise ValueError(f"{path} has tokenizer format version {state.get('version')}; this lmforge reads "
+                         f"version {VERSION}; upgrade lmforge or re-create the file")
+    if state.get("type") == "char":
+        return CharTokenizer(state["chars"], state["special_tokens"], state.get("unk_token"))
+    if state.get("type") == "bpe":
+        ranks = {_from_readable(t): i for i, t in enumerate(state["vocab"])}
+        return BPETokenizer(ranks, state["special_tokens"], state["pattern"], state.get("name", "lmforge-bpe"))
+    raise ValueError(f"{path}: unknown tokenizer type {state.get('type')!r} (expected 'char' or 'bpe')")
