@@ -82,3 +82,44 @@ def _prepare_args(p):
                         "enough of them)")
     p.add_argument("--errors", default="strict", choices=["strict", "replace"], help="on invalid UTF-8")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+@verb("train", "train:train_cli", "Train a model (or resume a run) on prepared data.",
+      "lmforge train --config configs/shakespeare-char.toml --max_steps=500 --model.n_layer=4")
+def _train_args(p):
+    p.add_argument("--config", help="a TOML file of TrainConfig fields (see configs/)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its last checkpoint")
+    p.set_defaults(accepts_overrides=True)
+    p.epilog += ("\n\nany TrainConfig field can follow as --field=value; model fields as --model.field=value, "
+                 "a preset as --model=NAME")
+
+
+@verb("eval", "train:eval_cli", "Report loss and perplexity of a run on prepared data.",
+      "lmforge eval runs/shakespeare-char --data data/shakespeare-char")
+def _eval_args(p):
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data", help="prepared data directory (default: the run's own)")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--batches", type=int, default=50, help="batches to average over (default 50)")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+@verb("generate", "generate:generate_cli", "Generate text from a trained run.",
+      'lmforge generate runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50')
+def _generate_args(p):
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--interactive", action="store_true", help="keep reading prompts from the terminal")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")

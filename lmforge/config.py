@@ -221,3 +221,115 @@ PRESETS: dict[str, dict[str, Any]] = {
     "modern-tiny": dict(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
                         mlp="swiglu", norm="rmsnorm", position="rope", bias=False, qk_norm=True, norm_eps=1e-6),
 }
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "muon")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class TrainConfig(_ConfigMixin):
+    """One training run. On the command line every field is --field=value; model fields are --model.field=value."""
+
+    data: str = "data/shakespeare-char"  # prepared data directory (lmforge prepare)
+    out: str = "runs/shakespeare-char"  # run directory: checkpoints, metrics, curves, samples
+    model: dict = field(default_factory=lambda: {"preset": "nano"})  # a preset name plus ModelConfig field overrides
+    max_steps: int = 2000  # optimizer steps (the LR schedule spans these)
+    max_seconds: float = 0.0  # wall-clock budget for training (eval and saving excluded); 0 = none
+    stop_at: int = 0  # end this invocation at step N and save (the schedule still spans max_steps); 0 = off
+    batch_size: int = 32  # sequences per micro-batch, per process
+    block_size: int = 128  # tokens per sequence (the model's context length)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the decay
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    schedule: str = "cosine"  # decay after warmup: cosine | linear | constant
+    weight_decay: float = 0.1  # AdamW decay, on matrices only (never on norms or biases)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    eval_interval: int = 250  # evaluate (and save) every N steps, and at the end
+    eval_steps: int = 20  # validation batches per evaluation (fixed across evaluations)
+    log_interval: int = 10  # write a metrics line every N steps
+    save_interval: int = 0  # save every N steps; 0 = at each evaluation
+    keep_last: int = 2  # checkpoints kept besides the best one
+    sample_tokens: int = 200  # length of the sample written to samples.txt at each evaluation; 0 = none
+    sample_prompt: str = ""  # prompt of those samples ("" = start after end-of-text)
+    seed: int = 1337  # seeds weights, dropout and batches
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N | mps
+    dtype: str = "float32"  # autocast dtype: float32 (off) | bfloat16 | float16 (with a grad scaler)
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating with DDP
+    init_from: str = ""  # start from the weights of another run (fine-tuning); "" = random init
+    overwrite: bool = False  # allow training into a run directory that already holds checkpoints
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self):
+        if isinstance(self.model, str):
+            self.model = {"preset": self.model}
+        if not isinstance(self.model, dict):
+            raise ValueError(f"model must be a preset name or a table of ModelConfig fields, got {self.model!r}")
+        types = _field_types(ModelConfig)
+        self.model = {k: _coerce(f"model.{k}", v, types[k]) if k in types and types[k] in (int, float, str, bool) else v
+                      for k, v in self.model.items()}
+        for name in ("max_steps", "batch_size", "block_size", "grad_accum", "eval_interval", "eval_steps",
+                     "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last={self.keep_last} must be at least 1 (the latest checkpoint is what resumes)")
+        for name in ("warmup_steps", "save_interval", "sample_tokens", "stop_at"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must not be negative")
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.max_seconds < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("max_seconds, grad_clip and weight_decay must not be negative")
+        self.model_config({"vocab_size": 256})  # fail now, not after loading data, on a bad model table
+
+    def model_config(self, extra: dict | None = None) -> ModelConfig:
+        """The ModelConfig of this run: the preset, then the model table's fields, then block_size and extra."""
+        fields = dict(self.model)
+        preset = fields.pop("preset", None)
+        unknown = [k for k in fields if k not in ModelConfig.__dataclass_fields__]
+        if unknown:
+            raise ValueError(f"unknown model field {unknown[0]!r}{_closest(unknown[0], ModelConfig.__dataclass_fields__)}")
+        fields = {**fields, "block_size": self.block_size, **(extra or {})}
+        return ModelConfig.preset(preset, **fields) if preset else ModelConfig.from_dict(fields)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with dotted overrides applied ("lr", "model.n_layer", "model" for the preset)."""
+        values = self.to_dict()
+        values["model"] = dict(values["model"])
+        for key, value in overrides.items():
+            if key.startswith("model."):
+                values["model"][key[len("model."):]] = value
+            elif key == "model":
+                values["model"] = {**{k: v for k, v in values["model"].items() if k != "preset"}, "preset": value}
+            else:
+                values[key] = value
+        return TrainConfig.from_dict(values)
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--lr=3e-4', '--model.n_layer', '4', '--compile'] -> {'lr': '3e-4', 'model.n_layer': '4', 'compile': 'true'}."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"expected --field=value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "true"
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out

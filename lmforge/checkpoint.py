@@ -1,0 +1,185 @@
+"""Run directories: atomic checkpoints, loading, and resume.
+
+    runs/NAME/
+      config.json  tokenizer.json  metrics.jsonl  curves.png  samples.txt
+      model.safetensors  trainer_state.pt      the latest checkpoint (hard links into checkpoints/)
+      checkpoints/step-000500/                 the last K checkpoints: model.safetensors, trainer_state.pt, config.json
+      best/                                    the checkpoint with the lowest validation loss
+
+A checkpoint folder is written under a temporary name, fsynced, and renamed: it either exists whole or not at all,
+so a crash at any moment leaves the last complete one. Weights are safetensors (never pickle); the trainer state is
+loaded with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import ModelConfig
+from .model import GPT
+from .tokenizer import load_tokenizer
+
+CHECKPOINTS = "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Point dst at src's content atomically (hard link where the filesystem allows it)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def run_config(model_config: ModelConfig, train_config=None) -> dict:
+    return {"lmforge_version": __version__, "model": model_config.to_dict(),
+            "train": train_config.to_dict() if train_config is not None else None}
+
+
+def weights_for_saving(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """A state dict safetensors can hold: contiguous CPU tensors, the tied output matrix stored once (as wte)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
+
+
+def save_checkpoint(run: Path, weights: dict[str, torch.Tensor], trainer_state: dict, config: dict,
+                    keep_last: int = 2, is_best: bool = False) -> Path:
+    """Write checkpoints/step-N atomically, point the run's top-level files at it, keep the last K and the best."""
+    step = trainer_state["step"]
+    root = run / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+    try:
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # the same step saved again (a resumed run repeating its last save)
+            shutil.rmtree(final)
+        tmp.replace(final)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name in ("model.safetensors", "trainer_state.pt"):
+        _link_or_copy(final / name, run / name)
+    if is_best:
+        best_tmp = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=run))
+        for f in final.iterdir():
+            _link_or_copy(f, best_tmp / f.name)
+        (best_tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": trainer_state.get("best_val")}) + "\n")
+        old = run / ".best-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (run / "best").exists():
+            (run / "best").replace(old)
+        best_tmp.replace(run / "best")
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in complete_checkpoints(run)[:-max(keep_last, 1)]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for leftover in root.glob(".tmp-step-*"):  # from an earlier crash
+        shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    """Checkpoint folders that finished writing, oldest first."""
+    root = Path(run) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+             and (p / "model.safetensors").is_file() and (p / "trainer_state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(run: Path) -> Path:
+    found = complete_checkpoints(run)
+    if not found:
+        raise FileNotFoundError(f"{run} holds no complete checkpoint; train first (lmforge train) or check the path")
+    return found[-1]
+
+
+def load_weights(model: GPT, path: Path) -> None:
+    """Load safetensors weights into model (tied weights are stored once)."""
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is corrupted or not a safetensors file ({e}); resume from another checkpoint") from None
+    if model.config.tie_embeddings:
+        if "lm_head.weight" not in state and "wte.weight" in state:
+            state["lm_head.weight"] = state["wte.weight"]
+        if "wte.weight" not in state and "lm_head.weight" in state:
+            state["wte.weight"] = state["lm_head.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                         "the checkpoint belongs to another configuration")
+    model.tie_weights()
+
+
+def load_trainer_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: pickle, zip and torch all raise their own types
+        raise ValueError(f"{path} is corrupted ({type(e).__name__}); resume from another checkpoint") from None
+
+
+def read_run_config(run: Path) -> dict:
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.json); train one with lmforge train")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is corrupted ({e.msg}); it must be JSON") from None
+
+
+def load(run: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None):
+    """(model, tokenizer) of a run: its latest checkpoint (or the one given, e.g. runs/NAME/best), in eval mode."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"no run directory at {run}")
+    config = read_run_config(run)
+    if checkpoint:
+        folder = Path(checkpoint)
+    elif complete_checkpoints(run) or not (run / "model.safetensors").is_file():
+        folder = latest_checkpoint(run)
+    else:  # a run folder holding weights only (imported or exported)
+        folder = run
+    model_config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text())["model"]
+                                         if (folder / "config.json").is_file() else config["model"])
+    with torch.device("meta"):
+        model = GPT(model_config)
+    model.to_empty(device=device)
+    model.init_weights()  # rebuilds buffers; the weights are overwritten next
+    load_weights(model, folder / "model.safetensors")
+    return model.eval(), load_tokenizer(run / "tokenizer.json")

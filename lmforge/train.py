@@ -1,0 +1,487 @@
+"""Training: one loop, readable top to bottom, inside train(cfg) so tests and the CLI call the same thing.
+
+Every N steps it evaluates on fixed validation batches, writes a sample, redraws the curves and saves an atomic
+checkpoint. A run resumes exactly: batches are a function of (seed, step), and the checkpoint holds the optimizer,
+the step and the RNG states. Under torchrun it trains with DDP (or FSDP2 when asked); only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .checkpoint import (complete_checkpoints, latest_checkpoint, load_trainer_state, load_weights, read_run_config,
+                         run_config, save_checkpoint, weights_for_saving, write_json_atomic)
+from .config import ModelConfig, TrainConfig
+from .data import Dataset, get_batch, get_pair_batch
+from .model import GPT
+
+
+class TrainingError(ValueError):
+    """A run that cannot go on (diverged, incompatible resume): reported as one line."""
+
+
+# --------------------------------------------------------------------------------------------------- small helpers
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine / linear decay to cfg.min_lr at max_steps (or constant)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - cfg.min_lr) * progress
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW with weight decay on matrices only (fused on CUDA). With optimizer="muon", Muon takes the hidden matrices
+    (inside blocks) and AdamW the embeddings, output layer, norms and biases."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in named if p.dim() == 2 and n.startswith("blocks.")] if cfg.optimizer == "muon" else []
+    hidden_ids = {id(p) for p in hidden}
+    decay = [p for n, p in named if p.dim() >= 2 and id(p) not in hidden_ids]
+    no_decay = [p for n, p in named if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)]
+    if hidden:
+        optimizers.append(torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           adjust_lr_fn="match_rms_adamw"))
+    return optimizers
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_pref: str) -> Dist:
+    """Under torchrun (RANK set): start the process group, NCCL on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return Dist()
+    info = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def resolve_device(pref: str, info: Dist) -> torch.device:
+    if pref == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", info.local_rank)
+        return torch.device("cpu")
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={pref!r} but no CUDA device is available; use device=cpu or auto")
+    return torch.device("cuda", info.local_rank) if pref == "cuda" else torch.device(pref)
+
+
+def autocast_context(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ------------------------------------------------------------------------------------------------ setup and checks
+
+def check_fits(cfg: TrainConfig, data: Dataset) -> None:
+    if data.kind == "tokens":
+        for split in ("train", "val"):
+            n = len(data.tokens(split))
+            if n < cfg.block_size + 1:
+                raise ValueError(f"block_size={cfg.block_size} does not fit the {split} data ({n} tokens in "
+                                 f"{data.path}); use a smaller block_size or more data")
+
+
+def check_resume(run: Path, cfg: TrainConfig, model_cfg: ModelConfig, data: Dataset) -> Path:
+    """The checkpoint to resume from, after checking that it fits this config and data."""
+    saved = read_run_config(run)
+    saved_tok = json.loads((run / "tokenizer.json").read_text())
+    if saved_tok != json.loads((data.path / "tokenizer.json").read_text()):
+        raise TrainingError(f"cannot resume {run}: the tokenizer of {data.path} differs from the run's; "
+                            "resume on the data the run was trained on")
+    if ModelConfig.from_dict(saved["model"]) != model_cfg:
+        diff = [k for k, v in model_cfg.to_dict().items() if saved["model"].get(k) != v]
+        raise TrainingError(f"cannot resume {run}: the model differs from the saved one in {', '.join(diff)}; "
+                            "keep the saved model settings or start a new run")
+    return latest_checkpoint(run)
+
+
+def _wrap(model: GPT, cfg: TrainConfig, info: Dist, device: torch.device):
+    """DDP or FSDP2 under torchrun, then torch.compile when asked. The raw model stays the one we save."""
+    wrapped = model
+    if info.world > 1 and cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+    elif info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def _full_state(model: GPT, optimizers, cfg: TrainConfig, info: Dist) -> tuple[dict, list[dict]]:
+    """Unsharded model and optimizer states (gathered to every rank under FSDP)."""
+    if info.world > 1 and cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(model, options=opts),
+                [get_optimizer_state_dict(model, opt, options=opts) for opt in optimizers])
+    return model.state_dict(), [opt.state_dict() for opt in optimizers]
+
+
+def _load_optimizers(model: GPT, optimizers, states: list[dict], cfg: TrainConfig, info: Dist) -> None:
+    if len(states) != len(optimizers):
+        raise TrainingError("the checkpoint's optimizer does not match optimizer=" + cfg.optimizer)
+    for opt, state in zip(optimizers, states):
+        if info.world > 1 and cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train (or resume) the run cfg.out on cfg.data. Returns a summary: step, losses, paths."""
+    info = init_distributed(cfg.device)
+    device = resolve_device(cfg.device, info)
+    run = Path(cfg.out)
+    data = Dataset(cfg.data)
+    check_fits(cfg, data)
+    model_cfg = cfg.model_config({"vocab_size": data.tokenizer.vocab_size})
+    ckpt = check_resume(run, cfg, model_cfg, data) if resume else None
+    if not resume and complete_checkpoints(run) and not cfg.overwrite:
+        raise TrainingError(f"{run} already holds checkpoints; resume it with --resume {run}, pick another --out, "
+                            "or pass --overwrite=true to start over")
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(device)
+    if cfg.init_from:
+        load_weights(model, latest_checkpoint(Path(cfg.init_from)) / "model.safetensors")
+    state = None
+    if ckpt is not None:
+        load_weights(model, ckpt / "model.safetensors")
+        state = load_trainer_state(ckpt / "trainer_state.pt")
+    model.activation_checkpointing = cfg.activation_checkpointing
+    wrapped = _wrap(model, cfg, info, device)
+    optimizers = make_optimizers(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    step, best_val, train_seconds, tokens_seen = 0, float("inf"), 0.0, 0
+    if state is not None:
+        _load_optimizers(model, optimizers, state["optimizers"], cfg, info)
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, best_val = state["step"], state["best_val"]
+        train_seconds, tokens_seen = state["train_seconds"], state["tokens_seen"]
+        set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)], device)
+
+    config = run_config(model_cfg, cfg)
+    if info.main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run / "config.json", config)
+        data.tokenizer.save(run / "tokenizer.json")
+        _truncate_metrics(run / "metrics.jsonl", step, fresh=not resume)
+        if not resume:
+            (run / "samples.txt").unlink(missing_ok=True)
+
+    def batch(split: str, at: int, micro: int, seed: int):
+        if data.kind == "pairs":
+            x, y, attn, loss_mask = get_pair_batch(data, split, cfg.batch_size, cfg.block_size, seed, at, micro)
+            return [t.to(device) for t in (x, y)], dict(attention_mask=attn.to(device), loss_mask=loss_mask.to(device))
+        x, y = get_batch(data.tokens(split), cfg.batch_size, cfg.block_size, seed, at, micro)
+        return [x.to(device), y.to(device)], {}
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        wrapped.eval()
+        losses = []
+        for i in range(cfg.eval_steps):  # the same batches at every evaluation
+            (x, y), extra = batch("val", i, 0, cfg.seed + 1)
+            with autocast_context(device, cfg.dtype):
+                _, loss = wrapped(x, y, **extra)
+            losses.append(loss.float())
+        wrapped.train()
+        return torch.stack(losses).mean().item()
+
+    def save(is_best: bool) -> None:
+        weights, opt_states = _full_state(model, optimizers, cfg, info)
+        rng = [rng_state(device)]
+        if info.world > 1:  # every rank's RNG, so dropout resumes exactly on each
+            gathered = [None] * info.world
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if info.main:
+            trainer_state = {"step": step, "optimizers": opt_states, "scaler": scaler.state_dict(), "rng": rng,
+                             "best_val": best_val, "train_seconds": train_seconds, "tokens_seen": tokens_seen}
+            save_checkpoint(run, weights_for_saving(weights, model_cfg.tie_embeddings), trainer_state, config,
+                            cfg.keep_last, is_best)
+        if info.world > 1:
+            dist.barrier()
+
+    bar = _progress_bar(cfg, step, info.main)
+    wrapped.train()
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * info.world
+    last_val, sample_text, stop_reason = None, "", "max_steps"
+    window_start, window_tokens = time.perf_counter(), 0
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                (x, y), extra = batch("train", step, info.rank * cfg.grad_accum + micro, cfg.seed)
+                sync = micro == cfg.grad_accum - 1 or info.world == 1 or cfg.fsdp
+                with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast_context(device, cfg.dtype):
+                    _, loss = wrapped(x, y, **extra)
+                scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            if cfg.grad_clip > 0:
+                for opt in optimizers:
+                    scaler.unscale_(opt)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            for opt in optimizers:
+                scaler.step(opt)
+            scaler.update()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            step += 1
+            train_loss = loss_sum / cfg.grad_accum
+            if info.world > 1:
+                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+            train_loss = train_loss.item()
+            if not math.isfinite(train_loss):
+                kept = complete_checkpoints(run)
+                where = f"the last good checkpoint ({kept[-1].name}) is kept" if kept else "no checkpoint was written"
+                raise TrainingError(f"loss became {train_loss} at step {step}; {where}; lower lr, or set grad_clip")
+            train_seconds += time.perf_counter() - t0
+            tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            out_of_time = cfg.max_seconds > 0 and train_seconds >= cfg.max_seconds
+            stopping = cfg.stop_at > 0 and step >= cfg.stop_at
+            last_step = step == cfg.max_steps or out_of_time or stopping
+            if out_of_time or stopping:
+                stop_reason = "max_seconds" if out_of_time else "stop_at"
+
+            if step % cfg.log_interval == 0 or last_step:
+                now = time.perf_counter()
+                tok_s = window_tokens / max(now - window_start, 1e-9)
+                window_start, window_tokens = now, 0
+                row = {"step": step, "loss": round(train_loss, 6), "lr": lr, "tokens_per_s": round(tok_s, 1),
+                       "tokens": tokens_seen, "train_seconds": round(train_seconds, 3)}
+                if cfg.grad_clip > 0:
+                    row["grad_norm"] = round(float(grad_norm), 4)
+                if info.main:
+                    _append_metrics(run, row)
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
+
+            should_eval = step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time  # stop_at: a pause
+            should_save = last_step or (step % cfg.save_interval == 0 if cfg.save_interval else should_eval)
+            is_best = False
+            if should_eval:
+                last_val = evaluate()
+                is_best = last_val < best_val
+                best_val = min(best_val, last_val)
+                if info.main:
+                    _append_metrics(run, {"step": step, "val_loss": round(last_val, 6),
+                                          "val_ppl": round(math.exp(min(last_val, 50)), 4)})
+                    if not cfg.fsdp:  # sampling runs on rank 0 alone, which sharded weights do not allow
+                        sample_text = _write_sample(run, model, data.tokenizer, cfg, step, last_val)
+                    plot_curves(run)
+            if should_save:
+                save(is_best)
+            if last_step:
+                break
+    except KeyboardInterrupt:
+        if info.main:
+            print(f"\ninterrupted at step {step}; saving a checkpoint to resume from")
+        save(False)
+        stop_reason = "interrupted"
+    finally:
+        bar.close()
+    return {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None,
+            "best_val": best_val, "train_seconds": train_seconds, "tokens": tokens_seen, "stop_reason": stop_reason,
+            "run": str(run), "curves": str(run / "curves.png"), "sample": sample_text}
+
+
+# --------------------------------------------------------------------------------------------------- run outputs
+
+def _progress_bar(cfg: TrainConfig, step: int, main: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), unit="step",
+                dynamic_ncols=True, desc="train")
+
+
+def _append_metrics(run: Path, row: dict) -> None:
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int, fresh: bool) -> None:
+    """On resume drop lines past the checkpoint (they will be written again); on a new run start empty."""
+    if fresh or not path.is_file():
+        path.write_text("")
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def _write_sample(run: Path, model: GPT, tokenizer, cfg: TrainConfig, step: int, val_loss: float) -> str:
+    if cfg.sample_tokens == 0:
+        return ""
+    from .generate import generate
+    text = generate(model, tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens, temperature=0.8,
+                    top_k=200, seed=cfg.seed)
+    with open(run / "samples.txt", "a") as f:
+        f.write(f"=== step {step}, val loss {val_loss:.4f} ===\n{cfg.sample_prompt}{text}\n\n")
+    return cfg.sample_prompt + text
+
+
+def plot_curves(run: Path) -> Path:
+    """curves.png: train and validation loss against step, and the learning rate below."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(run)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    if train:
+        ax.plot(*zip(*train), label="train", color="tab:blue", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", color="tab:orange")
+        best = min(val, key=lambda v: v[1])
+        ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(0, 8), ha="center")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{Path(run).name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if lrs:
+        ax_lr.plot(*zip(*lrs), color="tab:green")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(run) / "curves.png"
+    tmp = out.with_name(".curves.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+
+@torch.no_grad()
+def evaluate_run(run: str | Path, data_dir: str | Path | None = None, split: str = "val", batches: int = 50,
+                 batch_size: int = 16, seed: int = 0) -> dict:
+    """Loss and perplexity of a run's latest checkpoint on a prepared data directory (default: its own data)."""
+    from .checkpoint import load
+    model, tokenizer = load(run)
+    config = read_run_config(Path(run))
+    data = Dataset(data_dir or config["train"]["data"])
+    if json.loads((Path(run) / "tokenizer.json").read_text()) != json.loads((data.path / "tokenizer.json").read_text()):
+        raise ValueError(f"the tokenizer of {data.path} differs from the run's; evaluate on data prepared with "
+                         f"--tokenizer-from {run}")
+    block = model.config.block_size
+    losses = []
+    for i in range(batches):
+        if data.kind == "pairs":
+            x, y, attn, loss_mask = get_pair_batch(data, split, batch_size, block, seed, i)
+            _, loss = model(x, y, attention_mask=attn, loss_mask=loss_mask)
+        else:
+            tokens = data.tokens(split)
+            x, y = get_batch(tokens, batch_size, min(block, len(tokens) - 1), seed, i)
+            logits, _ = model(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
+        losses.append(loss.item())
+    mean = sum(losses) / len(losses)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "data": str(data.path), "split": split,
+            "batches": batches}
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+def train_cli(args) -> int:
+    from .config import parse_overrides
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        saved = read_run_config(Path(args.resume)).get("train")
+        if not saved:
+            raise ValueError(f"{args.resume} has no training config to resume")
+        cfg = TrainConfig.from_dict(saved)
+        if args.config:
+            cfg = TrainConfig.from_toml(args.config)
+        cfg = cfg.with_overrides({**overrides, "out": args.resume})
+    else:
+        if args.config and not Path(args.config).is_file():
+            raise FileNotFoundError(f"no config file at {args.config} (presets live in configs/)")
+        cfg = (TrainConfig.from_toml(args.config) if args.config else TrainConfig()).with_overrides(overrides)
+    summary = train(cfg, resume=bool(args.resume))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print_summary(summary)
+    return 0
+
+
+def print_summary(s: dict) -> None:
+    print(f"\nstopped at step {s['step']} ({s['stop_reason']}) after {s['train_seconds']:.0f} s of training, "
+          f"{s['tokens']:,} tokens")
+    if s["val_loss"] is not None:
+        print(f"final val loss {s['val_loss']:.4f}, perplexity {s['val_ppl']:.2f} (best {s['best_val']:.4f})")
+    if s["sample"]:
+        print("\n--- sample ---\n" + s["sample"].strip() + "\n--------------")
+    print(f"curves: {s['curves']}\nrun:    {s['run']}")
+
+
+def eval_cli(args) -> int:
+    r = evaluate_run(args.run, args.data, args.split, args.batches, args.batch_size)
+    print(f"{r['data']} [{r['split']}]: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} "
+          f"({r['batches']} batches)")
+    return 0
