@@ -1,35 +1,16 @@
 """lmforge: from raw text to a trained, served generative language model, in plain PyTorch.
 
-The public API. Heavier pieces (tokenizers, training, generation) load on first use, so `import lmforge` stays light.
+The public API. Optional features with heavy dependencies (plots, tiktoken's core, progress bars) load on first use.
 """
-
-from importlib import import_module
-
-from .config import ModelConfig
-from .model import GPT
 
 __version__ = "0.1.0"
 
-# name -> module that defines it; imported when first asked for (PEP 562)
-_LAZY = {
-    "CharTokenizer": "tokenizer",
-    "BPETokenizer": "tokenizer",
-    "load_tokenizer": "tokenizer",
-    "TrainConfig": "config",
-    "train": "train",
-    "load": "checkpoint",
-    "generate": "generate",
-}
+from .config import ModelConfig, TrainConfig  # noqa: E402
+from .model import GPT  # noqa: E402
+from .tokenizer import BPETokenizer, CharTokenizer, load_tokenizer  # noqa: E402
+from .checkpoint import load  # noqa: E402
+from .generate import generate  # noqa: E402  (binds the function over the submodule of the same name)
+from .train import train  # noqa: E402
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
-
-
-__all__ = ["GPT", "ModelConfig", *_LAZY]
+__all__ = ["GPT", "ModelConfig", "TrainConfig", "CharTokenizer", "BPETokenizer", "load_tokenizer", "load",
+           "generate", "train"]
