@@ -1,0 +1,246 @@
+"""Generation against references: the naive full-forward path, exhaustive search, hand-made distributions."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+import lmforge
+from lmforge import GPT, ModelConfig
+from lmforge.cli import main
+from lmforge.generate import (_TextStream, beam_search, decode_ids, generate, generate_naive, sample_next_token,
+                              top_k_mask, top_p_mask, apply_repetition_penalty)
+from lmforge.tokenizer import BPETokenizer, CharTokenizer
+
+POSITIONS = ["learned", "sinusoidal", "alibi", "rope", "none"]
+TEXT = "To be, or not to be: that is the question. 你好, 世界! Привет 🙂 naïve café.\n" * 4
+
+
+def tiny_model(position="rope", vocab=60, block=16, **kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=vocab, block_size=block, position=position, **kw)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # sharper distributions than init gives, so greedy paths are not near-ties
+        model.wte.weight.mul_(5)
+    return model
+
+
+def run(model, prompts, n, **kw):
+    rows = [[] for _ in prompts]
+    for step in decode_ids(model, prompts, n, **kw):
+        for row, t in zip(rows, step.tolist()):
+            row.append(t)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- cache vs naive path
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_greedy_with_cache_equals_naive_path_past_the_context(position):
+    model = tiny_model(position)
+    prompt = [1, 5, 9, 2, 7]
+    fast = run(model, [prompt], 30, temperature=0)[0]  # 35 tokens: twice the block size
+    assert fast == generate_naive(model, prompt, 30, temperature=0)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_batched_rows_equal_each_prompt_alone(position):
+    model = tiny_model(position, n_kv_head=2)
+    prompts = [[3], [4, 8, 15, 16, 23, 42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [7, 7]]
+    batched = run(model, prompts, 20, temperature=0)
+    for prompt, row in zip(prompts, batched):
+        assert row == run(model, [prompt], 20, temperature=0)[0] == generate_naive(model, prompt, 20, temperature=0)
+
+
+def test_sampling_with_cache_equals_naive_path_for_the_same_seed():
+    model = tiny_model("alibi")
+    opts = dict(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert run(model, [[1, 2, 3]], 25, generator=g1, **opts)[0] == generate_naive(model, [1, 2, 3], 25, generator=g2,
+                                                                                  **opts)
+
+
+def test_one_cache_for_the_whole_generation(monkeypatch):
+    model = tiny_model("rope")
+    calls = []
+    original = GPT.make_kv_cache
+    monkeypatch.setattr(GPT, "make_kv_cache", lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
+    run(model, [[1, 2, 3], [4]], 40, temperature=0)
+    assert calls == [(2, 43)]
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+def test_top_k_keeps_the_k_best_and_boundary_ties():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 0.0]])
+    assert top_k_mask(logits, 1).tolist() == [[False, True, True, False, False]]  # a tie for first: both stay
+    assert top_k_mask(logits, 2).tolist() == [[False, True, True, False, False]]
+    assert top_k_mask(logits, 3).tolist() == [[False, True, True, True, False]]
+    assert top_k_mask(logits, 10).all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p_and_boundary_ties():
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()
+    assert top_p_mask(logits, 0.5).tolist() == [[True, False, False, False]]
+    assert top_p_mask(logits, 0.75).tolist() == [[True, True, False, False]]
+    assert top_p_mask(logits, 0.76).tolist() == [[True, True, True, True]]  # 0.125 twice: the tie is kept
+    assert top_p_mask(logits, 1.0).all()
+    shuffled = logits[:, [2, 0, 3, 1]]
+    assert top_p_mask(shuffled, 0.75).tolist() == [[False, True, False, True]]
+
+
+def test_sampled_tokens_stay_inside_the_kept_set():
+    logits = torch.randn(64, 50)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        picks = sample_next_token(logits, 1.0, top_k=5, generator=g)
+        assert top_k_mask(logits, 5).gather(1, picks[:, None]).all()
+        picks = sample_next_token(logits, 1.0, top_p=0.3, generator=g)
+        assert top_p_mask(logits, 0.3).gather(1, picks[:, None]).all()
+
+
+def test_low_temperature_agrees_with_greedy():
+    logits = torch.randn(256, 100) * 3
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next_token(logits, 1e-4, generator=g), sample_next_token(logits, 0.0))
+    assert torch.equal(sample_next_token(logits, 1.0, top_k=1, generator=g), logits.argmax(-1))
+
+
+def test_repetition_penalty_follows_ctrl():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]
+
+
+# -------------------------------------------------------------------------------------------------- beam search
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_beam_search_finds_the_exhaustive_best(length_penalty):
+    V, L, eos = 4, 3, 3
+    model = tiny_model("rope", vocab=V, block=16)
+    with torch.no_grad():
+        model.wte.weight.mul_(0.2)  # flatter distributions: a harder search
+    prompt = [0, 1]
+
+    def logprob(seq):
+        logits, _ = model(torch.tensor([prompt + seq[:-1]]))
+        lp = logits[0, len(prompt) - 1:].float().log_softmax(-1)
+        return sum(lp[i, t].item() for i, t in enumerate(seq))
+
+    candidates = []
+    for n in range(1, L + 1):
+        for seq in itertools.product(range(V), repeat=n):
+            if eos in seq[:-1] or (n < L and seq[-1] != eos):
+                continue  # a finished hypothesis ends at eos or at the length limit
+            candidates.append((logprob(list(seq)) / n ** length_penalty, list(seq)))
+    best = max(candidates)[1]
+    assert beam_search(model, prompt, L, num_beams=V ** L, length_penalty=length_penalty, eos_id=eos) == best
+
+
+def test_one_beam_is_greedy():
+    model = tiny_model("learned")
+    assert beam_search(model, [1, 2], 10, num_beams=1, eos_id=None) == run(model, [[1, 2]], 10, temperature=0)[0]
+
+
+# ---------------------------------------------------------------------------------------------------- text API
+
+@pytest.fixture(scope="module")
+def bpe_model():
+    tok = BPETokenizer.train(TEXT, 300)
+    torch.manual_seed(0)
+    return GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, position="rope")).eval(), tok
+
+
+def test_stream_pieces_join_to_the_full_text(bpe_model):
+    model, tok = bpe_model
+    for seed in range(5):
+        full = generate(model, tok, "To be", max_new_tokens=60, temperature=1.5, seed=seed)
+        pieces = list(generate(model, tok, "To be", max_new_tokens=60, temperature=1.5, seed=seed, stream=True))
+        assert "".join(pieces) == full and len(pieces) > 1
+
+
+def test_stream_never_splits_a_character():
+    stream = _TextStream(stop=[])
+    text = "a你好🙂é"
+    pieces = [stream.feed(bytes([b])) for b in text.encode()] + [stream.feed(b"", final=True)]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def test_seeds_reproduce_and_differ(bpe_model):
+    model, tok = bpe_model
+    a = generate(model, tok, "To", max_new_tokens=30, temperature=1.0, seed=3)
+    assert a == generate(model, tok, "To", max_new_tokens=30, temperature=1.0, seed=3)
+    assert a != generate(model, tok, "To", max_new_tokens=30, temperature=1.0, seed=4)
+
+
+def test_stop_strings_end_the_text_and_are_not_returned(bpe_model):
+    model, tok = bpe_model
+    full = generate(model, tok, "To be", max_new_tokens=60, temperature=0)
+    stop = full[10:13]
+    expected = full[:full.index(stop)]
+    assert generate(model, tok, "To be", max_new_tokens=60, temperature=0, stop=[stop, "\x00never"]) == expected
+    assert "".join(generate(model, tok, "To be", max_new_tokens=60, temperature=0, stop=stop, stream=True)) == expected
+
+
+def test_end_of_text_stops_generation():
+    tok = CharTokenizer.train("ab")
+    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.eot_id] = 1.0  # logits = sum of the final features: eot wins when positive
+        model.norm_f.bias.fill_(1.0)
+        model.norm_f.weight.zero_()
+    assert generate(model, tok, "ab", max_new_tokens=20, temperature=0) == ""
+    assert list(generate(model, tok, "ab", max_new_tokens=20, temperature=0, stream=True)) == []
+
+
+def test_list_of_prompts_gives_a_list(bpe_model):
+    model, tok = bpe_model
+    prompts = ["To be", "naïve", "你好"]
+    outs = generate(model, tok, prompts, max_new_tokens=15, temperature=0)
+    assert outs == [generate(model, tok, p, max_new_tokens=15, temperature=0) for p in prompts]
+
+
+def test_empty_prompt_starts_after_end_of_text(bpe_model):
+    model, tok = bpe_model
+    assert isinstance(generate(model, tok, "", max_new_tokens=5, temperature=0), str)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"), (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-1.0), "temperature=-1.0 must be >= 0"), (dict(max_new_tokens=-1), "max_new_tokens=-1"),
+    (dict(top_k=0), "top_k=0"), (dict(num_beams=0), "num_beams"), (dict(stop=[""]), "stop strings"),
+])
+def test_bad_settings_raise_value_errors(bpe_model, kwargs, message):
+    model, tok = bpe_model
+    with pytest.raises(ValueError, match=message):
+        generate(model, tok, "x", **{"max_new_tokens": 5, **kwargs})
+
+
+def test_unknown_characters_with_a_char_tokenizer():
+    tok = CharTokenizer.train("abc")
+    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size))
+    with pytest.raises(ValueError, match="character 'z'"):
+        generate(model, tok, "abz")
+
+
+def test_generate_cli(tmp_path, capsys):
+    from lmforge.checkpoint import run_config, save_checkpoint, weights_for_saving, write_json_atomic
+    tok = CharTokenizer.train(TEXT)
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, position="rope")
+    model = GPT(cfg)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json_atomic(run / "config.json", run_config(cfg))
+    tok.save(run / "tokenizer.json")
+    save_checkpoint(run, weights_for_saving(model.state_dict(), True), {"step": 1}, run_config(cfg))
+    assert main(["generate", str(run), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out == "To be" + generate(lmforge.load(run)[0], tok, "To be", max_new_tokens=12, temperature=0) + "\n"
+    assert main(["generate", str(run), "--prompt", "To beQ", "--max-new-tokens", "5"]) == 2
+    assert "character 'Q'" in capsys.readouterr().err
+    assert main(["generate", str(run), "--top-p", "2", "--max-new-tokens", "5"]) == 2
+    assert main(["generate", str(run), "--num-samples", "2", "--seed", "1", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.count("--- sample") == 2
