@@ -6,6 +6,9 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
 .PHONY: demo test install bench clean
 
+# On a machine with a GPU the demo trains a bigger model in the same time.
+DEMO_CONFIG = $(shell $(PY) -c "import torch; print('configs/shakespeare-char-gpu.toml' if torch.cuda.is_available() else 'configs/shakespeare-char.toml')")
+
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -23,6 +26,18 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
+
+# The main job: prepare Shakespeare (once), train for about 3 minutes, print val loss, a sample and the curves' path.
+demo: $(VENV)/.installed
+	@test -f data/shakespeare-char/meta.json || \
+		$(PY) -m lmforge prepare shakespeare --tokenizer char --out data/shakespeare-char --force
+	$(PY) -m lmforge train --config $(DEMO_CONFIG) --overwrite=true
+
+bench: $(VENV)/.installed-bench
+	$(PY) benchmarks/quality_per_time.py
+	$(PY) benchmarks/tokenizer.py
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/generate.py
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 --durations=10 tests

@@ -32,13 +32,17 @@ class TrainingError(ValueError):
 
 # --------------------------------------------------------------------------------------------------- small helpers
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine / linear decay to cfg.min_lr at max_steps (or constant)."""
+def lr_at(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """Linear warmup to cfg.lr, then cosine / linear decay to cfg.min_lr at max_steps (or constant). With a time
+    budget (max_seconds) the decay follows whichever runs out first, steps or time, so a budgeted run still ends
+    annealed; such a run depends on the machine's speed, a step-bounded one does not."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.max_seconds > 0:
+        progress = max(progress, min(1.0, seconds / cfg.max_seconds))
     if cfg.schedule == "linear":
         return cfg.lr - (cfg.lr - cfg.min_lr) * progress
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
@@ -264,7 +268,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     try:
         while step < cfg.max_steps:
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
+            lr = lr_at(step, cfg, train_seconds)
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = lr
