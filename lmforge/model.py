@@ -105,9 +105,10 @@ def attention_bias(q_len: int, past: int, key_valid: torch.Tensor | None, slopes
     """The mask every layer shares: causal, padding and ALiBi in one tensor; None means "plain causal".
 
     Returns a bool mask (B|1, 1, T, S), True where a query may attend, or, with ALiBi, a float bias (B|1, H, T, S)
-    holding -inf where it may not. A padded query may always see itself, so no softmax row is empty.
+    holding -inf where it may not. A padded query may always see itself, so no softmax row is empty. None means
+    plain causal: square scores (no cache yet), or one new token, which may see every cached key.
     """
-    if key_valid is None and slopes is None and past == 0:
+    if key_valid is None and slopes is None and (past == 0 or q_len == 1):
         return None
     q_idx = torch.arange(past, past + q_len, device=device).unsqueeze(1)  # (T, 1): absolute query positions
     k_idx = torch.arange(past + q_len, device=device).unsqueeze(0)  # (1, S)
@@ -198,7 +199,8 @@ def sdpa_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
     if q.size(1) != k.size(1) and not _SDPA_HAS_GQA:
         k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
     gqa = {"enable_gqa": q.size(1) != k.size(1)} if _SDPA_HAS_GQA else {}
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, **gqa)
+    causal = mask is None and q.size(2) > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, **gqa)
 
 
 def manual_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
@@ -206,10 +208,11 @@ def manual_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
     rep = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
-    if mask is None:  # plain causal, no cache
+    if mask is None and q.size(2) > 1:  # plain causal over square scores
         T = q.size(2)
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = F.dropout(scores.softmax(dim=-1), p=dropout)
     return (weights @ v.float()).type_as(q)
 
