@@ -1,4 +1,4 @@
-"""Training throughput for the GPT-2 124M shape on this machine: batch 4 x 256, fp32, AdamW, against HF
+"""Training throughput for the GPT-2 124M shape on this machine: batch 4 x 256, fp32, fused AdamW, against HF
 `transformers` GPT2LMHeadModel on the same batches.
 
 Throughput: both models train in one process, their steps interleaved (HF, ours, HF, ours, ...) so that machine noise
@@ -34,7 +34,8 @@ def make(kind: str):
         model.activation_checkpointing = kind == "ours-checkpointing"
         fwd = torch.compile(model) if kind == "ours-compile" else model
         step_loss = lambda x, y: fwd(x, y)[1]
-    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    # fused AdamW on both sides: the default of lmforge's trainer and of HF's Trainer (torch >= 2.8)
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
 
     def step(x, y):
         loss = step_loss(x, y)

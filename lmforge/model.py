@@ -351,7 +351,9 @@ class GPT(nn.Module):
         else:
             pos = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
 
-        x = self.wte(idx) * self.embed_scale  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         if self.wpe is not None:
             x = x + self.wpe(pos).to(x.dtype)
         x = self.drop(x)
