@@ -244,3 +244,24 @@ def test_generate_cli(tmp_path, capsys):
     assert main(["generate", str(run), "--top-p", "2", "--max-new-tokens", "5"]) == 2
     assert main(["generate", str(run), "--num-samples", "2", "--seed", "1", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.count("--- sample") == 2
+
+
+def test_packed_linears_match_plain_linears_and_are_restored():
+    from lmforge.generate import _can_pack, packed_linears
+    model = tiny_model("rope", n_kv_head=2)
+    if not _can_pack(model):
+        pytest.skip("this PyTorch build has no oneDNN (mkldnn) linear kernels")
+    idx = torch.randint(0, 60, (3, 9))
+    with torch.no_grad():
+        plain, _ = model(idx)
+        with packed_linears(model):
+            assert all("forward" in vars(m) for m in model.modules() if type(m) is torch.nn.Linear)
+            packed, _ = model(idx)
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())  # plain modules again
+    with packed_linears(model):  # with gradients enabled nothing is swapped: training stays exact
+        assert not any("forward" in vars(m) for m in model.modules())
+    steps = decode_ids(model, [[1, 2, 3]], 10, temperature=0)
+    next(steps)
+    steps.close()
+    assert not any("forward" in vars(m) for m in model.modules())
