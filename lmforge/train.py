@@ -354,8 +354,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 def _progress_bar(cfg: TrainConfig, step: int, main: bool):
     from tqdm.auto import tqdm
+    desc = f"train (stops at {cfg.max_seconds:.0f} s of training)" if cfg.max_seconds else "train"
     return tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), unit="step",
-                dynamic_ncols=True, desc="train")
+                dynamic_ncols=True, desc=desc)
 
 
 def _append_metrics(run: Path, row: dict) -> None:
