@@ -5,7 +5,7 @@ Throughput: both models train in one process, their steps interleaved (HF, ours,
 hits both alike; we report median tokens/s. Peak memory: each variant runs in a child process of its own (peak RSS
 only grows within a process): HF, ours, ours with torch.compile, ours with activation checkpointing.
 
-    python benchmarks/throughput.py [--steps 4] [--no-compile]
+    python benchmarks/throughput.py [--steps 8] [--no-compile] [--no-children]
 """
 
 import argparse
@@ -81,8 +81,9 @@ def child(kind: str, steps: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-children", action="store_true", help="only the interleaved throughput")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -92,16 +93,21 @@ def main():
     hf_model, hf_step = make("hf")
     our_model, our_step = make("ours")
     assert sum(p.numel() for p in hf_model.parameters()) == our_model.num_params() == 124_439_808
-    data = batches(args.steps + 1)
-    hf_step(*data[0]), our_step(*data[0])  # warmup both
+    data = batches(args.steps + 2)
+    for x, y in data[:2]:  # warm up both (HF's first steps are slower)
+        hf_step(x, y), our_step(x, y)
     hf_t, our_t = [], []
-    for x, y in data[1:]:
+    for x, y in data[2:]:
         hf_t.append(timed(hf_step, x, y))
         our_t.append(timed(our_step, x, y))
     hf_tps, our_tps = B * T / statistics.median(hf_t), B * T / statistics.median(our_t)
+    paired = statistics.median(h / o for h, o in zip(hf_t, our_t))
     del hf_model, our_model
-    print(f"interleaved in one process: HF {hf_tps:,.0f} tok/s, lmforge {our_tps:,.0f} tok/s "
-          f"-> {our_tps / hf_tps:.2f}x")
+    print(f"interleaved in one process, {args.steps} steps each: HF {hf_tps:,.0f} tok/s, lmforge {our_tps:,.0f} "
+          f"tok/s; median of paired step-time ratios {paired:.2f}x (range "
+          f"{min(h / o for h, o in zip(hf_t, our_t)):.2f}-{max(h / o for h, o in zip(hf_t, our_t)):.2f})")
+    if args.no_children:
+        return
 
     kinds = ["hf", "ours", "ours-checkpointing"] + ([] if args.no_compile else ["ours-compile"])
     rows = []

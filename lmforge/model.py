@@ -244,6 +244,33 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
+# ----------------------------------------------------------------------------------------------------------- loss
+
+class CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of fp32 logits (N, V) against targets (N,), -100 = ignored. Same value as
+    F.cross_entropy; the backward builds softmax - onehot in one buffer, in place, instead of the three full-size
+    tensors (log-softmax output, zero-filled NLL gradient, log-softmax gradient) of the composite op: on a CPU the
+    logits of a 50k vocabulary are the largest tensors of a training step."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        valid = targets != -100
+        safe = targets.masked_fill(~valid, 0)
+        lse = torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in logits.split(256)])  # small temporaries
+        nll = (lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid
+        count = valid.sum()
+        ctx.save_for_backward(logits, lse, safe, valid, count)
+        return nll.sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, lse, safe, valid, count = ctx.saved_tensors
+        grad = torch.sub(logits, lse[:, None]).exp_()  # softmax
+        grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
+        grad.mul_((valid / count * grad_out)[:, None])
+        return grad, None
+
+
 # ---------------------------------------------------------------------------------------------------------- Block
 
 class Block(nn.Module):
@@ -279,6 +306,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.embed_scale = math.sqrt(cfg.n_embd) if cfg.scale_embeddings else 1.0
         self.activation_checkpointing = False  # recompute each block in backward to save memory
+        # With tied weights the output layer's gradient is dense anyway, so the embedding lookup can hand back only
+        # its rows (sparse) and skip a zero-filled vocabulary-sized gradient. FSDP needs it off.
+        self.sparse_embedding_grad = cfg.tie_embeddings
         self.tie_weights()
         self.init_weights()
 
@@ -351,7 +381,7 @@ class GPT(nn.Module):
         else:
             pos = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
 
-        x = self.wte(idx)  # (B, T, C)
+        x = F.embedding(idx, self.wte.weight, sparse=self.sparse_embedding_grad)  # (B, T, C)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         if self.wpe is not None:
@@ -376,7 +406,7 @@ class GPT(nn.Module):
         if targets is not None:
             if loss_mask is not None:
                 targets = targets.masked_fill(loss_mask == 0, -100)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = CrossEntropy.apply(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def _check_inputs(self, idx, targets, attention_mask, kv_cache, loss_mask):

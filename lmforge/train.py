@@ -206,6 +206,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         load_weights(model, ckpt / "model.safetensors")
         state = load_trainer_state(ckpt / "trainer_state.pt")
     model.activation_checkpointing = cfg.activation_checkpointing
+    model.sparse_embedding_grad &= not (cfg.fsdp and info.world > 1)
     wrapped = _wrap(model, cfg, info, device)
     optimizers = make_optimizers(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")

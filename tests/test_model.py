@@ -337,3 +337,33 @@ def test_bad_companion_tensors_give_clear_errors():
     model(idx, kv_cache=cache)
     with pytest.raises(ValueError, match="KV cache holds 6"):
         model(idx[:, :2], kv_cache=cache)
+
+
+def test_cross_entropy_equals_torch_with_ignored_targets():
+    from lmforge.model import CrossEntropy
+    logits = torch.randn(40, 97, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 97, (40,))
+    targets[::3] = -100
+    ours = CrossEntropy.apply(logits, targets)
+    ref = nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+    (g_ours,) = torch.autograd.grad(ours * 3, logits)
+    (g_ref,) = torch.autograd.grad(ref * 3, logits)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-12, rtol=0)
+    assert g_ours[::3].abs().max() == 0  # ignored rows get no gradient
+    assert torch.autograd.gradcheck(lambda x: CrossEntropy.apply(x, targets), (logits[:6].detach().requires_grad_(),))
+
+
+def test_sparse_embedding_gradient_equals_dense():
+    model = GPT(tiny())
+    assert model.sparse_embedding_grad  # tied weights: the embedding's gradient is summed into a dense one
+    idx = torch.randint(0, 97, (3, 12))
+    grads = []
+    for sparse in (True, False):
+        model.zero_grad()
+        model.sparse_embedding_grad = sparse
+        model(idx, idx)[1].backward()
+        assert not model.wte.weight.grad.is_sparse
+        grads.append(model.wte.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=0)
+    assert not GPT(tiny(tie_embeddings=False)).sparse_embedding_grad  # AdamW needs dense gradients
