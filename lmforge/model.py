@@ -257,7 +257,7 @@ class CrossEntropy(torch.autograd.Function):
         valid = targets != -100
         safe = targets.masked_fill(~valid, 0)
         lse = torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in logits.split(256)])  # small temporaries
-        nll = (lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid
+        nll = (lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid.to(logits.dtype)
         count = valid.sum()
         ctx.save_for_backward(logits, lse, safe, valid, count)
         return nll.sum() / count
@@ -267,7 +267,7 @@ class CrossEntropy(torch.autograd.Function):
         logits, lse, safe, valid, count = ctx.saved_tensors
         grad = torch.sub(logits, lse[:, None]).exp_()  # softmax
         grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
-        grad.mul_((valid / count * grad_out)[:, None])
+        grad.mul_((valid.to(grad.dtype) / count * grad_out)[:, None])
         return grad, None
 
 
