@@ -265,3 +265,21 @@ def test_packed_linears_match_plain_linears_and_are_restored():
     next(steps)
     steps.close()
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_packed_weights_are_remade_when_the_weights_change():
+    from lmforge.generate import _can_pack, packed_linears
+    model = tiny_model("rope")
+    if not _can_pack(model):
+        pytest.skip("this PyTorch build has no oneDNN (mkldnn) linear kernels")
+    idx = torch.randint(0, 60, (2, 7))
+    with torch.no_grad():
+        with packed_linears(model):
+            before, _ = model(idx)
+        for p in model.parameters():
+            p.mul_(1.5)  # an in-place change, as an optimizer step makes
+        plain, _ = model(idx)
+        with packed_linears(model):
+            after, _ = model(idx)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, plain, atol=1e-5, rtol=1e-5)
