@@ -10,7 +10,6 @@ recipe then gets exactly the baseline's measured training time (max_seconds) and
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -53,7 +52,7 @@ def main() -> int:
         {"data": str(data), "out": str(work / "ours"), "overwrite": True, "max_seconds": budget, "sample_tokens": 0})
     results.append(("lmforge CPU recipe", ours, train(ours)))
 
-    print(f"\n| run | model | steps | train s | tokens | val loss |\n|---|---|---|---|---|---|")
+    print("\n| run | model | steps | train s | tokens | val loss |\n|---|---|---|---|---|---|")
     for name, cfg, s in results:
         m = cfg.model_config({"vocab_size": meta["vocab_size"]})
         shape = f"{m.n_layer}x{m.n_embd} {m.position}/{m.mlp}/{m.norm}, ctx {m.block_size}, batch {cfg.batch_size}"

@@ -130,7 +130,7 @@ def check_fits(cfg: TrainConfig, data: Dataset) -> None:
                                  f"{data.path}); use a smaller block_size or more data")
 
 
-def check_resume(run: Path, cfg: TrainConfig, model_cfg: ModelConfig, data: Dataset) -> Path:
+def check_resume(run: Path, model_cfg: ModelConfig, data: Dataset) -> Path:
     """The checkpoint to resume from, after checking that it fits this config and data."""
     saved = read_run_config(run)
     saved_tok = json.loads((run / "tokenizer.json").read_text())
@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     data = Dataset(cfg.data)
     check_fits(cfg, data)
     model_cfg = cfg.model_config({"vocab_size": data.tokenizer.vocab_size})
-    ckpt = check_resume(run, cfg, model_cfg, data) if resume else None
+    ckpt = check_resume(run, model_cfg, data) if resume else None
     if not resume and complete_checkpoints(run) and not cfg.overwrite:
         raise TrainingError(f"{run} already holds checkpoints; resume it with --resume {run}, pick another --out, "
                             "or pass --overwrite=true to start over")

@@ -1,8 +1,6 @@
 """Generation against references: the naive full-forward path, exhaustive search, hand-made distributions."""
 
 import itertools
-import json
-import math
 
 import pytest
 import torch

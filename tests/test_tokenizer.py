@@ -1,6 +1,5 @@
 """Tokenizers against references: known answers, a naive trainer, tiktoken, round trips over arbitrary Unicode."""
 
-import base64
 import json
 from collections import Counter
 
