@@ -71,6 +71,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # we started the process group, so we end it
 
     @property
     def main(self) -> bool:
@@ -85,6 +86,7 @@ def init_distributed(device_pref: str) -> Dist:
     use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        info.owns_group = True
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
     return info
@@ -187,6 +189,19 @@ def _load_optimizers(model: GPT, optimizers, states: list[dict], cfg: TrainConfi
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (or resume) the run cfg.out on cfg.data. Returns a summary: step, losses, paths."""
     info = init_distributed(cfg.device)
+    try:
+        summary = _train(cfg, resume, info)
+    except BaseException:
+        if info.owns_group:
+            dist.destroy_process_group()
+        raise
+    if info.owns_group:  # leave together: a process exiting with live gloo/NCCL threads aborts
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
     device = resolve_device(cfg.device, info)
     run = Path(cfg.out)
     data = Dataset(cfg.data)
