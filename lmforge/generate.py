@@ -392,19 +392,17 @@ def generate_cli(args) -> int:
     from pathlib import Path
     from .checkpoint import load
     model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint)
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
-                   args.num_beams)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
                    length_penalty=args.length_penalty, stop=args.stop)
 
     def one(prompt: str, seed) -> None:
-        _check_known(tokenizer, prompt)
         if args.num_beams > 1:
             print(prompt + generate(model, tokenizer, prompt, seed=seed, **options), flush=True)
             return
+        pieces = generate(model, tokenizer, prompt, seed=seed, stream=True, **options)  # checks settings and prompt
         sys.stdout.write(prompt)
-        for piece in generate(model, tokenizer, prompt, seed=seed, stream=True, **options):
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -427,8 +425,3 @@ def generate_cli(args) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
 
-
-def _check_known(tokenizer, prompt: str) -> None:
-    """Fail before generating when a character tokenizer cannot encode the prompt."""
-    if prompt:
-        tokenizer.encode(prompt)

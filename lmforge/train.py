@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .checkpoint import (complete_checkpoints, latest_checkpoint, load_trainer_state, load_weights, read_run_config,
                          run_config, save_checkpoint, weights_for_saving, write_json_atomic)
@@ -119,6 +118,16 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def make_batch(data: Dataset, split: str, batch_size: int, block_size: int, seed: int, step: int, micro: int = 0):
+    """(x, y, extra forward arguments) of either kind of data: token windows, or padded prompt/completion pairs
+    with their attention and loss masks."""
+    if data.kind == "pairs":
+        x, y, attn, loss_mask = get_pair_batch(data, split, batch_size, block_size, seed, step, micro)
+        return x, y, {"attention_mask": attn, "loss_mask": loss_mask}
+    x, y = get_batch(data.tokens(split), batch_size, block_size, seed, step, micro)
+    return x, y, {}
 
 
 # ------------------------------------------------------------------------------------------------ setup and checks
@@ -244,11 +253,8 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
             (run / "samples.txt").unlink(missing_ok=True)
 
     def batch(split: str, at: int, micro: int, seed: int):
-        if data.kind == "pairs":
-            x, y, attn, loss_mask = get_pair_batch(data, split, cfg.batch_size, cfg.block_size, seed, at, micro)
-            return [t.to(device) for t in (x, y)], dict(attention_mask=attn.to(device), loss_mask=loss_mask.to(device))
-        x, y = get_batch(data.tokens(split), cfg.batch_size, cfg.block_size, seed, at, micro)
-        return [x.to(device), y.to(device)], {}
+        x, y, extra = make_batch(data, split, cfg.batch_size, cfg.block_size, seed, at, micro)
+        return [x.to(device), y.to(device)], {k: v.to(device) for k, v in extra.items()}
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -453,17 +459,12 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, split: str
         raise ValueError(f"the tokenizer of {data.path} differs from the run's; evaluate on data prepared with "
                          f"--tokenizer-from {run}")
     block = model.config.block_size
+    if data.kind == "tokens":
+        block = min(block, len(data.tokens(split)) - 1)
     losses = []
     for i in range(batches):
-        if data.kind == "pairs":
-            x, y, attn, loss_mask = get_pair_batch(data, split, batch_size, block, seed, i)
-            _, loss = model(x, y, attention_mask=attn, loss_mask=loss_mask)
-        else:
-            tokens = data.tokens(split)
-            x, y = get_batch(tokens, batch_size, min(block, len(tokens) - 1), seed, i)
-            logits, _ = model(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
-        losses.append(loss.item())
+        x, y, extra = make_batch(data, split, batch_size, block, seed, i)
+        losses.append(model(x, y, **extra)[1].item())
     mean = sum(losses) / len(losses)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "data": str(data.path), "split": split,
             "batches": batches}
