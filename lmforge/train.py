@@ -387,17 +387,27 @@ def _append_metrics(run: Path, row: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int, fresh: bool) -> None:
-    """On resume drop lines past the checkpoint (they will be written again); on a new run start empty."""
-    if fresh or not path.is_file():
-        path.write_text("")
-        return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in kept))
+    """On resume drop lines past the checkpoint (they will be written again); on a new run start empty. The file
+    is replaced by rename, so a crash here never loses the history."""
+    rows = [] if fresh else [r for r in _metric_rows(path) if r["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def _metric_rows(path: Path) -> list[dict]:
+    """Rows of metrics.jsonl; a line cut short by a crash mid-append is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def read_metrics(run: Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    return _metric_rows(Path(run) / "metrics.jsonl")
 
 
 def _write_sample(run: Path, model: GPT, tokenizer, cfg: TrainConfig, step: int, val_loss: float) -> str:

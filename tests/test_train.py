@@ -270,3 +270,14 @@ def test_two_processes_equal_one_process_with_two_accumulation_steps(data_dir, t
     wa, wb = weights(tmp_path / "two"), weights(tmp_path / "one")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
+def test_resume_survives_a_metrics_line_cut_short(data_dir, tmp_path):
+    """A crash mid-append leaves half a line in metrics.jsonl: resume drops it and keeps the history."""
+    train(config(data_dir, tmp_path / "full"))
+    run = tmp_path / "part"
+    train(config(data_dir, run, stop_at=5))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')
+    train(config(data_dir, run, stop_at=0), resume=True)
+    assert losses(run) == losses(tmp_path / "full")
