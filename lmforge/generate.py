@@ -1,7 +1,8 @@
 """Generation: prefill, decode one token at a time through a preallocated KV cache, and a pure sampling function.
 
     sample_next_token(logits, ...)       temperature / top-k / top-p / greedy, a pure function of logits
-    decode_ids(model, prompts, ...)      token ids out, one step at a time (batched, left-padded, KV cache)
+    decode_ids(model, prompts, ...)      token ids out, one step at a time (batched, left-padded, KV cache);
+                                         compile=True runs each step through compiled_decode_step()
     beam_search(model, prompt, ...)      num_beams hypotheses with a length penalty
     generate_naive(model, prompt, ...)   full forward every step: slow, kept as the reference for the fast path
     generate(model, tokenizer, ...)      text in, text out (or streamed pieces), stop strings, seeds
@@ -13,13 +14,19 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import math
 import weakref
 from typing import Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .model import GPT
+
+# a torch function mode entered inside a compiled function is traced by dynamo from PyTorch 2.6 on
+_MODES_COMPILE = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 6)
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
@@ -129,6 +136,72 @@ def packed_linears(model: GPT, enabled: bool = True):
             del module.forward
 
 
+class _OneTokenOps(TorchFunctionMode):
+    """Inside the compiled CPU decode step, the matrix products of a single token become multiply-and-sum, which
+    inductor turns into plain vectorised loops, split over all cores and fused with their neighbours:
+
+    - F.linear of one row: PyTorch's matrix-vector kernel streams the weight at ~13 GB/s on one core here, the
+      loop at ~24-27 GB/s on two;
+    - attention of one query: the flash kernel costs ~160 us a call at this size, the loops a fraction of it.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if x.numel() == x.size(-1) and x.device.type == "cpu":
+                y = (x.unsqueeze(-2) * weight).sum(-1)
+                return y if bias is None else y + bias
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            if (q.size(-2) == 1 and q.device.type == "cpu" and not kwargs.get("dropout_p")
+                    and not kwargs.get("is_causal") and kwargs.get("scale") is None):
+                return _one_query_attention(q, k, v, mask)
+        return func(*args, **kwargs)
+
+
+def _one_query_attention(q, k, v, mask):
+    """q (B, H, 1, hs), k and v (B, Hkv, S, hs), H a multiple of Hkv; mask: bool (True = attend) or additive,
+    broadcastable to (B, H, 1, S). The same as scaled_dot_product_attention, as sums of products."""
+    B, H, _, D = q.shape
+    Hkv = k.size(1)
+    rep = H // Hkv
+    q = q.view(B, Hkv, rep, 1, D)  # query head h uses key head h // rep
+    scores = (q * k.unsqueeze(2)).sum(-1) / math.sqrt(D)  # (B, Hkv, rep, S)
+    if mask is not None:
+        mb, mh = mask.size(0), mask.size(1)
+        mask = mask.reshape(mb, Hkv if mh == H else 1, rep if mh == H else 1, mask.size(-1))
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(dim=-1)
+    return (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).view(B, H, 1, D)
+
+
+def _decode_step(model: GPT, *args) -> torch.Tensor:
+    # the loops pay only once compiled: should dynamo ever run this eagerly, the plain kernels are faster
+    if torch.compiler.is_compiling() and model.wte.weight.device.type == "cpu" and _MODES_COMPILE:
+        with _OneTokenOps():
+            return model.decode_step(*args)
+    return model.decode_step(*args)
+
+
+_compiled_step = None
+
+
+def compiled_decode_step(model: GPT):
+    """model.decode_step under torch.compile: one graph serves every step of a generation, since the static cache
+    fixes the shapes. The first call for a model configuration compiles (tens of seconds on a small CPU; inductor's
+    on-disk cache makes it faster in later processes); models of the same configuration share the graph, and each
+    new batch size or cache length compiles another (decode_ids rounds cache lengths up to powers of two so that
+    few are needed; past torch._dynamo.config.recompile_limit graphs, steps run eagerly). The weights are inputs of
+    the graph, so training between generations is seen."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(_decode_step, dynamic=False, fullgraph=True)
+    return lambda *args: _compiled_step(model, *args)
+
+
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(p) for p in prompts)
     idx = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
@@ -143,20 +216,16 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 def decode_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                eos_id: int | None = None, generator: torch.Generator | None = None,
-               pack: bool = True) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,), step by step (see _decode_steps); pack: packed_linears()."""
-    with packed_linears(model, pack):
-        yield from _decode_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                 eos_id, generator)
-
-
-def _decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k, top_p,
-                  repetition_penalty: float, eos_id: int | None, generator) -> Iterator[torch.Tensor]:
+               pack: bool = True, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), step by step. Rows that produced eos_id keep yielding eos_id; the
     caller stops when it has what it wants. Prompts of different lengths are left-padded under an attention mask.
 
     Learned and sinusoidal positions cannot go past block_size: once the context is full, each step runs on the last
     block_size tokens (a sliding window, recomputed). ALiBi, RoPE and no positions keep decoding through the cache.
+
+    pack: eager forwards run through packed_linears(). compile: single-token steps run through
+    compiled_decode_step(); the cache length is then rounded up to a power of two (at least 64), so that
+    generations of similar length share one compiled graph.
     """
     cfg = model.config
     device = model.wte.weight.device
@@ -167,13 +236,25 @@ def _decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, tem
     tokens, mask = _left_pad(prompts, eos_id if eos_id is not None else 0, device)
     B, T = tokens.shape
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache_len = min(T + max_new_tokens, window) if window else T + max_new_tokens
-    cache = model.make_kv_cache(B, max(cache_len, 1))
+    cache_len = max(T + max_new_tokens, 1)
+    if compile:
+        cache_len = max(64, 1 << (cache_len - 1).bit_length())
+    cache = model.make_kv_cache(B, min(cache_len, window) if window else cache_len)
     padded = not bool(mask.all())
+
+    def forward(idx, attention_mask, kv_cache):  # eager: (B, t) -> logits of the last position (B, V)
+        with packed_linears(model, pack):
+            return model(idx, attention_mask=attention_mask, kv_cache=kv_cache, last_only=True)[0][:, -1]
+
+    step = compiled_decode_step(model) if compile else None
+    if step is not None:  # the static step attends every slot under key_valid and takes position ids as tensors
+        key_valid = torch.zeros(B, cache.max_len, dtype=torch.bool, device=device)
+        key_valid[:, :T] = mask.bool()
+        positions = mask.sum(dim=1, keepdim=True)  # (B, 1) the next position of each row: its real tokens so far
     sliding = False  # becomes True once a fixed-position model has filled its window
-    logits, _ = model(tokens, attention_mask=mask if padded else None, kv_cache=cache, last_only=True)
+    logits = forward(tokens, mask if padded else None, cache)
     for _ in range(max_new_tokens):
-        step_logits = logits[:, -1]
+        step_logits = logits
         if repetition_penalty != 1.0:
             context = torch.where(mask.bool(), tokens, tokens[:, -1:])  # padding counts as a token already seen
             step_logits = apply_repetition_penalty(step_logits, context, repetition_penalty)
@@ -187,11 +268,16 @@ def _decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, tem
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         sliding = sliding or cache.pos == cache.max_len
-        if not sliding:
-            logits, _ = model(nxt[:, None], attention_mask=mask if padded else None, kv_cache=cache, last_only=True)
-        else:  # the window is full: every position shifts, so each step recomputes the last block_size tokens
+        if sliding:  # the window is full: every position shifts, so each step recomputes the last block_size tokens
             win_mask = mask[:, -window:]
-            logits, _ = model(tokens[:, -window:], attention_mask=None if win_mask.all() else win_mask, last_only=True)
+            logits = forward(tokens[:, -window:], None if win_mask.all() else win_mask, None)
+        elif step is not None:
+            key_valid[:, cache.pos] = True
+            logits = step(nxt[:, None], cache, torch.tensor([cache.pos], device=device), positions, key_valid)
+            positions = positions + 1
+            cache.pos += 1
+        else:
+            logits = forward(nxt[:, None], mask if padded else None, cache)
 
 
 @torch.no_grad()
@@ -311,11 +397,11 @@ class _TextStream:
 
 
 def _stream_one(model, tokenizer, ids: list[int], max_new_tokens: int, sampling: dict, stop: list[str],
-                generator) -> Iterator[str]:
+                generator, compile: bool) -> Iterator[str]:
     stream = _TextStream(stop)
     eos = tokenizer.eot_id
-    steps = decode_ids(model, [ids], max_new_tokens, eos_id=eos, generator=generator, **sampling)
-    with contextlib.closing(steps):  # stopping early restores the model's modules at once
+    steps = decode_ids(model, [ids], max_new_tokens, eos_id=eos, generator=generator, compile=compile, **sampling)
+    with contextlib.closing(steps):  # stopping early frees the cache at once
         for nxt in steps:
             token = int(nxt[0])
             if token == eos:
@@ -333,9 +419,10 @@ def _stream_one(model, tokenizer, ids: list[int], max_new_tokens: int, sampling:
 def generate(model: GPT, tokenizer, prompt: str | list[str], max_new_tokens: int = 100, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              num_beams: int = 1, length_penalty: float = 1.0, stop: str | list[str] | None = None,
-             seed: int | None = None, stream: bool = False):
+             seed: int | None = None, stream: bool = False, compile: bool = False):
     """Continue prompt(s); return the continuation only (a list for a list of prompts), or with stream=True an
-    iterator of text pieces. Stops at end-of-text, at any stop string (not returned), or after max_new_tokens."""
+    iterator of text pieces. Stops at end-of-text, at any stop string (not returned), or after max_new_tokens.
+    compile=True decodes through compiled_decode_step() (not beam search): faster per token once compiled."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams)
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not s for s in stop):
@@ -355,13 +442,15 @@ def generate(model: GPT, tokenizer, prompt: str | list[str], max_new_tokens: int
         if stream:
             if many:
                 raise ValueError("stream=True takes one prompt; call it once per prompt")
-            return _restoring(_stream_one(model, tokenizer, ids[0], max_new_tokens, sampling, stop, generator),
-                              model, was_training)
+            return _restoring(_stream_one(model, tokenizer, ids[0], max_new_tokens, sampling, stop, generator,
+                                          compile), model, was_training)
         if num_beams > 1:
             outs = [beam_search(model, p, max_new_tokens, num_beams, length_penalty, tokenizer.eot_id) for p in ids]
         else:
             rows = [[] for _ in ids]
-            for nxt in decode_ids(model, ids, max_new_tokens, eos_id=tokenizer.eot_id, generator=generator, **sampling):
+            steps = decode_ids(model, ids, max_new_tokens, eos_id=tokenizer.eot_id, generator=generator,
+                               compile=compile, **sampling)
+            for nxt in steps:
                 for row, token in zip(rows, nxt.tolist()):
                     row.append(token)
             outs = rows
@@ -394,7 +483,7 @@ def generate_cli(args) -> int:
     model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
-                   length_penalty=args.length_penalty, stop=args.stop)
+                   length_penalty=args.length_penalty, stop=args.stop, compile=args.compile)
 
     def one(prompt: str, seed) -> None:
         if args.num_beams > 1:

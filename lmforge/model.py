@@ -55,30 +55,22 @@ class SinusoidalPositions(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE (Su et al. 2021), rotate-half layout: (cos, sin) tables per position, applied to queries and keys."""
+    """RoPE (Su et al. 2021), rotate-half layout: (cos, sin) of position x frequency, applied to queries and keys.
+    The angles are computed from the positions on each call (cheap next to attention), so any position works and
+    no shape depends on data: the compiled decode step needs no table lookups."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.theta, self.head_dim, self.cached = cfg.rope_theta, cfg.head_dim, cfg.block_size
-        self.register_buffer("cos", torch.empty(0), persistent=False)
-        self.register_buffer("sin", torch.empty(0), persistent=False)
-        self.reset_tables()
+        self.theta, self.head_dim = cfg.rope_theta, cfg.head_dim
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
 
-    def tables(self, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
-        angles = torch.outer(torch.arange(n, device=device).float(), inv_freq)  # (n, hs/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (n, hs)
-        return angles.cos(), angles.sin()
-
-    def reset_tables(self):
-        self.cos, self.sin = self.tables(self.cached, device=self.cos.device)
+    def frequencies(self, device=None) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
 
     def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pos (B|1, T) -> 2 x (B|1, 1, T, hs)
-        if pos.numel() and int(pos.max()) >= self.cos.size(0):  # past the table: compute what is needed
-            cos, sin = self.tables(int(pos.max()) + 1, device=pos.device)
-        else:
-            cos, sin = self.cos, self.sin
-        return cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+        angles = pos.float().unsqueeze(-1) * self.inv_freq  # (B, T, hs/2)
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # (B, 1, T, hs)
+        return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -132,7 +124,13 @@ class LayerKVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos: the first slot to write (an int), or a tensor of slots (the static decode step), which writes them
+        and returns every slot: the caller's mask hides the ones not filled yet."""
+        if isinstance(pos, torch.Tensor):
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+            return self.k, self.v
         end = pos + k.size(2)
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
@@ -174,7 +172,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.manual = cfg.attention == "manual"
 
-    def forward(self, x, mask=None, rope=None, cache: LayerKVCache | None = None, pos: int = 0):
+    def forward(self, x, mask=None, rope=None, cache: LayerKVCache | None = None, pos: int | torch.Tensor = 0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
                                         self.n_kv_head * self.head_dim], dim=-1)
@@ -280,7 +278,7 @@ class Block(nn.Module):
         self.norm_1, self.attn = make_norm(cfg, cfg.n_embd), Attention(cfg)
         self.norm_2, self.mlp = make_norm(cfg, cfg.n_embd), MLP(cfg)
 
-    def forward(self, x, mask=None, rope=None, cache=None, pos: int = 0):
+    def forward(self, x, mask=None, rope=None, cache=None, pos: int | torch.Tensor = 0):
         if self.pre_norm:
             x = x + self.attn(self.norm_1(x), mask, rope, cache, pos)
             x = x + self.mlp(self.norm_2(x))
@@ -344,7 +342,7 @@ class GPT(nn.Module):
         if isinstance(self.wpe, SinusoidalPositions):
             self.wpe.inv_freq.copy_(SinusoidalPositions(cfg).inv_freq.to(self.wpe.inv_freq.device))
         if self.rotary is not None:
-            self.rotary.reset_tables()
+            self.rotary.inv_freq.copy_(self.rotary.frequencies(self.rotary.inv_freq.device))
         if self.alibi is not None:
             self.alibi.copy_(alibi_slopes(cfg.n_head))
 
@@ -408,6 +406,29 @@ class GPT(nn.Module):
                 targets = targets.masked_fill(loss_mask == 0, -100)
             loss = CrossEntropy.apply(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def decode_step(self, idx: torch.Tensor, kv_cache: KVCache, slot: torch.Tensor, positions: torch.Tensor,
+                    key_valid: torch.Tensor) -> torch.Tensor:
+        """One new token per row through the whole preallocated cache, with no shape and no Python value that
+        changes from step to step, so torch.compile makes one graph for a whole generation (static-cache decoding).
+
+        idx (B, 1): the new tokens; slot (1,) long: the cache slot they are written to; positions (B, 1): their
+        position ids; key_valid (B, max_len) bool: the slots each row may attend, its own included. Attention runs
+        over every slot under that mask. Returns logits (B, V). kv_cache.pos is left to the caller.
+        """
+        x = self.wte(idx)  # (B, 1, C)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        if self.wpe is not None:
+            x = x + self.wpe(positions).to(x.dtype)
+        rope = self.rotary(positions) if self.rotary is not None else None
+        mask = key_valid[:, None, None, :]  # (B, 1, 1, S)
+        if self.alibi is not None:  # distances in slots, as forward() counts them
+            distance = (slot - torch.arange(key_valid.size(1), device=idx.device)).clamp(min=0).float()
+            mask = (-self.alibi.view(1, -1, 1, 1) * distance).masked_fill(~mask, float("-inf"))  # (B, H, 1, S)
+        for block, cache in zip(self.blocks, kv_cache.layers):
+            x = block(x, mask, rope, cache, slot)
+        return self.lm_head(self.norm_f(x))[:, 0]
 
     def _check_inputs(self, idx, targets, attention_mask, kv_cache, loss_mask):
         """Turn user mistakes into one-line ValueErrors instead of index errors deep inside."""

@@ -242,6 +242,9 @@ def test_generate_cli(tmp_path, capsys):
     assert main(["generate", str(run), "--top-p", "2", "--max-new-tokens", "5"]) == 2
     assert main(["generate", str(run), "--num-samples", "2", "--seed", "1", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.count("--- sample") == 2
+    assert main(["generate", str(run), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0",
+                 "--compile"]) == 0
+    assert capsys.readouterr().out == out
 
 
 NO_ONEDNN = not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
@@ -282,3 +285,97 @@ def test_packed_weights_are_remade_when_the_weights_change():
             after, _ = model(idx)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, plain, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- compiled decode step
+
+@pytest.fixture
+def room_for_graphs():
+    """Each model configuration, batch size and cache length is its own graph: let these tests build them all."""
+    with torch._dynamo.config.patch(cache_size_limit=64):
+        yield
+
+
+@pytest.mark.parametrize("position,kv_heads", [("learned", None), ("alibi", 2), ("rope", 1), ("none", None)])
+def test_decode_step_equals_forward_with_cache(position, kv_heads):
+    """The static step (every slot under a mask, positions as tensors) gives the logits of the sliced-cache
+    forward, for left-padded rows too."""
+    model = tiny_model(position, n_kv_head=kv_heads or 4)
+    prompts = [[3, 1], [4, 8, 15, 16, 23]]
+    from lmforge.generate import _left_pad
+    idx, mask = _left_pad(prompts, 0, "cpu")
+    with torch.no_grad():
+        a, b = model.make_kv_cache(2, 12), model.make_kv_cache(2, 12)
+        model(idx, attention_mask=mask, kv_cache=a)
+        model(idx, attention_mask=mask, kv_cache=b)
+        key_valid = torch.zeros(2, 12, dtype=torch.bool)
+        key_valid[:, :5] = mask.bool()
+        positions = mask.sum(1, keepdim=True)
+        for token in [7, 2, 9, 4]:
+            nxt = torch.full((2, 1), token)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            want = model(nxt, attention_mask=mask, kv_cache=a)[0][:, -1]
+            key_valid[:, b.pos] = True
+            got = model.decode_step(nxt, b, torch.tensor([b.pos]), positions, key_valid)
+            b.pos, positions = b.pos + 1, positions + 1
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads,alibi", [(4, False), (2, True), (1, False)])
+def test_one_token_ops_equal_the_plain_ops(kv_heads, alibi):
+    import torch.nn.functional as F
+    from lmforge.generate import _OneTokenOps
+    from lmforge.model import alibi_slopes
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, kv_heads, 10, 8), torch.randn(3, kv_heads, 10, 8)
+    valid = torch.rand(3, 1, 1, 10) > 0.3
+    valid[..., -1] = True
+    mask = valid
+    if alibi:
+        mask = (-alibi_slopes(4).view(1, 4, 1, 1) * torch.arange(9, -1, -1.0)).masked_fill(~valid, float("-inf"))
+    x, w, bias = torch.randn(1, 1, 16), torch.randn(24, 16), torch.randn(24)
+    gqa = {"enable_gqa": True} if kv_heads != 4 else {}
+    with torch.no_grad():
+        want_attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        want_lin = F.linear(x, w, bias)
+        with _OneTokenOps():
+            got_attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+            got_lin = F.linear(x, w, bias)
+            got_lin_nobias = F.linear(x, w)
+    torch.testing.assert_close(got_attn, want_attn, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_lin, want_lin, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_lin_nobias, want_lin - bias, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_compiled_greedy_equals_naive_path_past_the_context(position, room_for_graphs):
+    from torch._dynamo.utils import counters
+    model = tiny_model(position, vocab=61 + POSITIONS.index(position))  # a configuration of its own: compiles
+    graphs = counters["stats"]["unique_graphs"]
+    prompt = [1, 5, 9, 2, 7]
+    fast = run(model, [prompt], 30, temperature=0, compile=True)[0]
+    assert fast == generate_naive(model, prompt, 30, temperature=0)
+    assert counters["stats"]["unique_graphs"] > graphs  # the steps ran through a compiled graph
+
+
+def test_compiled_batched_rows_equal_each_prompt_alone(room_for_graphs):
+    model = tiny_model("alibi", n_kv_head=2, block=64)
+    prompts = [[3], [4, 8, 15, 16, 23, 42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [7, 7]]
+    batched = run(model, prompts, 20, temperature=0, compile=True)
+    for prompt, row in zip(prompts, batched):
+        assert row == generate_naive(model, prompt, 20, temperature=0)
+
+
+def test_compiled_steps_see_weights_changed_between_generations(room_for_graphs):
+    model = tiny_model("rope", vocab=59, tie_embeddings=False)  # tied, greedy here repeats the last token
+    before = run(model, [[1, 2, 3]], 8, temperature=0, compile=True)[0]
+    other = tiny_model("rope", vocab=59, tie_embeddings=False)
+    torch.manual_seed(1)
+    other.init_weights()
+    with torch.no_grad():
+        other.wte.weight.mul_(5)
+        for p, q in zip(model.parameters(), other.parameters()):
+            p.copy_(q)  # in place, as an optimizer step changes weights
+    after = run(model, [[1, 2, 3]], 8, temperature=0, compile=True)[0]
+    assert after == generate_naive(other, [1, 2, 3], 8, temperature=0)
+    assert after != before
