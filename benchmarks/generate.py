@@ -10,6 +10,7 @@ is the ceiling for tokens/s, and we print the fraction of it each side reaches.
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -18,11 +19,11 @@ from lmforge import GPT, ModelConfig
 from lmforge.generate import decode_ids
 
 
-def read_bandwidth_gbs(size_mb=1024, repeat=5) -> float:
+def read_bandwidth_gbs(size_mb=1024, repeat=9) -> float:
+    """Read bandwidth of a 1 GB sum, the median of several (a single fastest one on a shared machine overstates)."""
     x = torch.ones(size_mb * 1024 * 1024 // 4)
     x.sum()
-    best = min(_time(lambda: x.sum()) for _ in range(repeat))
-    return x.numel() * 4 / best / 1e9
+    return x.numel() * 4 / statistics.median(_time(lambda: x.sum()) for _ in range(repeat)) / 1e9
 
 
 def _time(fn) -> float:

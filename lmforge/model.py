@@ -379,12 +379,7 @@ class GPT(nn.Module):
         else:
             pos = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
 
-        x = F.embedding(idx, self.wte.weight, sparse=self.sparse_embedding_grad)  # (B, T, C)
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
-        if self.wpe is not None:
-            x = x + self.wpe(pos).to(x.dtype)
-        x = self.drop(x)
+        x = self.embed(idx, pos)
         rope = self.rotary(pos) if self.rotary is not None else None
         mask = attention_bias(T, past, attention_mask, self.alibi, idx.device)
         for i, block in enumerate(self.blocks):
@@ -407,6 +402,15 @@ class GPT(nn.Module):
             loss = CrossEntropy.apply(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) at positions (B|1, T) -> input vectors (B, T, C)."""
+        x = F.embedding(idx, self.wte.weight, sparse=self.sparse_embedding_grad)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        if self.wpe is not None:
+            x = x + self.wpe(pos).to(x.dtype)
+        return self.drop(x)
+
     def decode_step(self, idx: torch.Tensor, kv_cache: KVCache, slot: torch.Tensor, positions: torch.Tensor,
                     key_valid: torch.Tensor) -> torch.Tensor:
         """One new token per row through the whole preallocated cache, with no shape and no Python value that
@@ -416,11 +420,7 @@ class GPT(nn.Module):
         position ids; key_valid (B, max_len) bool: the slots each row may attend, its own included. Attention runs
         over every slot under that mask. Returns logits (B, V). kv_cache.pos is left to the caller.
         """
-        x = self.wte(idx)  # (B, 1, C)
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
-        if self.wpe is not None:
-            x = x + self.wpe(positions).to(x.dtype)
+        x = self.embed(idx, positions)
         rope = self.rotary(positions) if self.rotary is not None else None
         mask = key_valid[:, None, None, :]  # (B, 1, 1, S)
         if self.alibi is not None:  # distances in slots, as forward() counts them
