@@ -15,6 +15,8 @@ from __future__ import annotations
 import codecs
 import contextlib
 import math
+import os
+import shutil
 import weakref
 from typing import Iterator
 
@@ -197,6 +199,10 @@ def compiled_decode_step(model: GPT):
     few are needed; past torch._dynamo.config.recompile_limit graphs, steps run eagerly). The weights are inputs of
     the graph, so training between generations is seen."""
     global _compiled_step
+    cxx = os.environ.get("CXX", "g++")
+    if model.wte.weight.device.type == "cpu" and shutil.which(cxx) is None:
+        raise ValueError(f"compile=True on CPU needs a C++ compiler ({cxx!r}, or set CXX) for torch.compile's kernels; "
+                         f"install one, or generate without compile")
     if _compiled_step is None:
         _compiled_step = torch.compile(_decode_step, dynamic=False, fullgraph=True)
     return lambda *args: _compiled_step(model, *args)

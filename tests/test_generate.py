@@ -379,3 +379,9 @@ def test_compiled_steps_see_weights_changed_between_generations(room_for_graphs)
     after = run(model, [[1, 2, 3]], 8, temperature=0, compile=True)[0]
     assert after == generate_naive(other, [1, 2, 3], 8, temperature=0)
     assert after != before
+
+
+def test_compile_without_a_cpu_compiler_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(ValueError, match="needs a C.. compiler"):
+        run(tiny_model("rope"), [[1, 2]], 3, compile=True)
