@@ -125,8 +125,8 @@ class LayerKVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos: the first slot to write (an int), or a tensor of slots (the static decode step), which writes them
-        and returns every slot: the caller's mask hides the ones not filled yet."""
+        """pos: the first slot to write, or a tensor of slots (decode_step): then every slot is returned, and the
+        caller's mask hides the unfilled ones."""
         if isinstance(pos, torch.Tensor):
             self.k.index_copy_(2, pos, k)
             self.v.index_copy_(2, pos, v)
@@ -413,13 +413,10 @@ class GPT(nn.Module):
 
     def decode_step(self, idx: torch.Tensor, kv_cache: KVCache, slot: torch.Tensor, positions: torch.Tensor,
                     key_valid: torch.Tensor) -> torch.Tensor:
-        """One new token per row through the whole preallocated cache, with no shape and no Python value that
-        changes from step to step, so torch.compile makes one graph for a whole generation (static-cache decoding).
-
-        idx (B, 1): the new tokens; slot (1,) long: the cache slot they are written to; positions (B, 1): their
-        position ids; key_valid (B, max_len) bool: the slots each row may attend, its own included. Attention runs
-        over every slot under that mask. Returns logits (B, V). kv_cache.pos is left to the caller.
-        """
+        """One token per row through the whole cache under a mask, with no shape or Python value changing between
+        steps, so torch.compile makes one graph per generation. idx (B, 1); slot (1,): the cache slot to write;
+        positions (B, 1); key_valid (B, max_len) bool: the slots each row may attend, its own included.
+        Returns logits (B, V); kv_cache.pos is left to the caller."""
         x = self.embed(idx, positions)
         rope = self.rotary(positions) if self.rotary is not None else None
         mask = key_valid[:, None, None, :]  # (B, 1, 1, S)

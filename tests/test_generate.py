@@ -366,6 +366,14 @@ def test_compiled_batched_rows_equal_each_prompt_alone(room_for_graphs):
         assert row == generate_naive(model, prompt, 20, temperature=0)
 
 
+def test_compiled_sampling_equals_naive_path_for_the_same_seed(room_for_graphs):
+    model = tiny_model("rope", block=64)
+    opts = dict(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert run(model, [[1, 2, 3]], 25, generator=g1, compile=True, **opts)[0] == generate_naive(
+        model, [1, 2, 3], 25, generator=g2, **opts)
+
+
 def test_compiled_steps_see_weights_changed_between_generations(room_for_graphs):
     model = tiny_model("rope", vocab=59, tie_embeddings=False)  # tied, greedy here repeats the last token
     before = run(model, [[1, 2, 3]], 8, temperature=0, compile=True)[0]
