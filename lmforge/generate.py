@@ -158,8 +158,8 @@ class _OneTokenOps(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             q, k, v = args[:3]
             mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-            if (q.size(-2) == 1 and q.device.type == "cpu" and not kwargs.get("dropout_p")
-                    and not kwargs.get("is_causal") and kwargs.get("scale") is None):
+            if (q.size(-2) == 1 and q.device.type == "cpu" and len(args) <= 4 and (mask is None or mask.dim() == 4)
+                    and not kwargs.get("dropout_p") and not kwargs.get("is_causal") and kwargs.get("scale") is None):
                 return _one_query_attention(q, k, v, mask)
         return func(*args, **kwargs)
 
