@@ -152,13 +152,13 @@ class _OneTokenOps(TorchFunctionMode):
         if func is F.linear:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.numel() == x.size(-1) and x.device.type == "cpu":
+            if x.numel() == x.size(-1):
                 y = (x.unsqueeze(-2) * weight).sum(-1)
                 return y if bias is None else y + bias
         if func is F.scaled_dot_product_attention:
             q, k, v = args[:3]
             mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-            if (q.size(-2) == 1 and q.device.type == "cpu" and len(args) <= 4 and (mask is None or mask.dim() == 4)
+            if (q.size(-2) == 1 and len(args) <= 4 and (mask is None or mask.dim() == 4)
                     and not kwargs.get("dropout_p") and not kwargs.get("is_causal") and kwargs.get("scale") is None):
                 return _one_query_attention(q, k, v, mask)
         return func(*args, **kwargs)
@@ -223,15 +223,26 @@ def decode_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, temper
                top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                eos_id: int | None = None, generator: torch.Generator | None = None,
                pack: bool = True, compile: bool = False) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), step by step (see _decode_steps). pack: eager forwards run through
+    packed_linears(), swapped in once for the whole generation, or, with compile, around each eager forward only, so
+    that the compiled step never sees swapped modules. compile: single-token steps run through
+    compiled_decode_step()."""
+    with packed_linears(model, pack and not compile):
+        yield from _decode_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                 eos_id, generator, pack and compile, compile)
+
+
+def _decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k, top_p,
+                  repetition_penalty: float, eos_id: int | None, generator, pack_each: bool,
+                  compile: bool) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), step by step. Rows that produced eos_id keep yielding eos_id; the
     caller stops when it has what it wants. Prompts of different lengths are left-padded under an attention mask.
 
     Learned and sinusoidal positions cannot go past block_size: once the context is full, each step runs on the last
     block_size tokens (a sliding window, recomputed). ALiBi, RoPE and no positions keep decoding through the cache.
 
-    pack: eager forwards run through packed_linears(). compile: single-token steps run through
-    compiled_decode_step(); the cache length is then rounded up to a power of two (at least 64), so that
-    generations of similar length share one compiled graph.
+    With compile the cache length is rounded up to a power of two (at least 64), so that generations of similar
+    length share one compiled graph.
     """
     cfg = model.config
     device = model.wte.weight.device
@@ -249,7 +260,7 @@ def decode_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, temper
     padded = not bool(mask.all())
 
     def forward(idx, attention_mask, kv_cache):  # eager: (B, t) -> logits of the last position (B, V)
-        with packed_linears(model, pack):
+        with packed_linears(model, pack_each):
             return model(idx, attention_mask=attention_mask, kv_cache=kv_cache, last_only=True)[0][:, -1]
 
     step = compiled_decode_step(model) if compile else None
@@ -407,7 +418,7 @@ def _stream_one(model, tokenizer, ids: list[int], max_new_tokens: int, sampling:
     stream = _TextStream(stop)
     eos = tokenizer.eot_id
     steps = decode_ids(model, [ids], max_new_tokens, eos_id=eos, generator=generator, compile=compile, **sampling)
-    with contextlib.closing(steps):  # stopping early frees the cache at once
+    with contextlib.closing(steps):  # stopping early restores the model's modules at once
         for nxt in steps:
             token = int(nxt[0])
             if token == eos:
