@@ -195,8 +195,8 @@ def compiled_decode_step(model: GPT):
     """model.decode_step under torch.compile: one graph serves every step of a generation, since the static cache
     fixes the shapes. The first call for a model configuration compiles (tens of seconds on a small CPU; inductor's
     on-disk cache makes it faster in later processes); models of the same configuration share the graph, and each
-    new batch size or cache length compiles another (decode_ids rounds cache lengths up to powers of two so that
-    few are needed; past torch._dynamo.config.recompile_limit graphs, steps run eagerly). The weights are inputs of
+    new batch size or cache length compiles another (decode_ids rounds cache lengths up to a few sizes per doubling so
+    that few are needed; past torch._dynamo.config.recompile_limit graphs, steps run eagerly). The weights are inputs of
     the graph, so training between generations is seen."""
     global _compiled_step
     cxx = os.environ.get("CXX", "g++")
@@ -241,7 +241,7 @@ def _decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, tem
     Learned and sinusoidal positions cannot go past block_size: once the context is full, each step runs on the last
     block_size tokens (a sliding window, recomputed). ALiBi, RoPE and no positions keep decoding through the cache.
 
-    With compile the cache length is rounded up to a power of two (at least 64), so that generations of similar
+    With compile the cache length is rounded up (to 48, 64, 96, 128, 192, 256, ...), so that generations of similar
     length share one compiled graph.
     """
     cfg = model.config
@@ -254,8 +254,9 @@ def _decode_steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, tem
     B, T = tokens.shape
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache_len = max(T + max_new_tokens, 1)
-    if compile:
-        cache_len = max(64, 1 << (cache_len - 1).bit_length())
+    if compile:  # 48, 64, 96, 128, 192, 256, 384, ...: two sizes per doubling
+        power = 1 << (max(cache_len, 64) - 1).bit_length()
+        cache_len = power * 3 // 4 if cache_len <= power * 3 // 4 else power
     cache = model.make_kv_cache(B, min(cache_len, window) if window else cache_len)
     padded = not bool(mask.all())
 
