@@ -3,14 +3,15 @@
 The public API. Optional features with heavy dependencies (plots, tiktoken's core, progress bars) load on first use.
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: F401
 from .config import ModelConfig, TrainConfig  # noqa: E402
 from .model import GPT  # noqa: E402
 from .tokenizer import BPETokenizer, CharTokenizer, load_tokenizer  # noqa: E402
 from .checkpoint import load  # noqa: E402
-from .generate import generate  # noqa: E402  (binds the function over the submodule of the same name)
+from .engine import Engine, Request  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .generation import generate  # noqa: E402
 from .train import train  # noqa: E402
 
 __all__ = ["GPT", "ModelConfig", "TrainConfig", "CharTokenizer", "BPETokenizer", "load_tokenizer", "load",
-           "generate", "train"]
+           "generate", "train", "Engine", "Request", "UserError"]

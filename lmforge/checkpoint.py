@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from .version import __version__
 from .config import ModelConfig
 from .model import GPT
 from .tokenizer import load_tokenizer

@@ -29,7 +29,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
     parser = argparse.ArgumentParser(
         prog="lmforge", description="From raw text to a trained, served generative language model.",
         epilog="Run `lmforge VERB --help` for a verb's options and an example.")
@@ -104,7 +104,7 @@ def _eval_args(p):
     p.add_argument("--batch-size", type=int, default=16)
 
 
-@verb("generate", "generate:generate_cli", "Generate text from a trained run.",
+@verb("generate", "generation:generate_cli", "Generate text from a trained run.",
       'lmforge generate runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50')
 def _generate_args(p):
     p.add_argument("run", help="run directory")

@@ -4,8 +4,9 @@
     -> Block -> GPT
 
 Every option of ModelConfig maps to one small named piece here. The model imports only torch: it knows nothing about
-tokenizers, files or training. Generation owns the KV cache and passes it to forward() explicitly, so training never
-depends on cache state.
+tokenizers, files or training. One forward path serves training (no cache), prefill and decoding: the inference
+engine owns a static KV cache and passes it to forward() with the position of every new token, so training never
+depends on cache state and decoding never changes a shape from one step to the next.
 """
 
 from __future__ import annotations
@@ -92,62 +93,63 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------------- attention mask
 
-def attention_bias(q_len: int, past: int, key_valid: torch.Tensor | None, slopes: torch.Tensor | None,
-                   device) -> torch.Tensor | None:
-    """The mask every layer shares: causal, padding and ALiBi in one tensor; None means "plain causal".
+def attention_bias(query_slots: torch.Tensor, n_keys: int, key_valid: torch.Tensor | None,
+                   slopes: torch.Tensor | None) -> torch.Tensor:
+    """The mask every layer shares: causal, padding and ALiBi in one tensor.
 
-    Returns a bool mask (B|1, 1, T, S), True where a query may attend, or, with ALiBi, a float bias (B|1, H, T, S)
-    holding -inf where it may not. A padded query may always see itself, so no softmax row is empty. None means
-    plain causal: square scores (no cache yet), or one new token, which may see every cached key.
+    query_slots (B|1, T): the key slot each query sits at (its cache slot, or its column without a cache); a query
+    may see the keys at slots up to its own. key_valid (B, S) or None: False at padding, which only the padded query
+    itself may see, so no softmax row is empty. Returns a bool mask (B|1, 1, T, S), True where a query may attend,
+    or with ALiBi a float bias (B|1, H, T, S) holding -inf where it may not.
     """
-    if key_valid is None and slopes is None and (past == 0 or q_len == 1):
-        return None
-    q_idx = torch.arange(past, past + q_len, device=device).unsqueeze(1)  # (T, 1): absolute query positions
-    k_idx = torch.arange(past + q_len, device=device).unsqueeze(0)  # (1, S)
-    allowed = (k_idx <= q_idx)[None, None]  # (1, 1, T, S)
+    q = query_slots[:, None, :, None]  # (B, 1, T, 1)
+    k = torch.arange(n_keys, device=query_slots.device)  # (S,)
+    allowed = k <= q  # (B, 1, T, S)
     if key_valid is not None:
-        allowed = allowed & (key_valid[:, None, None, :].bool() | (k_idx == q_idx))  # (B, 1, T, S)
+        allowed = allowed & (key_valid[:, None, None, :].bool() | (k == q))
     if slopes is None:
         return allowed
-    bias = -slopes.to(device).view(1, -1, 1, 1) * (q_idx - k_idx).clamp(min=0).float()  # (1, H, T, S)
+    bias = -slopes.to(query_slots.device).view(1, -1, 1, 1) * (q - k).clamp(min=0).float()  # (B, H, T, S)
     return bias.masked_fill(~allowed, float("-inf"))
 
 
 # ------------------------------------------------------------------------------------------------------- KV cache
 
 class LayerKVCache(nn.Module):
-    """Preallocated keys and values of one layer; update() writes in place and returns everything so far."""
+    """Keys and values of one layer for every slot; update() writes in place and returns all slots."""
 
-    def __init__(self, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
         super().__init__()
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)  # (B, nkv, S, hs)
+        self.register_buffer("v", v, persistent=False)
 
-    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos: the first slot to write, or a tensor of slots (decode_step): then every slot is returned, and the
-        caller's mask hides the unfilled ones."""
-        if isinstance(pos, torch.Tensor):
-            self.k.index_copy_(2, pos, k)
-            self.v.index_copy_(2, pos, v)
-            return self.k, self.v
-        end = pos + k.size(2)
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots (B|1, T): where each row's T new keys and values go (their positions). Returns (B, nkv, S, hs)
+        for every slot; the caller's mask hides the ones a query may not see."""
+        index = slots[:, None, :, None].expand(k.shape)  # (B, nkv, T, hs)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
+        return self.k, self.v
 
 
 class KVCache(nn.Module):
-    """One LayerKVCache per block plus the number of positions filled. Made by GPT.make_kv_cache()."""
+    """One LayerKVCache per block, preallocated: batch rows x max_len slots. Made by GPT.make_kv_cache(); a row
+    holds one sequence, the token at position p in slot p."""
 
-    def __init__(self, n_layer: int, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
+    def __init__(self, layers: list[LayerKVCache]):
         super().__init__()
-        self.layers = nn.ModuleList(
-            LayerKVCache(batch_size, max_len, n_kv_head, head_dim, dtype, device) for _ in range(n_layer))
-        self.max_len, self.pos = max_len, 0
+        self.layers = nn.ModuleList(layers)
+        self.batch_size, _, self.max_len, _ = layers[0].k.shape
 
-    def reset(self):
-        self.pos = 0
+    @classmethod
+    def allocate(cls, n_layer: int, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        return cls([LayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
+                                 torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layer)])
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows [start, stop) of this one, sharing its memory: what it writes lands here."""
+        return KVCache([LayerKVCache(layer.k[start:stop], layer.v[start:stop]) for layer in self.layers])
 
     def reorder(self, index: torch.Tensor):
         """Select batch rows in place (beam search keeps the caches of the surviving beams)."""
@@ -170,9 +172,9 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.manual = cfg.attention == "manual"
+        self.kernel = ManualAttention() if cfg.attention == "manual" else SDPAttention()
 
-    def forward(self, x, mask=None, rope=None, cache: LayerKVCache | None = None, pos: int | torch.Tensor = 0):
+    def forward(self, x, mask=None, rope=None, cache: LayerKVCache | None = None, slots: torch.Tensor | None = None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
                                         self.n_kv_head * self.head_dim], dim=-1)
@@ -184,35 +186,39 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(pos, k, v)  # (B, nkv, S, hs) with S = pos + T
-        dropout = self.dropout if self.training else 0.0
-        attend = manual_attention if self.manual else sdpa_attention
-        y = attend(q, k, v, mask, dropout)  # (B, nh, T, hs)
+            k, v = cache.update(slots, k, v)  # (B, nkv, max_len, hs)
+            S = mask.size(-1) if mask is not None else T  # the slots these queries may see start at 0
+            k, v = k[:, :, :S], v[:, :, :S]
+        y = self.kernel(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
-def sdpa_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
-    """The fast path: PyTorch's fused kernels (flash / memory-efficient on GPU)."""
-    if q.size(1) != k.size(1) and not _SDPA_HAS_GQA:
-        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
-    gqa = {"enable_gqa": q.size(1) != k.size(1)} if _SDPA_HAS_GQA else {}
-    causal = mask is None and q.size(2) > 1
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, **gqa)
+class SDPAttention(nn.Module):
+    """The fast path: PyTorch's fused kernels (flash / memory-efficient on GPU). mask None means plain causal."""
+
+    def forward(self, q, k, v, mask, dropout: float) -> torch.Tensor:
+        if q.size(1) != k.size(1) and not _SDPA_HAS_GQA:
+            k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+        gqa = {"enable_gqa": q.size(1) != k.size(1)} if _SDPA_HAS_GQA else {}
+        causal = mask is None and q.size(2) > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, **gqa)
 
 
-def manual_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
+class ManualAttention(nn.Module):
     """The readable path: explicit scores, mask and softmax, all in fp32."""
-    rep = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
-    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
-    if mask is None and q.size(2) > 1:  # plain causal over square scores
-        T = q.size(2)
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    weights = F.dropout(scores.softmax(dim=-1), p=dropout)
-    return (weights @ v.float()).type_as(q)
+
+    def forward(self, q, k, v, mask, dropout: float) -> torch.Tensor:
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+        if mask is None and q.size(2) > 1:  # plain causal over square scores
+            T = q.size(2)
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = F.dropout(scores.softmax(dim=-1), p=dropout)
+        return (weights @ v.float()).type_as(q)
 
 
 # ------------------------------------------------------------------------------------------------------------ MLP
@@ -278,12 +284,12 @@ class Block(nn.Module):
         self.norm_1, self.attn = make_norm(cfg, cfg.n_embd), Attention(cfg)
         self.norm_2, self.mlp = make_norm(cfg, cfg.n_embd), MLP(cfg)
 
-    def forward(self, x, mask=None, rope=None, cache=None, pos: int | torch.Tensor = 0):
+    def forward(self, x, mask=None, rope=None, cache=None, slots=None):
         if self.pre_norm:
-            x = x + self.attn(self.norm_1(x), mask, rope, cache, pos)
+            x = x + self.attn(self.norm_1(x), mask, rope, cache, slots)
             x = x + self.mlp(self.norm_2(x))
         else:  # post-norm: normalise after each residual sum
-            x = self.norm_1(x + self.attn(x, mask, rope, cache, pos))
+            x = self.norm_1(x + self.attn(x, mask, rope, cache, slots))
             x = self.norm_2(x + self.mlp(x))
         return x
 
@@ -359,37 +365,46 @@ class GPT(nn.Module):
             raise ValueError(f"a cache of {max_len} positions exceeds block_size={cfg.block_size}, which "
                              f"position={cfg.position!r} cannot go past")
         ref = self.wte.weight
-        return KVCache(cfg.n_layer, batch_size, max_len, cfg.kv_heads, cfg.head_dim,
-                       dtype or ref.dtype, device or ref.device)
+        return KVCache.allocate(cfg.n_layer, batch_size, max_len, cfg.kv_heads, cfg.head_dim,
+                                dtype or ref.dtype, device or ref.device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                loss_mask: torch.Tensor | None = None, last_only: bool = False):
+                positions: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                last_only: bool = False, kv_len: int | None = None):
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
-        attention_mask (B, S), 1 = token, 0 = padding, covers the cached positions and these T (S = cache.pos + T).
-        kv_cache: made by make_kv_cache(); its pos advances by T. loss_mask (B, T): loss only where it is 1.
-        last_only: compute logits for the last position only (generation), returned as (B, 1, V).
+        Without a cache (training, evaluation, the naive reference): attention_mask (B, T), 1 = token, 0 = padding;
+        positions count real tokens only, so left padding does not shift them.
+        With kv_cache (made by make_kv_cache()): positions (B|1, T) are the positions of the new tokens, which are
+        also their cache slots (default 0..T-1: a prefill). The queries attend slots [0, kv_len): by default every
+        slot when positions are given (static shapes, so a compiled decode step never changes), the T new ones
+        otherwise; the mask hides each row's slots past its own position.
+        loss_mask (B, T): loss only where it is 1. last_only: logits for the last position only, (B, 1, V).
         """
-        self._check_inputs(idx, targets, attention_mask, kv_cache, loss_mask)
+        self._check_inputs(idx, targets, attention_mask, kv_cache, positions, loss_mask, kv_len)
         B, T = idx.shape
-        past = kv_cache.pos if kv_cache is not None else 0
-        if attention_mask is not None:  # positions count real tokens only, so left padding does not shift them
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        columns = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
+        if kv_cache is None:
+            if attention_mask is not None:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            slots, n_keys = columns, T
         else:
-            pos = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
+            n_keys = kv_len or (kv_cache.max_len if positions is not None else T)
+            slots = positions = columns if positions is None else positions
+        if positions is None:
+            positions = columns
 
-        x = self.embed(idx, pos)
-        rope = self.rotary(pos) if self.rotary is not None else None
-        mask = attention_bias(T, past, attention_mask, self.alibi, idx.device)
+        x = self.embed(idx, positions)
+        rope = self.rotary(positions) if self.rotary is not None else None
+        plain_causal = attention_mask is None and self.alibi is None and n_keys == T and slots is columns
+        mask = None if plain_causal else attention_bias(slots, n_keys, attention_mask, self.alibi)
         for i, block in enumerate(self.blocks):
             cache = kv_cache.layers[i] if kv_cache is not None else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, rope, cache, past, use_reentrant=False)
+                x = checkpoint(block, x, mask, rope, cache, slots, use_reentrant=False)
             else:
-                x = block(x, mask, rope, cache, past)
-        if kv_cache is not None:
-            kv_cache.pos = past + T
+                x = block(x, mask, rope, cache, slots)
         x = self.norm_f(x)
         if last_only:
             x = x[:, -1:]
@@ -411,48 +426,51 @@ class GPT(nn.Module):
             x = x + self.wpe(pos).to(x.dtype)
         return self.drop(x)
 
-    def decode_step(self, idx: torch.Tensor, kv_cache: KVCache, slot: torch.Tensor, positions: torch.Tensor,
-                    key_valid: torch.Tensor) -> torch.Tensor:
-        """One token per row through the whole cache under a mask, with no shape or Python value changing between
-        steps, so torch.compile makes one graph per generation. idx (B, 1); slot (1,): the cache slot to write;
-        positions (B, 1); key_valid (B, max_len) bool: the slots each row may attend, its own included.
-        Returns logits (B, V); kv_cache.pos is left to the caller."""
-        x = self.embed(idx, positions)
-        rope = self.rotary(positions) if self.rotary is not None else None
-        mask = key_valid[:, None, None, :]  # (B, 1, 1, S)
-        if self.alibi is not None:  # distances in slots, as forward() counts them
-            distance = (slot - torch.arange(key_valid.size(1), device=idx.device)).clamp(min=0).float()
-            mask = (-self.alibi.view(1, -1, 1, 1) * distance).masked_fill(~mask, float("-inf"))  # (B, H, 1, S)
-        for block, cache in zip(self.blocks, kv_cache.layers):
-            x = block(x, mask, rope, cache, slot)
-        return self.lm_head(self.norm_f(x))[:, 0]
-
-    def _check_inputs(self, idx, targets, attention_mask, kv_cache, loss_mask):
-        """Turn user mistakes into one-line ValueErrors instead of index errors deep inside."""
+    def _check_inputs(self, idx, targets, attention_mask, kv_cache, positions, loss_mask, kv_len):
+        """Turn user mistakes into one-line ValueErrors instead of index errors deep inside. Checks of values (ids,
+        positions) run only on CPU and outside torch.compile: elsewhere they would stall the device queue."""
         cfg = self.config
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise ValueError(f"idx must be a 2-D tensor of token ids (batch, time), got {shape}; use idx[None] for one sequence")
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}; convert with idx.long()")
-        if idx.size(1) == 0:
+        B, T = idx.shape
+        if T == 0:
             raise ValueError("idx is empty along time; give at least one token")
-        past = kv_cache.pos if kv_cache is not None else 0
-        total = past + idx.size(1)
-        if total > cfg.block_size and not cfg.extrapolates:
-            raise ValueError(f"sequence length {total} exceeds block_size={cfg.block_size}, and position="
+        if kv_cache is None and T > cfg.block_size and not cfg.extrapolates:
+            raise ValueError(f"sequence length {T} exceeds block_size={cfg.block_size}, and position="
                              f"{cfg.position!r} cannot go past it; crop the input to the last {cfg.block_size} tokens")
-        if kv_cache is not None and total > kv_cache.max_len:
-            raise ValueError(f"the KV cache holds {kv_cache.max_len} positions but {total} are needed; make a larger one")
-        if not torch.compiler.is_compiling():
+        if kv_cache is not None:
+            if attention_mask is not None:
+                raise ValueError("attention_mask is for uncached batches; with a kv_cache each row has its own "
+                                 "positions (pass positions instead of padding)")
+            if kv_cache.batch_size != B:
+                raise ValueError(f"the KV cache has {kv_cache.batch_size} rows but idx has {B}; use kv_cache.rows()")
+            if positions is not None and (positions.dim() != 2 or positions.size(1) != T or positions.size(0) not in (1, B)):
+                raise ValueError(f"positions must be (batch or 1, {T}), got {tuple(positions.shape)}")
+            if positions is None and T > kv_cache.max_len:
+                raise ValueError(f"the KV cache holds {kv_cache.max_len} positions but {T} are needed; make a larger one")
+            if kv_len is not None and not 0 < kv_len <= kv_cache.max_len:
+                raise ValueError(f"kv_len={kv_len} exceeds the cache's {kv_cache.max_len} slots (or is not positive)")
+            limit = kv_len or (kv_cache.max_len if positions is not None else T)
+        elif positions is not None:
+            raise ValueError("positions are for cached decoding; without a kv_cache they follow from attention_mask")
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"token id {hi if hi >= cfg.vocab_size else lo} is outside the vocabulary "
                                  f"[0, {cfg.vocab_size}); check the tokenizer matches the model")
+            if kv_cache is not None and positions is not None:
+                top = int(positions.max())
+                if int(positions.min()) < 0 or top >= limit:
+                    raise ValueError(f"position {top} is outside the {limit} cache slots the queries may see")
+                if top >= cfg.block_size and not cfg.extrapolates:
+                    raise ValueError(f"position {top} exceeds block_size={cfg.block_size}, which position="
+                                     f"{cfg.position!r} cannot go past")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         if loss_mask is not None and loss_mask.shape != idx.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal idx shape {tuple(idx.shape)}")
-        if attention_mask is not None and tuple(attention_mask.shape) != (idx.size(0), total):
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must be (batch, cached + new) = "
-                             f"{(idx.size(0), total)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must be (batch, time) = {(B, T)}")

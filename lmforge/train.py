@@ -413,7 +413,7 @@ def read_metrics(run: Path) -> list[dict]:
 def _write_sample(run: Path, model: GPT, tokenizer, cfg: TrainConfig, step: int, val_loss: float) -> str:
     if cfg.sample_tokens == 0:
         return ""
-    from .generate import generate
+    from .generation import generate
     text = generate(model, tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens, temperature=0.8,
                     top_k=200, seed=cfg.seed)
     with open(run / "samples.txt", "a") as f:

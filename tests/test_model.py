@@ -99,27 +99,33 @@ def test_kv_cache_decoding_matches_full_forward(position, heads, attention):
     idx = torch.randint(0, cfg.vocab_size, (2, 14))
     with torch.no_grad():
         full, _ = model(idx)
-        cache = model.make_kv_cache(batch_size=2, max_len=14)
-        pieces = [model(idx[:, :5], kv_cache=cache)[0]]  # prefill several tokens
-        for t in range(5, 14):  # then one token at a time
-            pieces.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
-    assert cache.pos == 14
+        cache = model.make_kv_cache(batch_size=2, max_len=16)
+        pieces = [model(idx[:, :5], kv_cache=cache)[0]]  # prefill several tokens (slots 0..4)
+        for t in range(5, 14):  # then one token at a time, attending every slot under the mask (static shapes)
+            pieces.append(model(idx[:, t:t + 1], kv_cache=cache, positions=torch.tensor([[t]]))[0])
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("position", POSITIONS)
-def test_kv_cache_with_left_padding_matches_full_forward(position):
+def test_rows_at_different_positions_share_one_cache(position):
+    """Each cache row holds its own sequence at its own positions (what continuous batching needs): a batched step
+    of rows at positions 3, 9 and 6 gives each row's logits alone, and reading fewer slots (kv_len) changes nothing."""
     cfg = tiny(position=position, n_kv_head=2)
     model = GPT(cfg).eval()
-    idx, mask = left_padded(T=12)
+    lengths = [3, 9, 6]
+    seqs = [torch.randint(0, cfg.vocab_size, (1, n + 1)) for n in lengths]
     with torch.no_grad():
-        full, _ = model(idx, attention_mask=mask)
         cache = model.make_kv_cache(batch_size=3, max_len=12)
-        pieces = [model(idx[:, :8], attention_mask=mask[:, :8], kv_cache=cache)[0]]
-        for t in range(8, 12):
-            pieces.append(model(idx[:, t:t + 1], attention_mask=mask[:, :t + 1], kv_cache=cache)[0])
-    real = mask.bool()
-    torch.testing.assert_close(torch.cat(pieces, dim=1)[real], full[real], atol=1e-5, rtol=0)
+        for row, seq in enumerate(seqs):  # prefill each row alone, through a view of its row
+            model(seq[:, :-1], kv_cache=cache.rows(row, row + 1))
+        step = torch.cat([s[:, -1:] for s in seqs])  # (3, 1)
+        positions = torch.tensor(lengths)[:, None]
+        static, _ = model(step, kv_cache=cache, positions=positions)
+        sliced, _ = model(step, kv_cache=cache, positions=positions, kv_len=10)
+    for row, seq in enumerate(seqs):
+        alone, _ = model(seq)
+        torch.testing.assert_close(static[row, -1], alone[0, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(sliced[row, -1], alone[0, -1], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("position", POSITIONS)
@@ -140,7 +146,7 @@ def test_kv_cache_reorder_selects_rows():
         cache = model.make_kv_cache(3, 8)
         model(idx, kv_cache=cache)
         cache.reorder(torch.tensor([2, 2, 0]))
-        step, _ = model(torch.tensor([[5], [5], [5]]), kv_cache=cache)
+        step, _ = model(torch.tensor([[5], [5], [5]]), kv_cache=cache, positions=torch.tensor([[6]]))
         ref, _ = model(torch.cat([idx[[2, 2, 0]], torch.full((3, 1), 5)], dim=1))
     torch.testing.assert_close(step[:, 0], ref[:, -1], atol=1e-5, rtol=0)
 
@@ -297,7 +303,7 @@ def test_relative_positions_run_past_block_size(position):
         logits, _ = model(torch.randint(0, 97, (1, 40)))
         cache = model.make_kv_cache(1, 48)
         model(torch.randint(0, 97, (1, 40)), kv_cache=cache)
-        step, _ = model(torch.randint(0, 97, (1, 1)), kv_cache=cache)
+        step, _ = model(torch.randint(0, 97, (1, 1)), kv_cache=cache, positions=torch.tensor([[40]]))
     assert logits.shape == (1, 40, 97) and torch.isfinite(logits).all() and torch.isfinite(step).all()
 
 
@@ -335,8 +341,16 @@ def test_bad_companion_tensors_give_clear_errors():
         model(idx, idx, loss_mask=torch.ones(1, 5))
     cache = model.make_kv_cache(2, 6)
     model(idx, kv_cache=cache)
-    with pytest.raises(ValueError, match="KV cache holds 6"):
-        model(idx[:, :2], kv_cache=cache)
+    with pytest.raises(ValueError, match="KV cache holds 4"):
+        model(idx, kv_cache=model.make_kv_cache(2, 4))
+    with pytest.raises(ValueError, match="position 6 is outside the 6 cache slots"):
+        model(idx[:, :1], kv_cache=cache, positions=torch.tensor([[6]]))
+    with pytest.raises(ValueError, match="cache has 2 rows"):
+        model(idx[:1], kv_cache=cache)
+    with pytest.raises(ValueError, match="uncached batches"):
+        model(idx, kv_cache=cache, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="kv_len=7 exceeds"):
+        model(idx[:, :1], kv_cache=cache, positions=torch.tensor([[5]]), kv_len=7)
 
 
 def test_cross_entropy_equals_torch_with_ignored_targets():

@@ -1,0 +1,265 @@
+"""Generation, text in and text out, as thin layers over the inference engine (engine.py).
+
+    generate(model_or_engine, tokenizer, prompt, ...)   a continuation, a list of them, or streamed text pieces
+    decode_ids(model_or_engine, prompts, ...)          token ids out (no text)
+    beam_search(model, prompt, ...)                    num_beams hypotheses with a length penalty
+    generate_naive(model, prompt, ...)                 full forward every step: slow, the reference for the engine
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .engine import Engine, Request, inference_copy
+from .errors import UserError
+from .model import GPT
+from .sampling import apply_repetition_penalty, check_sampling, sample_next_token
+
+MAX_BATCH = 16  # slots of the engine that generate() builds for a list of prompts
+
+
+def _engine_for(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, compile: bool,
+                eos_id: int | None = None) -> Engine:
+    """The caller's engine (it must be idle), or one sized for these prompts."""
+    if isinstance(model, Engine):
+        if tokenizer is not None and model.tokenizer is None:
+            raise UserError("generate() needs text: build the Engine with the tokenizer")
+        if model.has_work():
+            raise UserError("this engine is busy with other requests; step it to the end, or build another")
+        return model
+    cfg = getattr(model, "_orig_mod", model).config
+    longest = max(len(p) for p in prompts) + max(max_new_tokens - 1, 0)
+    max_seq_len = longest if cfg.extrapolates else min(longest, cfg.block_size)
+    return Engine(model, tokenizer, max_batch=min(len(prompts), MAX_BATCH), max_seq_len=max(max_seq_len, 1),
+                  compile=compile, eos_id=eos_id)
+
+
+def run_requests(engine: Engine, requests: list[Request]) -> list[list[int]]:
+    """Run requests through the engine to the end; each one's generated ids (end-of-text included when it stopped
+    there)."""
+    ids = [engine.add(r) for r in requests]
+    out: dict[int, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for event in engine.step():
+            if event.token is not None:
+                out[event.request_id].append(event.token)
+    return [out[i] for i in ids]
+
+
+@torch.no_grad()
+def decode_ids(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+               eos_id: int | None = None, seed: int | None = None, compile: bool = False) -> list[list[int]]:
+    """Generated ids of each prompt (up to and including eos_id, when it comes). Prompts run as requests of one
+    engine (an Engine passed in stops at its own eos_id); the request of prompt i is seeded with seed + i."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token (start from end-of-text for an empty prompt)")
+    engine = _engine_for(model, None, prompts, max_new_tokens, compile, eos_id)
+    requests = [Request(list(p), max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                        seed=None if seed is None else seed + i, stop_at_eos=eos_id is not None)
+                for i, p in enumerate(prompts)]
+    return run_requests(engine, requests)
+
+
+@torch.no_grad()
+def generate_naive(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                   eos_id: int | None = None, generator: torch.Generator | None = None) -> list[int]:
+    """The reference: no cache, one full forward over the (cropped) context per token."""
+    cfg = model.config
+    device = model.wte.weight.device
+    ids = list(prompt)
+    out = []
+    for _ in range(max_new_tokens):
+        context = ids if cfg.extrapolates else ids[-cfg.block_size:]
+        logits, _ = model(torch.tensor([context], device=device))
+        step_logits = logits[:, -1]
+        if repetition_penalty != 1.0:
+            step_logits = apply_repetition_penalty(step_logits, torch.tensor([ids], device=device), repetition_penalty)
+        nxt = int(sample_next_token(step_logits, temperature, top_k, top_p, generator)[0])
+        out.append(nxt)
+        ids.append(nxt)
+        if nxt == eos_id:
+            break
+    return out
+
+
+@torch.no_grad()
+def beam_search(model: GPT, prompt: list[int], max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
+                eos_id: int | None = None, early_stopping: bool = True) -> list[int]:
+    """Keep the num_beams best partial sequences by summed log-probability; a hypothesis that ends (end-of-text, or
+    max_new_tokens) is scored as sum / length ** length_penalty, length counting generated tokens. Returns the best
+    finished hypothesis's generated ids."""
+    cfg = model.config
+    device = model.wte.weight.device
+    if not cfg.extrapolates and len(prompt) + max_new_tokens > cfg.block_size:
+        raise UserError(f"beam search keeps every hypothesis in the cache: prompt + max_new_tokens must fit "
+                         f"block_size={cfg.block_size} with position={cfg.position!r}")
+    if max_new_tokens == 0:
+        return []
+    if not prompt:
+        raise UserError("beam search needs at least one prompt token")
+    cache = model.make_kv_cache(num_beams, len(prompt) + max_new_tokens)
+    idx = torch.tensor([prompt] * num_beams, device=device)
+    logits, _ = model(idx, kv_cache=cache, last_only=True)
+    scores = torch.full((num_beams,), float("-inf"), device=device)
+    scores[0] = 0.0  # all beams start identical: expand only the first
+    beams: list[list[int]] = [[] for _ in range(num_beams)]
+    finished: list[tuple[float, list[int]]] = []
+    V = logits.size(-1)
+    for step in range(max_new_tokens):
+        logprobs = logits[:, -1].float().log_softmax(dim=-1)  # (nb, V)
+        candidates = (scores[:, None] + logprobs).view(-1)
+        top_scores, top_idx = candidates.topk(min(2 * num_beams, candidates.numel()))
+        next_beams, next_scores, origins, tokens = [], [], [], []
+        for score, flat in zip(top_scores.tolist(), top_idx.tolist()):
+            if score == float("-inf"):
+                break
+            beam, token = divmod(flat, V)
+            seq = beams[beam] + [token]
+            if token == eos_id or step == max_new_tokens - 1:
+                finished.append((score / len(seq) ** length_penalty, seq))
+                continue
+            next_beams.append(seq)
+            next_scores.append(score)
+            origins.append(beam)
+            tokens.append(token)
+            if len(next_beams) == num_beams:
+                break
+        if not next_beams:
+            break
+        if early_stopping and len(finished) >= num_beams:
+            # sums of log-probs only fall, so a live beam's best final score is its sum divided by the longest
+            # length (length_penalty > 0) or by the shortest one it can still have (otherwise)
+            longest, shortest = max_new_tokens, step + 2
+            bound = max(next_scores) / (longest if length_penalty > 0 else shortest) ** length_penalty
+            if bound <= sorted(sc for sc, _ in finished)[-num_beams]:
+                break
+        while len(next_beams) < num_beams:  # pad with dead beams so the cache keeps its shape
+            next_beams.append([])
+            next_scores.append(float("-inf"))
+            origins.append(origins[0])
+            tokens.append(tokens[0])
+        beams, scores = next_beams, torch.tensor(next_scores, device=device)
+        cache.reorder(torch.tensor(origins, device=device))
+        position = torch.tensor([[len(prompt) + step]], device=device)
+        logits, _ = model(torch.tensor(tokens, device=device)[:, None], kv_cache=cache, positions=position,
+                          kv_len=len(prompt) + step + 1)
+    return max(finished, key=lambda f: f[0])[1] if finished else beams[0]
+
+
+# ------------------------------------------------------------------------------------------------------ text API
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.encode(text) if text else []
+    return ids or [tokenizer.eot_id]  # an empty prompt starts after end-of-text
+
+
+def _stream(engine: Engine, rid: int) -> Iterator[str]:
+    try:
+        while True:
+            for event in engine.step():
+                if event.text:
+                    yield event.text
+                if event.finished and event.request_id == rid:
+                    return
+    finally:  # a stream closed early frees its slot
+        engine.cancel(rid)
+
+
+def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 100, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+             num_beams: int = 1, length_penalty: float = 1.0, stop: str | list[str] | None = None,
+             seed: int | None = None, stream: bool = False, compile: bool = False):
+    """Continue prompt(s); return the continuation only (a list for a list of prompts), or with stream=True an
+    iterator of text pieces. Stops at end-of-text, at any stop string (not returned), or after max_new_tokens.
+
+    model: a GPT, or an Engine to reuse (its compiled step, its packed weights). With a GPT each call builds an
+    engine sized for it; compile=True then compiles its decode step first (tens of seconds on a small CPU), which
+    pays for long generations; for many calls build one Engine(model, tokenizer, compile=True) and pass it.
+    A list of prompts is decoded together (continuous batching); the request of prompt i is seeded with seed + i.
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams)
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise UserError("stop strings must be non-empty strings")
+    many = isinstance(prompt, (list, tuple))
+    prompts = list(prompt) if many else [prompt]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise UserError("prompt must be a string or a non-empty list of strings")
+    if stream and many:
+        raise UserError("stream=True takes one prompt; call it once per prompt")
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    if num_beams > 1:
+        inference = model.model if isinstance(model, Engine) else inference_copy(getattr(model, "_orig_mod", model))
+        outs = [beam_search(inference, p, max_new_tokens, num_beams, length_penalty, tokenizer.eot_id) for p in ids]
+        return _texts(tokenizer, outs, stop, many)
+    engine = _engine_for(model, tokenizer, ids, max_new_tokens, compile)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    requests = [Request(p, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed + i)
+                for i, p in enumerate(ids)]
+    if stream:
+        return _stream(engine, engine.add(requests[0]))  # added now: a bad request fails here, not at next()
+    texts = [""] * len(requests)
+    rids = {engine.add(r): i for i, r in enumerate(requests)}
+    while engine.has_work():
+        for event in engine.step():
+            texts[rids[event.request_id]] += event.text
+    return texts if many else texts[0]
+
+
+def _texts(tokenizer, outs: list[list[int]], stop: list[str], many: bool):
+    texts = []
+    for out in outs:
+        if tokenizer.eot_id in out:
+            out = out[:out.index(tokenizer.eot_id)]
+        text = tokenizer.decode(out)
+        hits = [text.find(s) for s in stop if s in text]
+        texts.append(text[:min(hits)] if hits else text)
+    return texts if many else texts[0]
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+def generate_cli(args) -> int:
+    import sys
+    from pathlib import Path
+    from .checkpoint import load
+    model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+                   length_penalty=args.length_penalty, stop=args.stop, compile=args.compile)
+
+    def one(prompt: str, seed) -> None:
+        if args.num_beams > 1:
+            print(prompt + generate(model, tokenizer, prompt, seed=seed, **options), flush=True)
+            return
+        pieces = generate(model, tokenizer, prompt, seed=seed, stream=True, **options)  # checks settings and prompt
+        sys.stdout.write(prompt)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    if not args.interactive:
+        for i in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1} ---")
+            one(prompt, None if args.seed is None else args.seed + i)
+        return 0
+    print("Type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return 0
+        try:
+            one(line, args.seed)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+

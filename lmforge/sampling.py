@@ -1,0 +1,63 @@
+"""Sampling: pure functions of logits (temperature, top-k, top-p, repetition penalty) and the checks of their
+settings. Nothing here holds state: a seed enters as an explicit torch.Generator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """True for tokens whose logit is at least the k-th largest (ties at the boundary are kept)."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits >= kth
+
+
+def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """True for the smallest set of most likely tokens whose probability mass reaches p, plus any token tied with
+    the least likely one kept."""
+    probs = logits.float().softmax(dim=-1)
+    sorted_probs, _ = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    kept = mass_before < p
+    threshold = sorted_probs.masked_fill(~kept, float("inf")).min(dim=-1, keepdim=True).values
+    return probs >= threshold
+
+
+def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: logits of tokens already in the context are divided by it (multiplied when negative)."""
+    score = logits.gather(-1, context)
+    score = torch.where(score > 0, score / penalty, score * penalty)
+    return logits.scatter(-1, context, score)
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). Temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = logits.masked_fill(~top_k_mask(logits, top_k), float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        logits = logits.masked_fill(~top_p_mask(logits, top_p), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, repetition_penalty: float,
+                   num_beams: int = 1) -> None:
+    """One-line ValueErrors for out-of-range settings (the CLI prints them as they are)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be a non-negative integer")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be at least 1")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} must be positive (1 = off)")
+    if num_beams < 1:
+        raise ValueError(f"num_beams={num_beams} must be at least 1")
