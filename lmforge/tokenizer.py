@@ -20,6 +20,8 @@ from typing import Iterable
 
 import regex
 
+from .errors import MissingFileError, UserError
+
 EOT = "<|endoftext|>"
 # GPT-2's pre-split pattern in tiktoken's equivalent, faster spelling (possessive quantifiers).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -89,14 +91,14 @@ class Tokenizer(ABC):
         ids = [int(i) for i in ids]
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
         if bad is not None:
-            raise ValueError(f"token id {bad} is outside this tokenizer's vocabulary [0, {self.vocab_size})")
+            raise UserError(f"token id {bad} is outside this tokenizer's vocabulary [0, {self.vocab_size})")
         return ids
 
 
 def _specials_after(n: int, special_tokens: Iterable[str]) -> dict[str, int]:
     names = list(dict.fromkeys(special_tokens))
     if not names or any(not isinstance(s, str) or not s for s in names):
-        raise ValueError("special_tokens must be non-empty strings, e.g. ['<|endoftext|>']")
+        raise UserError("special_tokens must be non-empty strings, e.g. ['<|endoftext|>']")
     return {s: n + i for i, s in enumerate(names)}
 
 
@@ -113,12 +115,12 @@ class CharTokenizer(Tokenizer):
         self.unk_token = unk_token
         self._itos = {**dict(enumerate(self.chars)), **{i: s for s, i in self.special_tokens.items()}}
         if unk_token is not None and unk_token not in self.special_tokens:
-            raise ValueError(f"unk_token {unk_token!r} must be one of the special tokens")
+            raise UserError(f"unk_token {unk_token!r} must be one of the special tokens")
 
     @classmethod
     def train(cls, text: str, special_tokens: Iterable[str] = (EOT,), unk_token: str | None = None) -> CharTokenizer:
         if not text:
-            raise ValueError("cannot build a character vocabulary from empty text")
+            raise UserError("cannot build a character vocabulary from empty text")
         specials = list(special_tokens) + ([unk_token] if unk_token and unk_token not in special_tokens else [])
         chars = sorted(set(text))
         return cls(chars, _specials_after(len(chars), specials), unk_token)
@@ -136,7 +138,7 @@ class CharTokenizer(Tokenizer):
         if unk is not None:
             return [self.stoi.get(c, unk) for c in text]
         pos, char = next((i, c) for i, c in enumerate(text) if c not in self.stoi)
-        raise ValueError(f"character {char!r} (U+{ord(char):04X}) at position {pos} is not in the character "
+        raise UserError(f"character {char!r} (U+{ord(char):04X}) at position {pos} is not in the character "
                          f"vocabulary; build the tokenizer with unk_token=... or remove it")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -179,7 +181,7 @@ class BPETokenizer(Tokenizer):
         self.pattern, self.name = pattern, name
         self.vocab = {i: t for t, i in self.ranks.items()}
         if len(self.vocab) != len(self.ranks) or set(self.vocab) != set(range(len(self.ranks))):
-            raise ValueError("BPE ranks must be the ids 0..n-1, each used once")
+            raise UserError("BPE ranks must be the ids 0..n-1, each used once")
         self._split = regex.compile(pattern)
         self._special_bytes = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
         self._tiktoken = None
@@ -192,10 +194,10 @@ class BPETokenizer(Tokenizer):
         the smallest pair of ids."""
         specials = list(dict.fromkeys(special_tokens))
         if vocab_size < 256 + len(specials):
-            raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 256 + "
+            raise UserError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 256 + "
                              f"{len(specials)} special tokens = {256 + len(specials)}")
         if not text:
-            raise ValueError("cannot train BPE on empty text")
+            raise UserError("cannot train BPE on empty text")
         n_merges = vocab_size - 256 - len(specials)
         chunks = Counter(regex.findall(pattern, text))
         words = [list(chunk.encode("utf-8")) for chunk in chunks]
@@ -261,7 +263,7 @@ class BPETokenizer(Tokenizer):
         the ranks unless special_tokens says otherwise."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no rank file at {path}")
+            raise MissingFileError(f"no rank file at {path}")
         ranks = {}
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
@@ -270,7 +272,7 @@ class BPETokenizer(Tokenizer):
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError:
-                raise ValueError(f"{path}:{n}: expected 'BASE64TOKEN RANK', got {line[:40]!r}") from None
+                raise UserError(f"{path}:{n}: expected 'BASE64TOKEN RANK', got {line[:40]!r}") from None
         return cls(ranks, special_tokens or {EOT: len(ranks)}, GPT2_PATTERN, name=path.stem)
 
     @classmethod
@@ -278,7 +280,7 @@ class BPETokenizer(Tokenizer):
         """Load GPT-2's original `encoder.json` (token -> id) and `vocab.bpe` (merges, checked against the ids)."""
         for p in (encoder_json, vocab_bpe):
             if not Path(p).is_file():
-                raise FileNotFoundError(f"no such file: {p}")
+                raise MissingFileError(f"no such file: {p}")
         encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
         specials = {t: i for t, i in encoder.items() if t.startswith("<|") and t.endswith("|>")}
         ranks = {_from_readable(t): i for t, i in encoder.items() if t not in specials}
@@ -287,13 +289,13 @@ class BPETokenizer(Tokenizer):
         for n, (a, b) in enumerate(merges):
             merged = _from_readable(a + b)
             if ranks.get(merged) != 256 + n:
-                raise ValueError(f"{vocab_bpe}: merge {n} ({a} {b}) does not match encoder.json; the files are not a pair")
+                raise UserError(f"{vocab_bpe}: merge {n} ({a} {b}) does not match encoder.json; the files are not a pair")
         return cls(ranks, specials or {EOT: len(ranks)}, GPT2_PATTERN, name="gpt2")
 
     @classmethod
     def gpt2(cls) -> BPETokenizer:
         """GPT-2's tokenizer, its ranks taken from a PyPI package (fetched once into the cache)."""
-        from .data import file_from_pypi_sdist
+        from .download import file_from_pypi_sdist
         path = file_from_pypi_sdist("openai-whisper", "20250625", "whisper/assets/gpt2.tiktoken", GPT2_TIKTOKEN_SHA256)
         return cls.from_tiktoken_file(path, {EOT: 50256})
 
@@ -369,19 +371,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}; prepare data first (lmforge prepare) or pass a tokenizer.json")
+        raise MissingFileError(f"no tokenizer at {path}; prepare data first (lmforge prepare) or pass a tokenizer.json")
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-create it with lmforge prepare") from None
+        raise UserError(f"{path} is not valid JSON ({e}); re-create it with lmforge prepare") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an lmforge tokenizer file (no \"format\": \"{FORMAT}\")")
+        raise UserError(f"{path} is not an lmforge tokenizer file (no \"format\": \"{FORMAT}\")")
     if state.get("version") != VERSION:
-        raise ValueError(f"{path} has tokenizer format version {state.get('version')}; this lmforge reads "
+        raise UserError(f"{path} has tokenizer format version {state.get('version')}; this lmforge reads "
                          f"version {VERSION}; upgrade lmforge or re-create the file")
     if state.get("type") == "char":
         return CharTokenizer(state["chars"], state["special_tokens"], state.get("unk_token"))
     if state.get("type") == "bpe":
         ranks = {_from_readable(t): i for i, t in enumerate(state["vocab"])}
         return BPETokenizer(ranks, state["special_tokens"], state["pattern"], state.get("name", "lmforge-bpe"))
-    raise ValueError(f"{path}: unknown tokenizer type {state.get('type')!r} (expected 'char' or 'bpe')")
+    raise UserError(f"{path}: unknown tokenizer type {state.get('type')!r} (expected 'char' or 'bpe')")

@@ -23,9 +23,10 @@ from .checkpoint import (complete_checkpoints, latest_checkpoint, load_trainer_s
 from .config import ModelConfig, TrainConfig
 from .data import Dataset, get_batch, get_pair_batch
 from .model import GPT
+from .errors import MissingFileError, UserError
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError):
     """A run that cannot go on (diverged, incompatible resume): reported as one line."""
 
 
@@ -97,7 +98,7 @@ def resolve_device(pref: str, info: Dist) -> torch.device:
             return torch.device("cuda", info.local_rank)
         return torch.device("cpu")
     if pref.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={pref!r} but no CUDA device is available; use device=cpu or auto")
+        raise UserError(f"device={pref!r} but no CUDA device is available; use device=cpu or auto")
     return torch.device("cuda", info.local_rank) if pref == "cuda" else torch.device(pref)
 
 
@@ -137,7 +138,7 @@ def check_fits(cfg: TrainConfig, data: Dataset) -> None:
         for split in ("train", "val"):
             n = len(data.tokens(split))
             if n < cfg.block_size + 1:
-                raise ValueError(f"block_size={cfg.block_size} does not fit the {split} data ({n} tokens in "
+                raise UserError(f"block_size={cfg.block_size} does not fit the {split} data ({n} tokens in "
                                  f"{data.path}); use a smaller block_size or more data")
 
 
@@ -466,7 +467,7 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, split: str
     config = read_run_config(Path(run))
     data = Dataset(data_dir or config["train"]["data"])
     if json.loads((Path(run) / "tokenizer.json").read_text()) != json.loads((data.path / "tokenizer.json").read_text()):
-        raise ValueError(f"the tokenizer of {data.path} differs from the run's; evaluate on data prepared with "
+        raise UserError(f"the tokenizer of {data.path} differs from the run's; evaluate on data prepared with "
                          f"--tokenizer-from {run}")
     block = model.config.block_size
     if data.kind == "tokens":
@@ -488,14 +489,14 @@ def train_cli(args) -> int:
     if args.resume:
         saved = read_run_config(Path(args.resume)).get("train")
         if not saved:
-            raise ValueError(f"{args.resume} has no training config to resume")
+            raise UserError(f"{args.resume} has no training config to resume")
         cfg = TrainConfig.from_dict(saved)
         if args.config:
             cfg = TrainConfig.from_toml(args.config)
         cfg = cfg.with_overrides({**overrides, "out": args.resume})
     else:
         if args.config and not Path(args.config).is_file():
-            raise FileNotFoundError(f"no config file at {args.config} (presets live in configs/)")
+            raise MissingFileError(f"no config file at {args.config} (presets live in configs/)")
         cfg = (TrainConfig.from_toml(args.config) if args.config else TrainConfig()).with_overrides(overrides)
     summary = train(cfg, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:

@@ -8,7 +8,7 @@ import regex
 from hypothesis import given, settings, strategies as st
 
 import lmforge
-from lmforge.data import file_from_pypi_sdist
+from lmforge.download import file_from_pypi_sdist
 from lmforge.tokenizer import (EOT, GPT2_PATTERN, GPT2_TIKTOKEN_SHA256, BPETokenizer, CharTokenizer, bpe_reference,
                                bytes_to_unicode, load_tokenizer)
 
