@@ -164,14 +164,36 @@ def read_run_config(run: Path) -> dict:
         raise UserError(f"{path} is corrupted ({e.msg}); it must be JSON") from None
 
 
+def check_device(name: str | torch.device) -> torch.device:
+    """A device this process can use, or a one-line UserError naming what to pass instead."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise UserError(f"device {name!r}: no CUDA device is available (this PyTorch is {build}); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name!r}: MPS is not available here; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
 def load(run: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None):
     """(model, tokenizer) of a run: its latest checkpoint (or the one given, e.g. runs/NAME/best), in eval mode."""
+    device = check_device(device)
     run = Path(run)
     if not run.is_dir():
         raise MissingFileError(f"no run directory at {run}")
     config = read_run_config(run)
     if checkpoint:
         folder = Path(checkpoint)
+        if not (folder / "model.safetensors").is_file():
+            raise MissingFileError(f"no checkpoint at {folder} (no model.safetensors); pick one under {run / CHECKPOINTS}")
     elif complete_checkpoints(run) or not (run / "model.safetensors").is_file():
         folder = latest_checkpoint(run)
     else:  # a run folder holding weights only (imported or exported)

@@ -1,6 +1,7 @@
 """`lmforge <verb>`: a table from verbs to functions; each verb's module is imported only when that verb runs.
 
-User mistakes (bad paths, bad values) end as one line on stderr and exit status 2; anything else is a bug and keeps
+User mistakes (bad paths, bad values, bad options) raise UserError and end as one line on stderr with exit status 2,
+as do operating-system errors on a path the user named (permission denied, ...); anything else is a bug and keeps
 its traceback.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib import import_module
+
+from .errors import UserError
 
 # verb -> (module:function, one-line help, example)
 VERBS: dict[str, tuple[str, str, str]] = {}
@@ -24,13 +27,16 @@ def verb(name: str, target: str, help: str, example: str):
     return register
 
 
-class UserError(Exception):
-    """A mistake in what the user asked for: shown as one line, never as a traceback."""
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake raised as a UserError (one line) instead of usage text and sys.exit."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmforge", description="From raw text to a trained, served generative language model.",
         epilog="Run `lmforge VERB --help` for a verb's options and an example.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
@@ -45,20 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.verb is None:
-        parser.print_help()
-        return 0
-    if extra and not getattr(args, "accepts_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = extra
-    module_name, function_name = VERBS[args.verb][0].split(":")
-    handler = getattr(import_module(f"lmforge.{module_name}"), function_name)
+    verb = next((a for a in argv if a in VERBS), None)
     try:
+        args, extra = parser.parse_known_args(argv)
+        if args.verb is None:
+            if extra:
+                raise UserError(f"unrecognized arguments: {' '.join(extra)} (see lmforge --help)")
+            parser.print_help()
+            return 0
+        if extra and not getattr(args, "accepts_overrides", False):
+            raise UserError(f"unrecognized arguments: {' '.join(extra)} (see lmforge {args.verb} --help)")
+        args.overrides = extra
+        module_name, function_name = VERBS[args.verb][0].split(":")
+        handler = getattr(import_module(f"lmforge.{module_name}"), function_name)
         result = handler(args)
-    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+    except UserError as e:  # the user's mistake: one line; anything else is a bug and keeps its traceback
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"lmforge {args.verb}: error: {message}", file=sys.stderr)
+        print(f"lmforge{' ' + verb if verb else ''}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"lmforge{' ' + verb if verb else ''}: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmforge {args.verb}: interrupted", file=sys.stderr)
@@ -102,6 +116,8 @@ def _eval_args(p):
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--batches", type=int, default=50, help="batches to average over (default 50)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")
 
 
 @verb("generate", "generation:generate_cli", "Generate text from a trained run.",

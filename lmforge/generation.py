@@ -229,6 +229,8 @@ def generate_cli(args) -> int:
     import sys
     from pathlib import Path
     from .checkpoint import load
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples {args.num_samples} must be at least 1")
     model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (complete_checkpoints, latest_checkpoint, load_trainer_state, load_weights, read_run_config,
-                         run_config, save_checkpoint, weights_for_saving, write_json_atomic)
+from .checkpoint import (check_device, complete_checkpoints, latest_checkpoint, load_trainer_state, load_weights,
+                         read_run_config, run_config, save_checkpoint, weights_for_saving, write_json_atomic)
 from .config import ModelConfig, TrainConfig
 from .data import Dataset, get_batch, get_pair_batch
 from .model import GPT
@@ -94,12 +94,9 @@ def init_distributed(device_pref: str) -> Dist:
 
 def resolve_device(pref: str, info: Dist) -> torch.device:
     if pref == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", info.local_rank)
-        return torch.device("cpu")
-    if pref.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={pref!r} but no CUDA device is available; use device=cpu or auto")
-    return torch.device("cuda", info.local_rank) if pref == "cuda" else torch.device(pref)
+        return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = check_device(pref)
+    return torch.device("cuda", info.local_rank) if pref == "cuda" else device
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -460,10 +457,12 @@ def plot_curves(run: Path) -> Path:
 
 @torch.no_grad()
 def evaluate_run(run: str | Path, data_dir: str | Path | None = None, split: str = "val", batches: int = 50,
-                 batch_size: int = 16, seed: int = 0) -> dict:
+                 batch_size: int = 16, seed: int = 0, device: str = "cpu", checkpoint: str | None = None) -> dict:
     """Loss and perplexity of a run's latest checkpoint on a prepared data directory (default: its own data)."""
     from .checkpoint import load
-    model, tokenizer = load(run)
+    if batches < 1 or batch_size < 1:
+        raise UserError(f"batches={batches} and batch_size={batch_size} must be at least 1")
+    model, tokenizer = load(run, device=device, checkpoint=checkpoint)
     config = read_run_config(Path(run))
     data = Dataset(data_dir or config["train"]["data"])
     if json.loads((Path(run) / "tokenizer.json").read_text()) != json.loads((data.path / "tokenizer.json").read_text()):
@@ -475,7 +474,8 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, split: str
     losses = []
     for i in range(batches):
         x, y, extra = make_batch(data, split, batch_size, block, seed, i)
-        losses.append(model(x, y, **extra)[1].item())
+        extra = {k: v.to(model.wte.weight.device) for k, v in extra.items()}
+        losses.append(model(x.to(model.wte.weight.device), y.to(model.wte.weight.device), **extra)[1].item())
     mean = sum(losses) / len(losses)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "data": str(data.path), "split": split,
             "batches": batches}
@@ -515,7 +515,8 @@ def print_summary(s: dict) -> None:
 
 
 def eval_cli(args) -> int:
-    r = evaluate_run(args.run, args.data, args.split, args.batches, args.batch_size)
+    r = evaluate_run(args.run, args.data, args.split, args.batches, args.batch_size, device=args.device,
+                     checkpoint=args.checkpoint)
     print(f"{r['data']} [{r['split']}]: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} "
           f"({r['batches']} batches)")
     return 0
