@@ -11,8 +11,9 @@ It owns, and builds explicitly:
   the model the caller holds is never touched, so training beside an engine computes exactly what it would without;
 - a static KV cache of max_batch slots x max_seq_len positions: a request holds one slot from its prefill to its
   last token, its token at position p in cache position p;
-- the decode step: one forward of one token per slot, compiled once per engine when asked (a warm-up at
-  construction), and never recompiled silently: if a later step would need a new graph, it warns and decodes eagerly;
+- the decode step: one forward of one token per row, for a single running request on its own row of the cache,
+  else for every slot together; when asked, both are compiled at construction (a warm-up), and never recompiled
+  silently: if a later step would need a new graph, the engine warns and decodes eagerly from then on;
 - continuous batching: add() queues a request, step() first decodes one token for every running request, then
   prefills waiting ones into free slots (each gives its first token), and a request leaves as soon as it ends;
   cancel() frees a slot at once.
@@ -116,38 +117,48 @@ def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+@torch.library.custom_op("lmforge::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x (N, in) @ a oneDNN-packed weight (+ bias) -> (N, out). An op of its own, so that a compiled graph calls the
+    oneDNN kernel as it is (inductor would otherwise lower a few-row F.linear to a slower generic matrix product)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, packed, bias, out_features):
+    return x.new_empty(x.size(0), out_features)
+
+
 class DecodeLinear(nn.Module):
     """nn.Linear for fp32 inference on CPU, sharing the original's parameters.
 
-    - Eager calls run oneDNN on a packed copy of the weight: PyTorch's default kernel for the matrix-vector product of
-      decoding uses one core here (~13 GB/s), the packed one both (~21 GB/s), and prefill gains too. The copy is made
-      by repack() (the engine's refresh()), so it is exactly as current as the last call to it.
-    - Inside the compiled decode step a single row is written as multiply-and-sum, which inductor turns into a
-      vectorised loop over all cores (~24-27 GB/s here), fused with its neighbours; more rows use F.linear.
+    - A single row inside the compiled decode step is written as multiply-and-sum, which inductor turns into a
+      vectorised loop over all cores that streams the weight near the memory's speed, fused with its neighbours.
+    - Everything else (prefill, several rows, eager steps) runs oneDNN on a packed copy of the weight: PyTorch's
+      default kernel for these few-row products uses one core here (~9-13 GB/s), the packed one both (~21 GB/s).
+    The packed copy is made by repack() (the engine's refresh()), so it is exactly as current as the last call to it.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, rows: int = 1):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        self.rows = rows  # the packing is laid out for products of this many rows (the engine's decode batch)
         self.register_buffer("packed", None, persistent=False)
         self.repack()
 
     @torch.no_grad()
     def repack(self):
         w = self.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1) if _can_pack(w.device, w.dtype) else None
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.rows) if _can_pack(w.device, w.dtype) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            if x.numel() == x.size(-1):  # one row
-                y = (x.unsqueeze(-2) * self.weight).sum(-1)
-                return y if self.bias is None else y + self.bias
-            return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling() and x.numel() == x.size(-1):  # one row
+            y = (x.unsqueeze(-2) * self.weight).sum(-1)
+            return y if self.bias is None else y + self.bias
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        rows = x.numel() // x.size(-1)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.size(-1)), self.packed, self.bias, "none", [], "")
+        y = packed_linear(x.reshape(-1, x.size(-1)), self.packed, self.bias, self.out_features)
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -171,7 +182,7 @@ class OneQueryAttention(SDPAttention):
         return (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).view(B, H, 1, D)
 
 
-def inference_copy(model: GPT, compiled: bool = False) -> GPT:
+def inference_copy(model: GPT, compiled: bool = False, rows: int = 1) -> GPT:
     """New module objects in eval mode sharing the model's parameters and buffers, with the CPU speed-up modules
     swapped in: DecodeLinear for every nn.Linear (fp32 on CPU), and OneQueryAttention for SDPA when compiled."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
@@ -182,7 +193,7 @@ def inference_copy(model: GPT, compiled: bool = False) -> GPT:
     for parent in list(inference.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
-                setattr(parent, name, DecodeLinear(child))
+                setattr(parent, name, DecodeLinear(child, rows))
             elif compiled and type(child) is SDPAttention:
                 setattr(parent, name, OneQueryAttention())
     return inference
@@ -228,16 +239,16 @@ class Engine:
         self.config, self.tokenizer = cfg, tokenizer
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eot_id", None)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self.model = inference_copy(model, compiled=compile)
+        self.model = inference_copy(model, compiled=compile, rows=max_batch)
         self.cache = self.model.make_kv_cache(max_batch, max_seq_len)
         self.slots: list[_Sequence | None] = [None] * max_batch
         self.waiting: deque[_Sequence] = deque()
         self._ids = itertools.count()
-        self.compiled = compile
-        self._step = _decode_step
+        self._step = None  # the compiled decode step, when asked for: graphs for one row and for all slots
         if compile:
             self._step = torch.compile(_fresh_function(_decode_step), fullgraph=True, dynamic=False)
-            self._warm_up()
+            with torch.no_grad():
+                self._warm_up()
 
     # --- the public API
     def add(self, request: Request) -> int:
@@ -330,45 +341,50 @@ class Engine:
             seq.sliding = seq.sliding or seq.cached == self.max_seq_len
         cached = [s for s in running if not s.sliding]
         logits: dict[int, torch.Tensor] = {}
-        if cached:  # every slot steps together; free and sliding slots write a throwaway key at their position 0
+        if len(cached) == 1:  # one row: its own view of the cache (the single-row graph when compiled)
+            s = cached[0]
+            tokens = torch.tensor([[s.pending]], device=self.device)
+            positions = torch.tensor([[s.cached]], device=self.device)
+            logits[s.id] = self._forward(self.cache.rows(s.slot, s.slot + 1), tokens, positions, s.cached + 1)[0]
+        elif cached:  # every slot steps together; free and sliding slots write a throwaway key at their position 0
             tokens = torch.zeros(self.max_batch, 1, dtype=torch.long)
             positions = torch.zeros(self.max_batch, 1, dtype=torch.long)
             for s in cached:
                 tokens[s.slot, 0], positions[s.slot, 0] = s.pending, s.cached
-            tokens, positions = tokens.to(self.device), positions.to(self.device)
-            if self.compiled:
-                out = self._compiled(tokens, positions)
-            else:  # eager: read only the slots some row can see
-                kv_len = max(s.cached for s in cached) + 1
-                out = self.model(tokens, kv_cache=self.cache, positions=positions, kv_len=kv_len)[0][:, -1]
+            kv_len = max(s.cached for s in cached) + 1
+            out = self._forward(self.cache, tokens.to(self.device), positions.to(self.device), kv_len)
             for s in cached:
                 logits[s.id] = out[s.slot]
-                s.cached += 1
+        for s in cached:
+            s.cached += 1
         for s in running:
             if s.sliding:  # every position shifts: recompute the last block_size tokens without the cache
                 window = torch.tensor([s.ids[-self.config.block_size:]], device=self.device)
                 logits[s.id] = self.model(window, last_only=True)[0][0, -1]
         return [self._advance(s, logits[s.id]) for s in running]
 
-    def _compiled(self, tokens, positions) -> torch.Tensor:
-        if self._step is _decode_step:
-            return self._step(self.model, self.cache, tokens, positions)
+    def _forward(self, cache, tokens, positions, kv_len: int) -> torch.Tensor:
+        """Logits (B, V) of one token per row of this cache: the compiled step (static: it reads every slot), or
+        eagerly reading only the first kv_len slots."""
+        if self._step is None:
+            return self.model(tokens, kv_cache=cache, positions=positions, kv_len=kv_len)[0][:, -1]
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                return self._step(self.model, self.cache, tokens, positions)
+                return self._step(self.model, cache, tokens, positions)
         except RuntimeError as e:
             if "recompil" not in str(e).lower():
                 raise
             warnings.warn(f"the compiled decode step would have to recompile ({str(e).splitlines()[0][:200]}); "
-                          f"this engine decodes eagerly from now on", RuntimeWarning, stacklevel=3)
-            self._step = _decode_step
-            return self._step(self.model, self.cache, tokens, positions)
+                          f"this engine decodes eagerly from now on", RuntimeWarning, stacklevel=4)
+            self._step = None
+            return self._forward(cache, tokens, positions, kv_len)
 
     def _warm_up(self):
-        """Compile the decode step once, on throwaway tokens at position 0 (a prefill overwrites them)."""
-        tokens = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            self._step(self.model, self.cache, tokens, tokens.clone())
+        """Compile the decode step for one row and, with several slots, for all of them, on throwaway tokens at
+        position 0 (a prefill overwrites them)."""
+        for cache in [self.cache.rows(0, 1)] + ([self.cache] if self.max_batch > 1 else []):
+            tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=self.device)
+            self._step(self.model, cache, tokens, tokens.clone())
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Event:
         """Sample the request's next token from its logits (V,) and report it; end the request if it is done."""

@@ -18,9 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
 # ----------------------------------------------------------------------------------------------------------- norms
 
 def make_norm(cfg, dim: int) -> nn.Module:
@@ -126,9 +123,9 @@ class LayerKVCache(nn.Module):
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """slots (B|1, T): where each row's T new keys and values go (their positions). Returns (B, nkv, S, hs)
         for every slot; the caller's mask hides the ones a query may not see."""
-        index = slots[:, None, :, None].expand(k.shape)  # (B, nkv, T, hs)
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
+        rows = torch.arange(k.size(0), device=k.device).unsqueeze(1)  # (B, 1)
+        self.k[rows, :, slots] = k.transpose(1, 2)  # indexed (B, T, nkv, hs): written in place, also when compiled
+        self.v[rows, :, slots] = v.transpose(1, 2)
         return self.k, self.v
 
 
@@ -198,11 +195,9 @@ class SDPAttention(nn.Module):
     """The fast path: PyTorch's fused kernels (flash / memory-efficient on GPU). mask None means plain causal."""
 
     def forward(self, q, k, v, mask, dropout: float) -> torch.Tensor:
-        if q.size(1) != k.size(1) and not _SDPA_HAS_GQA:
-            k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
-        gqa = {"enable_gqa": q.size(1) != k.size(1)} if _SDPA_HAS_GQA else {}
         causal = mask is None and q.size(2) > 1
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                              enable_gqa=q.size(1) != k.size(1))
 
 
 class ManualAttention(nn.Module):
