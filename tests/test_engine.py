@@ -158,7 +158,7 @@ def test_a_step_that_would_recompile_says_so_and_runs_eagerly():
     model = tiny_model("rope", vocab=62)
     engine = Engine(model, max_batch=1, max_seq_len=32, compile=True)
     engine.cache = model.make_kv_cache(1, 24)  # another shape: the compiled graph's guards fail
-    engine.max_seq_len = 24
+    engine._rows, engine.max_seq_len = [engine.cache], 24
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = lmforge.generation.decode_ids(engine, [[1, 2, 3]], 10, temperature=0)[0]
@@ -192,6 +192,30 @@ def test_generation_after_each_real_optimizer_step_uses_the_new_weights(optimize
         naive = tok.decode(generate_naive(model, tok.encode("To be"), 20, temperature=0, eos_id=tok.eot_id))
         assert text == naive.split("<|endoftext|>")[0], step
         assert not torch.equal(model.lm_head.weight, before)  # the step did write the weights
+
+
+def test_a_long_lived_engine_decodes_with_new_weights_after_refresh():
+    """An engine built once (a server's) derives packed weights when built; refresh() remakes them after training,
+    and its greedy ids are the naive path's again, through the one-row and the all-slots steps."""
+    tok = CharTokenizer.train(TEXT)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, block_size=32))
+    engine = Engine(model, tok, max_batch=2, max_seq_len=32)
+    (opt,) = make_optimizers(model, TrainConfig(lr=5e-2, weight_decay=0.0), torch.device("cpu"))
+    data = torch.tensor(tok.encode(TEXT[:200]))
+    for _ in range(3):
+        model.train()
+        _, loss = model(data[None, :32], data[None, 1:33])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.eval()
+        engine.refresh()
+        prompts = [tok.encode("To be"), tok.encode("Whether")]
+        alone = lmforge.generation.decode_ids(engine, prompts[:1], 12, temperature=0)
+        both = lmforge.generation.decode_ids(engine, prompts, 12, temperature=0)
+        for p, got in zip(prompts, both):
+            assert got == generate_naive(model, p, 12, temperature=0)
+        assert alone[0] == both[0]
 
 
 def test_generating_never_changes_what_backward_computes():
