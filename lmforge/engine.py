@@ -31,6 +31,7 @@ import codecs
 import copy
 import itertools
 import math
+import operator
 import os
 import shutil
 import types
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .model import GPT, SDPAttention
-from .sampling import apply_repetition_penalty, check_sampling, sample_next_token
+from .sampling import apply_repetition_penalty, check_sampling, check_stop, sample_next_token
 
 
 # ------------------------------------------------------------------------------------------ requests and events
@@ -108,6 +109,16 @@ class _Sequence:
     generated: int = 0
     pending: int | None = None  # the last sampled token: not in the cache yet
     sliding: bool = False  # a learned/sinusoidal model past block_size: recompute the last window every step
+
+
+def _token_id(t) -> int:
+    """A token id as a plain int (numpy and 0-d tensor ints too); a UserError for anything else, bools included."""
+    if isinstance(t, bool):
+        raise UserError(f"prompt token {t!r} is not a token id")
+    try:
+        return operator.index(t)
+    except TypeError:
+        raise UserError(f"prompt token {t!r} is not an integer token id") from None
 
 
 # ---------------------------------------------------------------------------------------------- speed-up modules
@@ -186,6 +197,15 @@ class OneQueryAttention(SDPAttention):
         return (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).view(B, H, 1, D)
 
 
+def unwrap(model) -> GPT:
+    """The GPT inside a torch.compile'd or DDP-wrapped model; a UserError for anything else."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    if not isinstance(model, GPT):
+        raise UserError(f"expected a lmforge GPT (or an Engine), got {type(model).__name__}")
+    return model
+
+
 def inference_copy(model: GPT, compiled: bool = False, rows: int = 1) -> GPT:
     """New module objects in eval mode sharing the model's parameters and buffers, with the CPU speed-up modules
     swapped in: DecodeLinear for every nn.Linear (fp32 on CPU), and OneQueryAttention for SDPA when compiled."""
@@ -224,11 +244,9 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer=None, max_batch: int = 8, max_seq_len: int | None = None,
                  compile: bool = False, eos_id: int | None = None):
-        model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: use the module underneath
-        if not isinstance(model, GPT):
-            raise UserError(f"Engine needs a lmforge GPT, got {type(model).__name__}")
+        model = unwrap(model)
         cfg = model.config
-        max_seq_len = max_seq_len or cfg.block_size
+        max_seq_len = cfg.block_size if max_seq_len is None else max_seq_len
         if max_batch < 1 or max_seq_len < 1:
             raise UserError(f"max_batch={max_batch} and max_seq_len={max_seq_len} must be at least 1")
         if max_seq_len > cfg.block_size and not cfg.extrapolates:
@@ -244,7 +262,15 @@ class Engine:
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eot_id", None)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.model = inference_copy(model, compiled=compile, rows=max_batch)
-        self.cache = self.model.make_kv_cache(max_batch, max_seq_len)
+        size = 2 * cfg.n_layer * max_batch * max_seq_len * cfg.kv_heads * cfg.head_dim * model.wte.weight.element_size()
+        too_big = UserError(f"the KV cache for {max_batch} x {max_seq_len} positions needs {size / 1e9:.1f} GB, more "
+                            f"than this machine can hold; ask for fewer tokens or slots")
+        if self.device.type == "cpu" and size > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+            raise too_big  # zeroed pages are only reserved when touched: fail now, not in the middle of decoding
+        try:
+            self.cache = self.model.make_kv_cache(max_batch, max_seq_len)
+        except (RuntimeError, MemoryError):  # torch's out-of-memory errors are RuntimeErrors
+            raise too_big from None
         self._rows = [self.cache.rows(i, i + 1) for i in range(max_batch)]  # each slot's row, as a cache of its own
         self.slots: list[_Sequence | None] = [None] * max_batch
         self.waiting: deque[_Sequence] = deque()
@@ -259,16 +285,14 @@ class Engine:
     def add(self, request: Request) -> int:
         """Queue a request; it joins the batch at the next step() with a free slot. Returns its id."""
         r = request
-        check_sampling(r.max_new_tokens, r.temperature, r.top_k, r.top_p, r.repetition_penalty)
-        prompt = list(r.prompt)
+        check_sampling(r.max_new_tokens, r.temperature, r.top_k, r.top_p, r.repetition_penalty, seed=r.seed)
+        prompt = [_token_id(t) for t in r.prompt]
         if not prompt:
             raise UserError("a request needs at least one prompt token (start from end-of-text for an empty prompt)")
-        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < self.config.vocab_size), None)
+        bad = next((t for t in prompt if not 0 <= t < self.config.vocab_size), None)
         if bad is not None:
-            raise UserError(f"prompt token {bad!r} is outside the vocabulary [0, {self.config.vocab_size})")
-        stop = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise UserError("stop strings must be non-empty strings")
+            raise UserError(f"prompt token {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        stop = check_stop(r.stop)
         if stop and self.tokenizer is None:
             raise UserError("stop strings need text: give the Engine a tokenizer")
         cfg = self.config
@@ -296,6 +320,11 @@ class Engine:
                 self.waiting.remove(seq)
                 return True
         return False
+
+    def __contains__(self, request_id: int) -> bool:
+        """Whether this request is still here (waiting or running)."""
+        return any(s is not None and s.id == request_id for s in self.slots) or any(
+            s.id == request_id for s in self.waiting)
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
@@ -335,10 +364,9 @@ class Engine:
         if seq.request.max_new_tokens == 0:
             return self._finish(seq, Event(seq.id, None), "length")
         ids = seq.ids if self.config.extrapolates else seq.ids[-self.config.block_size:]
-        self.slots[slot], seq.slot = seq, slot
         idx = torch.tensor([ids], device=self.device)
-        logits = self.model(idx, kv_cache=self.cache.rows(slot, slot + 1), last_only=True)[0][0, -1]
-        seq.cached = len(ids)
+        logits = self.model(idx, kv_cache=self._rows[slot], last_only=True)[0][0, -1]
+        self.slots[slot], seq.slot, seq.cached = seq, slot, len(ids)
         return self._advance(seq, logits)
 
     def _decode(self, running: list[_Sequence]) -> list[Event]:

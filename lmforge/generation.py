@@ -12,51 +12,66 @@ from typing import Iterator
 
 import torch
 
-from .engine import Engine, Request, inference_copy
+from .engine import Engine, Request, inference_copy, unwrap
 from .errors import UserError
 from .model import GPT
-from .sampling import apply_repetition_penalty, check_sampling, sample_next_token
+from .sampling import apply_repetition_penalty, check_sampling, check_stop, sample_next_token
 
 MAX_BATCH = 16  # slots of the engine that generate() builds for a list of prompts
 
 
 def _engine_for(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, compile: bool,
                 eos_id: int | None = None) -> Engine:
-    """The caller's engine (it must be idle), or one sized for these prompts."""
+    """The caller's engine (it must be idle, and keeps how it was built), or one sized for these prompts."""
     if isinstance(model, Engine):
         if tokenizer is not None and model.tokenizer is None:
             raise UserError("generate() needs text: build the Engine with the tokenizer")
         if model.has_work():
             raise UserError("this engine is busy with other requests; step it to the end, or build another")
+        if compile and model._step is None:
+            raise UserError("compile=True with an Engine built without it; build it with Engine(..., compile=True)")
+        if eos_id is not None and eos_id != model.eos_id:
+            raise UserError(f"eos_id={eos_id} differs from the engine's {model.eos_id}")
         return model
-    cfg = getattr(model, "_orig_mod", model).config
+    cfg = unwrap(model).config
+    if not prompts:
+        raise UserError("give at least one prompt")
     longest = max(len(p) for p in prompts) + max(max_new_tokens - 1, 0)
     max_seq_len = longest if cfg.extrapolates else min(longest, cfg.block_size)
     return Engine(model, tokenizer, max_batch=min(len(prompts), MAX_BATCH), max_seq_len=max(max_seq_len, 1),
                   compile=compile, eos_id=eos_id)
 
 
-def run_requests(engine: Engine, requests: list[Request]) -> list[list[int]]:
-    """Run requests through the engine to the end; each one's generated ids (end-of-text included when it stopped
-    there)."""
-    ids = [engine.add(r) for r in requests]
-    out: dict[int, list[int]] = {i: [] for i in ids}
-    while engine.has_work():
-        for event in engine.step():
-            if event.token is not None:
-                out[event.request_id].append(event.token)
-    return [out[i] for i in ids]
+def run_requests(engine: Engine, requests: list[Request], text: bool = False) -> list[list[int]] | list[str]:
+    """Run requests through the engine to the end: each one's generated ids (end-of-text included when it stopped
+    there), or with text=True its text. Should anything fail on the way, the requests leave the engine."""
+    rids: list[int] = []
+    ids: dict[int, list[int]] = {}
+    texts: dict[int, str] = {}
+    try:
+        for r in requests:
+            rids.append(engine.add(r))
+            ids[rids[-1]], texts[rids[-1]] = [], ""
+        while any(i in engine for i in rids):
+            for event in engine.step():
+                if event.request_id in ids:
+                    texts[event.request_id] += event.text
+                    if event.token is not None:
+                        ids[event.request_id].append(event.token)
+    finally:
+        for i in rids:
+            engine.cancel(i)
+    return [texts[i] for i in rids] if text else [ids[i] for i in rids]
 
 
 @torch.no_grad()
 def decode_ids(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                eos_id: int | None = None, seed: int | None = None, compile: bool = False) -> list[list[int]]:
-    """Generated ids of each prompt (up to and including eos_id, when it comes). Prompts run as requests of one
-    engine (an Engine passed in stops at its own eos_id); the request of prompt i is seeded with seed + i."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise UserError("every prompt needs at least one token (start from end-of-text for an empty prompt)")
+    """Generated ids of each prompt (up to and including eos_id, when it comes; None: never stop early). Prompts run
+    as requests of one engine (an Engine passed in must have this eos_id); the request of prompt i is seeded with
+    seed + i."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed=seed)
     engine = _engine_for(model, None, prompts, max_new_tokens, compile, eos_id)
     requests = [Request(list(p), max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                         seed=None if seed is None else seed + i, stop_at_eos=eos_id is not None)
@@ -159,13 +174,12 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def _stream(engine: Engine, rid: int) -> Iterator[str]:
+    """This request's text pieces; the engine's other requests go on being stepped (their events are theirs)."""
     try:
-        while True:
+        while rid in engine:
             for event in engine.step():
-                if event.text:
+                if event.request_id == rid and event.text:
                     yield event.text
-                if event.finished and event.request_id == rid:
-                    return
     finally:  # a stream closed early frees its slot
         engine.cancel(rid)
 
@@ -182,10 +196,8 @@ def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 10
     pays for long generations; for many calls build one Engine(model, tokenizer, compile=True) and pass it.
     A list of prompts is decoded together (continuous batching); the request of prompt i is seeded with seed + i.
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams)
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise UserError("stop strings must be non-empty strings")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams, seed)
+    stop = check_stop(stop)
     many = isinstance(prompt, (list, tuple))
     prompts = list(prompt) if many else [prompt]
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -194,7 +206,7 @@ def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 10
         raise UserError("stream=True takes one prompt; call it once per prompt")
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     if num_beams > 1:
-        inference = model.model if isinstance(model, Engine) else inference_copy(getattr(model, "_orig_mod", model))
+        inference = model.model if isinstance(model, Engine) else inference_copy(unwrap(model))
         outs = [beam_search(inference, p, max_new_tokens, num_beams, length_penalty, tokenizer.eot_id) for p in ids]
         return _texts(tokenizer, outs, stop, many)
     engine = _engine_for(model, tokenizer, ids, max_new_tokens, compile)
@@ -204,11 +216,7 @@ def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 10
                 for i, p in enumerate(ids)]
     if stream:
         return _stream(engine, engine.add(requests[0]))  # added now: a bad request fails here, not at next()
-    texts = [""] * len(requests)
-    rids = {engine.add(r): i for i, r in enumerate(requests)}
-    while engine.has_work():
-        for event in engine.step():
-            texts[rids[event.request_id]] += event.text
+    texts = run_requests(engine, requests, text=True)
     return texts if many else texts[0]
 
 
@@ -231,23 +239,37 @@ def generate_cli(args) -> int:
     from .checkpoint import load
     if args.num_samples < 1:
         raise UserError(f"--num-samples {args.num_samples} must be at least 1")
-    model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
-                   length_penalty=args.length_penalty, stop=args.stop, compile=args.compile)
+                   length_penalty=args.length_penalty, stop=args.stop)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                   args.num_beams, args.seed)
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{args.prompt_file} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    else:
+        prompt = args.prompt
+    model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint)
+    cfg = model.config
+    # one engine for every sample and every interactive line: it compiles (with --compile) once
+    max_seq_len = cfg.block_size
+    if cfg.extrapolates and not args.interactive:
+        max_seq_len = max(max_seq_len, len(tokenizer.encode(prompt)) + args.max_new_tokens)
+    engine = Engine(model, tokenizer, max_batch=1, max_seq_len=max_seq_len, compile=args.compile)
 
     def one(prompt: str, seed) -> None:
         if args.num_beams > 1:
-            print(prompt + generate(model, tokenizer, prompt, seed=seed, **options), flush=True)
+            print(prompt + generate(engine, tokenizer, prompt, seed=seed, **options), flush=True)
             return
-        pieces = generate(model, tokenizer, prompt, seed=seed, stream=True, **options)  # checks settings and prompt
+        pieces = generate(engine, tokenizer, prompt, seed=seed, stream=True, **options)  # checks settings and prompt
         sys.stdout.write(prompt)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
 
-    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     if not args.interactive:
         for i in range(args.num_samples):
             if args.num_samples > 1:

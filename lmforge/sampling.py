@@ -4,6 +4,8 @@ settings. Nothing here holds state: a seed enters as an explicit torch.Generator
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import UserError
@@ -48,18 +50,36 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, repetition_penalty: float,
-                   num_beams: int = 1) -> None:
-    """One-line ValueErrors for out-of-range settings (the CLI prints them as they are)."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise UserError(f"max_new_tokens={max_new_tokens} must be a non-negative integer")
-    if temperature < 0:
-        raise UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k={top_k} must be at least 1")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p={top_p} must be in (0, 1]")
-    if repetition_penalty <= 0:
-        raise UserError(f"repetition_penalty={repetition_penalty} must be positive (1 = off)")
-    if num_beams < 1:
-        raise UserError(f"num_beams={num_beams} must be at least 1")
+                   num_beams: int = 1, seed: int | None = None) -> None:
+    """One-line UserErrors for settings of the wrong type or out of range (the CLI prints them as they are)."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise UserError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+    if not _is_number(temperature) or temperature < 0:
+        raise UserError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise UserError(f"top_k={top_k!r} must be an integer of at least 1")
+    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
+        raise UserError(f"top_p={top_p!r} must be in (0, 1]")
+    if not _is_number(repetition_penalty) or repetition_penalty <= 0:
+        raise UserError(f"repetition_penalty={repetition_penalty!r} must be a positive number (1 = off)")
+    if not _is_int(num_beams) or num_beams < 1:
+        raise UserError(f"num_beams={num_beams!r} must be an integer of at least 1")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+        raise UserError(f"seed={seed!r} must be an integer in [0, 2**63)")
+
+
+def check_stop(stop: str | list[str] | None) -> list[str]:
+    """Stop strings as a list, refusing empty ones (an empty string would stop before the first character)."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise UserError("stop strings must be non-empty strings")
+    return stop

@@ -464,7 +464,10 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, split: str
         raise UserError(f"batches={batches} and batch_size={batch_size} must be at least 1")
     model, tokenizer = load(run, device=device, checkpoint=checkpoint)
     config = read_run_config(Path(run))
-    data = Dataset(data_dir or config["train"]["data"])
+    data_dir = data_dir or (config.get("train") or {}).get("data")
+    if not data_dir:
+        raise UserError(f"{run} records no training data; pass the data to evaluate on (--data DIR)")
+    data = Dataset(data_dir)
     if json.loads((Path(run) / "tokenizer.json").read_text()) != json.loads((data.path / "tokenizer.json").read_text()):
         raise UserError(f"the tokenizer of {data.path} differs from the run's; evaluate on data prepared with "
                          f"--tokenizer-from {run}")

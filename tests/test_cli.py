@@ -37,7 +37,7 @@ def test_the_cli_surface_is_pinned():
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     (root / "corpus.txt").write_text(TEXT)
-    (root / "binary.txt").write_bytes(b"\x00\x01\x02" * 100)
+    (root / "binary.txt").write_bytes(b"\x00\x01\xff" * 100)
     data = prepare(str(root / "corpus.txt"), root / "data", tokenizer="char").path
     tok = CharTokenizer.train(TEXT)
     cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, position="rope")
@@ -98,6 +98,12 @@ BAD = [
     (["generate", "{run}", "--prompt", "To be\u00e9"], "character"),
     (["generate", "{run}", "--prompt-file", "{root}/missing.txt"], "missing.txt"),
     (["generate", "{run}", "--checkpoint", "{root}/nothing"], "no checkpoint"),
+    (["generate", "{run}", "--temperature", "nan"], "temperature"),
+    (["generate", "{run}", "--repetition-penalty", "nan"], "repetition_penalty"),
+    (["generate", "{run}", "--max-new-tokens", "1000000000"], "GB"),
+    (["generate", "{run}", "--seed", "100000000000000000000000"], "seed"),
+    (["generate", "{run}", "--prompt-file", "{bin}"], "not UTF-8"),
+    (["eval", "{run}"], "records no training data"),  # a run with no training config, as an imported one
 ]
 if NO_CUDA:
     BAD += [(["eval", "{run}", "--device", "cuda"], "no CUDA device"),

@@ -132,12 +132,56 @@ def test_each_request_stops_on_its_own_terms():
     (dict(prompt=[1], stop=["x"]), "give the Engine a tokenizer"),
     (dict(prompt=[1], top_p=0.0), "top_p"),
     (dict(prompt=[1], temperature=-1.0), "temperature"),
+    (dict(prompt=[1], temperature=float("nan")), "temperature"),
+    (dict(prompt=[1], temperature="0.5"), "temperature"),
+    (dict(prompt=[1], top_k=2.5), "top_k"),
+    (dict(prompt=[1], repetition_penalty=float("nan")), "repetition_penalty"),
+    (dict(prompt=[True, False]), "not a token id"),
+    (dict(prompt=[1.0]), "not an integer token id"),
+    (dict(prompt=[1], seed=2**64), "seed"),
+    (dict(prompt=[1], max_new_tokens=True), "max_new_tokens"),
 ])
-def test_bad_requests_are_refused_at_add(request_kw, message):
-    engine = Engine(tiny_model("rope"), max_batch=1, max_seq_len=32)
+def test_bad_requests_are_refused_at_add_and_the_engine_goes_on(request_kw, message):
+    model = tiny_model("rope")
+    engine = Engine(model, max_batch=1, max_seq_len=32)
+    running = engine.add(Request([1, 2], 8, temperature=0))
+    engine.step()
     with pytest.raises(lmforge.UserError, match=message):
         engine.add(Request(**{"max_new_tokens": 5, **request_kw}))
+    assert drain(engine)[running] == generate_naive(model, [1, 2], 8, temperature=0)[1:]
+
+
+def test_numpy_and_tensor_token_ids_are_token_ids():
+    import numpy as np
+    model = tiny_model("rope")
+    prompt = [np.int64(1), torch.tensor(5), 9]
+    assert lmforge.generation.decode_ids(model, [prompt], 6, temperature=0)[0] == generate_naive(
+        model, [1, 5, 9], 6, temperature=0)
+
+
+def test_a_stream_on_a_shared_engine_yields_its_own_text_and_ends_when_cancelled():
+    tok = CharTokenizer.train(TEXT)
+    model = tiny_model("rope", vocab=tok.vocab_size, block=64)
+    want = generate(model, tok, "To be", max_new_tokens=10, temperature=0)
+    engine = Engine(model, tok, max_batch=2, max_seq_len=64)
+    stream = generate(engine, tok, "To be", max_new_tokens=10, temperature=0, stream=True)
+    other = engine.add(Request(tok.encode("Whether"), 30, temperature=0))
+    assert "".join(stream) == want
+    assert other in engine  # the other request goes on
+    engine.cancel(other)
+    stream = generate(engine, tok, "To be", max_new_tokens=10, temperature=0, stream=True)
+    next(stream)
+    assert engine.cancel(2)  # ids count up: 0 and 1 above, this stream's request is 2
+    assert list(stream) == []  # cancelled elsewhere: the stream ends instead of waiting forever
+
+
+def test_a_failing_generate_leaves_the_engine_idle():
+    tok = CharTokenizer.train("abc")
+    engine = Engine(tiny_model("rope", vocab=tok.vocab_size), tok, max_batch=2, max_seq_len=32)
+    with pytest.raises(lmforge.UserError, match="need 44 positions"):
+        generate(engine, tok, ["ab", "abc" * 10], max_new_tokens=15)
     assert not engine.has_work()
+    assert isinstance(generate(engine, tok, "ab", max_new_tokens=5), str)
 
 
 # ------------------------------------------------------------------------------------------------- compilation

@@ -242,7 +242,7 @@ def test_empty_prompt_starts_after_end_of_text(bpe_model):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"), (dict(top_p=1.5), "top_p"),
-    (dict(temperature=-1.0), "temperature=-1.0 must be >= 0"), (dict(max_new_tokens=-1), "max_new_tokens=-1"),
+    (dict(temperature=-1.0), "temperature=-1.0 must be a finite number >= 0"), (dict(max_new_tokens=-1), "max_new_tokens=-1"),
     (dict(top_k=0), "top_k=0"), (dict(num_beams=0), "num_beams"), (dict(stop=[""]), "stop strings"),
 ])
 def test_bad_settings_raise_value_errors(bpe_model, kwargs, message):
@@ -258,7 +258,7 @@ def test_unknown_characters_with_a_char_tokenizer():
         generate(model, tok, "abz")
 
 
-def test_generate_cli(tmp_path, capsys):
+def test_generate_cli(tmp_path, capsys, monkeypatch):
     from lmforge.checkpoint import run_config, save_checkpoint, weights_for_saving, write_json_atomic
     tok = CharTokenizer.train(TEXT)
     cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, position="rope")
@@ -274,8 +274,17 @@ def test_generate_cli(tmp_path, capsys):
     assert main(["generate", str(run), "--prompt", "To beQ", "--max-new-tokens", "5"]) == 2
     assert "character 'Q'" in capsys.readouterr().err
     assert main(["generate", str(run), "--top-p", "2", "--max-new-tokens", "5"]) == 2
-    assert main(["generate", str(run), "--num-samples", "2", "--seed", "1", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.count("--- sample") == 2
+    import lmforge.generation as generation
+    built = []
+    class Counted(lmforge.Engine):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "Engine", Counted)
+    assert main(["generate", str(run), "--num-samples", "3", "--seed", "1", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.count("--- sample") == 3
+    assert len(built) == 1  # one engine for every sample (with --compile, one compilation)
     assert main(["generate", str(run), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0",
                  "--compile"]) == 0
     assert capsys.readouterr().out == out
