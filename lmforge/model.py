@@ -457,15 +457,13 @@ class GPT(nn.Module):
                 raise ValueError(f"token id {hi if hi >= cfg.vocab_size else lo} is outside the vocabulary "
                                  f"[0, {cfg.vocab_size}); check the tokenizer matches the model")
             if kv_cache is not None and positions is not None:
-                top = int(positions.max())
-                if int(positions.min()) < 0 or top >= limit:
-                    raise ValueError(f"position {top} is outside the {limit} cache slots the queries may see")
+                low, top = int(positions.min()), int(positions.max())
+                if low < 0 or top >= limit:
+                    raise ValueError(f"position {low if low < 0 else top} is outside the {limit} cache slots the "
+                                     f"queries may see")
                 if top >= cfg.block_size and not cfg.extrapolates:
                     raise ValueError(f"position {top} exceeds block_size={cfg.block_size}, which position="
                                      f"{cfg.position!r} cannot go past")
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
-        if loss_mask is not None and loss_mask.shape != idx.shape:
-            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal idx shape {tuple(idx.shape)}")
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must be (batch, time) = {(B, T)}")
+        for name, t in (("targets", targets), ("loss_mask", loss_mask), ("attention_mask", attention_mask)):
+            if t is not None and tuple(t.shape) != (B, T):
+                raise ValueError(f"{name} shape {tuple(t.shape)} must equal idx shape (batch, time) = {(B, T)}")
