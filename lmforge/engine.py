@@ -113,12 +113,24 @@ class _Sequence:
 
 def _token_id(t) -> int:
     """A token id as a plain int (numpy and 0-d tensor ints too); a UserError for anything else, bools included."""
-    if isinstance(t, bool):
+    if isinstance(t, bool) or isinstance(t, torch.Tensor) and (t.dim() != 0 or t.dtype == torch.bool):
         raise UserError(f"prompt token {t!r} is not a token id")
     try:
         return operator.index(t)
     except TypeError:
         raise UserError(f"prompt token {t!r} is not an integer token id") from None
+
+
+def _available_memory() -> float:
+    """Bytes this machine can still give (MemAvailable in /proc/meminfo); infinite where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
 
 
 # ---------------------------------------------------------------------------------------------- speed-up modules
@@ -264,12 +276,16 @@ class Engine:
         self.model = inference_copy(model, compiled=compile, rows=max_batch)
         size = 2 * cfg.n_layer * max_batch * max_seq_len * cfg.kv_heads * cfg.head_dim * model.wte.weight.element_size()
         too_big = UserError(f"the KV cache for {max_batch} x {max_seq_len} positions needs {size / 1e9:.1f} GB, more "
-                            f"than this machine can hold; ask for fewer tokens or slots")
-        if self.device.type == "cpu" and size > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
-            raise too_big  # zeroed pages are only reserved when touched: fail now, not in the middle of decoding
+                            f"than this machine has free; ask for fewer tokens or slots")
+        if self.device.type == "cpu" and size > _available_memory():
+            raise too_big  # fail now, with a message, rather than be killed for memory while zeroing the cache
         try:
             self.cache = self.model.make_kv_cache(max_batch, max_seq_len)
-        except (RuntimeError, MemoryError):  # torch's out-of-memory errors are RuntimeErrors
+        except (torch.OutOfMemoryError, MemoryError):
+            raise too_big from None
+        except RuntimeError as e:  # CPU allocation failures are plain RuntimeErrors
+            if "alloc" not in str(e):
+                raise
             raise too_big from None
         self._rows = [self.cache.rows(i, i + 1) for i in range(max_batch)]  # each slot's row, as a cache of its own
         self.slots: list[_Sequence | None] = [None] * max_batch
@@ -284,7 +300,23 @@ class Engine:
     # --- the public API
     def add(self, request: Request) -> int:
         """Queue a request; it joins the batch at the next step() with a free slot. Returns its id."""
+        prompt, stop = self._validate(request)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        stream = TextStream(stop) if self.tokenizer is not None else None
+        seq = _Sequence(next(self._ids), request, generator, prompt, stream)
+        self.waiting.append(seq)
+        return seq.id
+
+    def _validate(self, request: Request) -> tuple[list[int], list[str]]:
+        """The request's prompt as ints and its stop strings, or a UserError naming the problem."""
         r = request
+        if not isinstance(r, Request):
+            raise UserError(f"expected a Request, got {type(r).__name__}")
+        if not isinstance(r.prompt, (list, tuple)) and not (isinstance(r.prompt, torch.Tensor) and r.prompt.dim() == 1):
+            raise UserError(f"prompt must be a list of token ids, got {type(r.prompt).__name__}")
+        if not isinstance(r.stop_at_eos, bool):
+            raise UserError(f"stop_at_eos={r.stop_at_eos!r} must be True or False")
         check_sampling(r.max_new_tokens, r.temperature, r.top_k, r.top_p, r.repetition_penalty, seed=r.seed)
         prompt = [_token_id(t) for t in r.prompt]
         if not prompt:
@@ -302,12 +334,7 @@ class Engine:
             raise UserError(f"the prompt ({len(prompt)} tokens) and max_new_tokens={r.max_new_tokens} need "
                             f"{needed} positions, but the engine holds {self.max_seq_len} per request; shorten them "
                             f"or build the Engine with a larger max_seq_len")
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(r.seed if r.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        stream = TextStream(stop) if self.tokenizer is not None else None
-        seq = _Sequence(next(self._ids), r, generator, prompt, stream)
-        self.waiting.append(seq)
-        return seq.id
+        return prompt, stop
 
     def cancel(self, request_id: int) -> bool:
         """Drop a request, waiting or running; its slot is free for the next step. False if it is not here."""
@@ -325,6 +352,10 @@ class Engine:
         """Whether this request is still here (waiting or running)."""
         return any(s is not None and s.id == request_id for s in self.slots) or any(
             s.id == request_id for s in self.waiting)
+
+    def check(self, request: Request) -> None:
+        """The checks of add() without adding: a UserError naming what is wrong with the request."""
+        self._validate(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)

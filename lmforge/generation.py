@@ -173,8 +173,10 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
     return ids or [tokenizer.eot_id]  # an empty prompt starts after end-of-text
 
 
-def _stream(engine: Engine, rid: int) -> Iterator[str]:
-    """This request's text pieces; the engine's other requests go on being stepped (their events are theirs)."""
+def _stream(engine: Engine, request: Request) -> Iterator[str]:
+    """This request's text pieces; the engine's other requests go on being stepped (their events are theirs). The
+    request joins the engine at the first piece asked for, so a stream never iterated holds nothing."""
+    rid = engine.add(request)
     try:
         while rid in engine:
             for event in engine.step():
@@ -196,7 +198,7 @@ def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 10
     pays for long generations; for many calls build one Engine(model, tokenizer, compile=True) and pass it.
     A list of prompts is decoded together (continuous batching); the request of prompt i is seeded with seed + i.
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams, seed)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams, seed, length_penalty)
     stop = check_stop(stop)
     many = isinstance(prompt, (list, tuple))
     prompts = list(prompt) if many else [prompt]
@@ -215,7 +217,8 @@ def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 10
     requests = [Request(p, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed + i)
                 for i, p in enumerate(ids)]
     if stream:
-        return _stream(engine, engine.add(requests[0]))  # added now: a bad request fails here, not at next()
+        engine.check(requests[0])  # a bad request fails here, not at the first next()
+        return _stream(engine, requests[0])
     texts = run_requests(engine, requests, text=True)
     return texts if many else texts[0]
 
@@ -243,7 +246,9 @@ def generate_cli(args) -> int:
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
                    length_penalty=args.length_penalty, stop=args.stop)
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
-                   args.num_beams, args.seed)
+                   args.num_beams, args.seed, args.length_penalty)
+    if args.seed is not None and args.seed + args.num_samples > 2**63:
+        raise UserError(f"--seed {args.seed} + --num-samples {args.num_samples} runs past 2**63; use a smaller seed")
     if args.prompt_file:
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
@@ -253,13 +258,24 @@ def generate_cli(args) -> int:
         prompt = args.prompt
     model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint)
     cfg = model.config
-    # one engine for every sample and every interactive line: it compiles (with --compile) once
-    max_seq_len = cfg.block_size
-    if cfg.extrapolates and not args.interactive:
-        max_seq_len = max(max_seq_len, len(tokenizer.encode(prompt)) + args.max_new_tokens)
-    engine = Engine(model, tokenizer, max_batch=1, max_seq_len=max_seq_len, compile=args.compile)
+    compile = args.compile and args.num_beams == 1  # beam search decodes eagerly
+    # one engine for every sample and every interactive line, so --compile compiles once; a model that goes past
+    # block_size gets room for the prompt and the new tokens, and a longer interactive line gets a larger engine
+    engines: list[Engine] = []
+
+    def engine_for(text: str) -> Engine:
+        needed = len(tokenizer.encode(text) or [0]) + args.max_new_tokens
+        if engines and (not cfg.extrapolates or needed <= engines[0].max_seq_len):
+            return engines[0]
+        size = max(cfg.block_size, needed, 2 * engines[0].max_seq_len if engines else 0) if cfg.extrapolates \
+            else cfg.block_size
+        if engines and compile:
+            print(f"(a longer context: compiling the decode step for {size} positions)", file=sys.stderr)
+        engines[:] = [Engine(model, tokenizer, max_batch=1, max_seq_len=size, compile=compile)]
+        return engines[0]
 
     def one(prompt: str, seed) -> None:
+        engine = engine_for(prompt)
         if args.num_beams > 1:
             print(prompt + generate(engine, tokenizer, prompt, seed=seed, **options), flush=True)
             return

@@ -5,6 +5,7 @@ settings. Nothing here holds state: a seed enters as an explicit torch.Generator
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -50,16 +51,16 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _is_int(x) -> bool:  # Python and numpy integers, not bools (numpy's bool is no Integral)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _is_number(x) -> bool:  # finite Python and numpy reals, not bools
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, repetition_penalty: float,
-                   num_beams: int = 1, seed: int | None = None) -> None:
+                   num_beams: int = 1, seed: int | None = None, length_penalty: float = 1.0) -> None:
     """One-line UserErrors for settings of the wrong type or out of range (the CLI prints them as they are)."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
@@ -75,10 +76,14 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, repeti
         raise UserError(f"num_beams={num_beams!r} must be an integer of at least 1")
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
         raise UserError(f"seed={seed!r} must be an integer in [0, 2**63)")
+    if not _is_number(length_penalty):
+        raise UserError(f"length_penalty={length_penalty!r} must be a finite number")
 
 
 def check_stop(stop: str | list[str] | None) -> list[str]:
     """Stop strings as a list, refusing empty ones (an empty string would stop before the first character)."""
+    if stop is not None and not isinstance(stop, (str, list, tuple)):
+        raise UserError(f"stop={stop!r} must be a string or a list of strings")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stop):
         raise UserError("stop strings must be non-empty strings")

@@ -175,6 +175,20 @@ def test_a_stream_on_a_shared_engine_yields_its_own_text_and_ends_when_cancelled
     assert list(stream) == []  # cancelled elsewhere: the stream ends instead of waiting forever
 
 
+def test_a_stream_never_iterated_holds_nothing_and_numpy_settings_are_numbers():
+    import numpy as np
+    tok = CharTokenizer.train(TEXT)
+    model = tiny_model("rope", vocab=tok.vocab_size, block=64)
+    engine = Engine(model, tok, max_batch=1, max_seq_len=64)
+    stream = generate(engine, tok, "To be", max_new_tokens=5, stream=True)
+    del stream
+    assert not engine.has_work()
+    with pytest.raises(lmforge.UserError, match="top_p"):
+        generate(engine, tok, "To be", max_new_tokens=5, top_p=2.0, stream=True)  # checked at the call
+    got = generate(engine, tok, "To be", max_new_tokens=8, temperature=np.float32(0.7), top_k=np.int64(5), seed=1)
+    assert got == generate(engine, tok, "To be", max_new_tokens=8, temperature=0.7, top_k=5, seed=1)
+
+
 def test_a_failing_generate_leaves_the_engine_idle():
     tok = CharTokenizer.train("abc")
     engine = Engine(tiny_model("rope", vocab=tok.vocab_size), tok, max_batch=2, max_seq_len=32)

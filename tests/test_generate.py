@@ -258,6 +258,13 @@ def test_unknown_characters_with_a_char_tokenizer():
         generate(model, tok, "abz")
 
 
+def _eof_at_end(next_line):
+    try:
+        return next_line()
+    except StopIteration:
+        raise EOFError from None
+
+
 def test_generate_cli(tmp_path, capsys, monkeypatch):
     from lmforge.checkpoint import run_config, save_checkpoint, weights_for_saving, write_json_atomic
     tok = CharTokenizer.train(TEXT)
@@ -285,6 +292,12 @@ def test_generate_cli(tmp_path, capsys, monkeypatch):
     assert main(["generate", str(run), "--num-samples", "3", "--seed", "1", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.count("--- sample") == 3
     assert len(built) == 1  # one engine for every sample (with --compile, one compilation)
+    lines = iter(["To be", "To be, or not to be, that is"])
+    monkeypatch.setattr("builtins.input", lambda prompt="", _next=lines.__next__: _eof_at_end(_next))
+    assert main(["generate", str(run), "--interactive", "--max-new-tokens", "70", "--temperature", "0"]) == 0
+    session = capsys.readouterr().out  # RoPE goes past block_size=64: the second, longer line gets a larger engine
+    assert session.startswith("To be" + generate(lmforge.load(run)[0], tok, "To be", max_new_tokens=70, temperature=0))
+    assert session.count("\n") == 2
     assert main(["generate", str(run), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0",
                  "--compile"]) == 0
     assert capsys.readouterr().out == out
