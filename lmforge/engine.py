@@ -300,7 +300,7 @@ class Engine:
     # --- the public API
     def add(self, request: Request) -> int:
         """Queue a request; it joins the batch at the next step() with a free slot. Returns its id."""
-        prompt, stop = self._validate(request)
+        prompt, stop = self.check(request)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         stream = TextStream(stop) if self.tokenizer is not None else None
@@ -308,8 +308,9 @@ class Engine:
         self.waiting.append(seq)
         return seq.id
 
-    def _validate(self, request: Request) -> tuple[list[int], list[str]]:
-        """The request's prompt as ints and its stop strings, or a UserError naming the problem."""
+    def check(self, request: Request) -> tuple[list[int], list[str]]:
+        """What add() checks, without adding: the request's prompt as ints and its stop strings, or a UserError
+        naming the problem."""
         r = request
         if not isinstance(r, Request):
             raise UserError(f"expected a Request, got {type(r).__name__}")
@@ -352,10 +353,6 @@ class Engine:
         """Whether this request is still here (waiting or running)."""
         return any(s is not None and s.id == request_id for s in self.slots) or any(
             s.id == request_id for s in self.waiting)
-
-    def check(self, request: Request) -> None:
-        """The checks of add() without adding: a UserError naming what is wrong with the request."""
-        self._validate(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
