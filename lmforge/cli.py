@@ -142,3 +142,25 @@ def _generate_args(p):
                    help="decode through a torch.compile'd static-cache step: faster per token, but the first "
                         "generation compiles (tens of seconds on a small CPU)")
     p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")
+
+
+@verb("serve", "serve:serve_cli", "Serve a run over an OpenAI-compatible HTTP API, with a playground page at /.",
+      "lmforge serve runs/shakespeare-char --port 8000 --max-batch 16")
+def _serve_args(p):
+    p.add_argument("run", help="run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set LMFORGE_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (engine slots; default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a slot before new ones get 429 (default 64)")
+    p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for "
+                                                        "(default: the model's context)")
+    p.add_argument("--max-seq-len", type=int, help="positions per slot: prompt plus new tokens (default: block_size)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="compile the decode step at startup (auto: on CUDA, and on CPU for models of 20M+ params)")
+    p.add_argument("--model-name", help="the model id clients name (default: the run folder's name)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

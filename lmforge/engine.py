@@ -50,6 +50,8 @@ from .sampling import apply_repetition_penalty, check_sampling, check_stop, samp
 
 # ------------------------------------------------------------------------------------------ requests and events
 
+MAX_LOGPROBS = 20  # top alternatives a request may ask for
+
 @dataclass
 class Request:
     """What to generate: prompt token ids, how many new tokens at most, how to sample, and when to stop."""
@@ -62,18 +64,32 @@ class Request:
     stop: list[str] = field(default_factory=list)  # stop strings (need the engine's tokenizer); not returned
     seed: int | None = None  # None: drawn from torch's global generator
     stop_at_eos: bool = True  # end at the tokenizer's end-of-text (Engine(eos_id=...))
+    logprobs: int | None = None  # report each new token's log-probability and this many top alternatives
+    prompt_logprobs: bool = False  # also report the prompt tokens' log-probabilities (in the first event)
+
+
+@dataclass
+class Logprob:
+    """A token's log-probability under the model's own next-token distribution (before temperature, penalties or
+    truncation) and the top alternatives at its position, most likely first, as (token, logprob)."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
 class Event:
     """One request's news from a step: its new token (None when it ended without one), the text that token completes
     (with a tokenizer; held back while it may begin a stop string), and whether it ended: finish_reason 'stop' (end
-    of text or a stop string) or 'length' (max_new_tokens)."""
+    of text or a stop string) or 'length' (max_new_tokens). With Request.logprobs, logprob scores the new token; with
+    Request.prompt_logprobs, the request's first event scores every prompt token after the first."""
     request_id: int
     token: int | None
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None
+    logprob: Logprob | None = None
+    prompt_logprobs: list[Logprob] | None = None
 
 
 class TextStream:
@@ -319,6 +335,11 @@ class Engine:
         if not isinstance(r.stop_at_eos, bool):
             raise UserError(f"stop_at_eos={r.stop_at_eos!r} must be True or False")
         check_sampling(r.max_new_tokens, r.temperature, r.top_k, r.top_p, r.repetition_penalty, seed=r.seed)
+        if r.logprobs is not None and (isinstance(r.logprobs, bool) or not isinstance(r.logprobs, int)
+                                       or not 0 <= r.logprobs <= MAX_LOGPROBS):
+            raise UserError(f"logprobs={r.logprobs!r} must be None or a number of alternatives from 0 to {MAX_LOGPROBS}")
+        if not isinstance(r.prompt_logprobs, bool):
+            raise UserError(f"prompt_logprobs={r.prompt_logprobs!r} must be True or False")
         prompt = [_token_id(t) for t in r.prompt]
         if not prompt:
             raise UserError("a request needs at least one prompt token (start from end-of-text for an empty prompt)")
@@ -331,6 +352,9 @@ class Engine:
         cfg = self.config
         slides = not cfg.extrapolates and self.max_seq_len == cfg.block_size  # a full window slides on
         needed = (min(len(prompt), cfg.block_size) if slides else len(prompt)) + max(r.max_new_tokens - 1, 0)
+        if r.prompt_logprobs and len(prompt) > (self.max_seq_len if cfg.extrapolates else cfg.block_size):
+            raise UserError(f"scoring a prompt of {len(prompt)} tokens needs it to fit in one window of "
+                            f"{self.max_seq_len if cfg.extrapolates else cfg.block_size} positions; shorten it")
         if not slides and needed > self.max_seq_len:
             raise UserError(f"the prompt ({len(prompt)} tokens) and max_new_tokens={r.max_new_tokens} need "
                             f"{needed} positions, but the engine holds {self.max_seq_len} per request; shorten them "
@@ -389,13 +413,29 @@ class Engine:
 
     # --- inside a step
     def _prefill(self, seq: _Sequence, slot: int) -> Event:
-        if seq.request.max_new_tokens == 0:
-            return self._finish(seq, Event(seq.id, None), "length")
+        r = seq.request
         ids = seq.ids if self.config.extrapolates else seq.ids[-self.config.block_size:]
         idx = torch.tensor([ids], device=self.device)
-        logits = self.model(idx, kv_cache=self._rows[slot], last_only=True)[0][0, -1]
+        if r.max_new_tokens == 0:
+            event = Event(seq.id, None)
+            if r.prompt_logprobs:  # scoring only: no cache slot needed
+                event.prompt_logprobs = self._score(self.model(idx)[0][0, :-1], ids[1:], r.logprobs or 0)
+            return self._finish(seq, event, "length")
+        logits = self.model(idx, kv_cache=self._rows[slot], last_only=not r.prompt_logprobs)[0][0]
         self.slots[slot], seq.slot, seq.cached = seq, slot, len(ids)
-        return self._advance(seq, logits)
+        scores = self._score(logits[:-1], ids[1:], r.logprobs or 0) if r.prompt_logprobs else None
+        event = self._advance(seq, logits[-1])  # (appends to seq.ids, which ids may be)
+        event.prompt_logprobs = scores
+        return event
+
+    @staticmethod
+    def _score(logits: torch.Tensor, targets: list[int], top: int) -> list[Logprob]:
+        """Each target's logprob under its row of logits (N, V), with that row's top alternatives."""
+        logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+        chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
+        values, tokens = logp.topk(min(top, logp.size(-1)), dim=-1)
+        return [Logprob(t, lp, list(zip(tk, v))) for t, lp, tk, v in zip(targets, chosen, tokens.tolist(),
+                                                                         values.tolist())]
 
     def _decode(self, running: list[_Sequence]) -> list[Event]:
         for seq in running:  # a window that is full slides from now on (learned and sinusoidal positions)
@@ -450,15 +490,17 @@ class Engine:
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Event:
         """Sample the request's next token from its logits (V,) and report it; end the request if it is done."""
         r = seq.request
-        logits = logits[None]
+        raw, logits = logits, logits[None]
         if r.repetition_penalty != 1.0:
             context = torch.tensor([seq.ids], device=self.device)
             logits = apply_repetition_penalty(logits, context, r.repetition_penalty)
         token = int(sample_next_token(logits, r.temperature, r.top_k, r.top_p, seq.generator)[0])
+        event = Event(seq.id, token)
+        if r.logprobs is not None:  # the model's distribution, before the repetition penalty and sampling settings
+            event.logprob = self._score(raw[None], [token], r.logprobs)[0]
         seq.ids.append(token)
         seq.pending = token
         seq.generated += 1
-        event = Event(seq.id, token)
         if r.stop_at_eos and token == self.eos_id:
             return self._finish(seq, event, "stop")
         if seq.stream is not None:

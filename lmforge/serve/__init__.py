@@ -1,0 +1,57 @@
+"""`lmforge serve RUN`: an OpenAI-compatible HTTP server with continuous batching and a playground page.
+
+Needs the `serve` extra (FastAPI, uvicorn, prometheus-client): `pip install 'lmforge[serve]'`. The parts:
+loop.py (the engine's thread and the metrics), app.py (routes, validation, response shapes), static/index.html
+(the playground). Nothing here is imported by the rest of the package.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..errors import UserError
+
+
+def _require_extra():
+    missing = []
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise UserError(f"serving needs {', '.join(missing)}: pip install 'lmforge[serve]'")
+
+
+def serve_cli(args) -> int:
+    _require_extra()
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port={args.port} must be in [0, 65535]")
+    if args.max_body_bytes < 1024:
+        raise UserError(f"--max-body-bytes={args.max_body_bytes} must be at least 1024")
+    api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    holder = {}
+
+    def failed(error: BaseException):  # the engine could not be built: say why and stop the server
+        logging.getLogger("lmforge.serve").error("loading %s failed: %s", args.run, error)
+        if "server" in holder:
+            holder["server"].should_exit = True
+
+    app = create_app(args.run, max_body_bytes=args.max_body_bytes, device=args.device, checkpoint=args.checkpoint,
+                     max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_tokens_limit=args.max_tokens_limit,
+                     max_queue=args.max_queue, api_key=api_key, compile=args.compile, model_name=args.model_name,
+                     on_failure=failed)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        logging.getLogger("lmforge.serve").warning(
+            "serving on %s without an API key: anyone who can reach this port can use the model", args.host)
+    server = holder["server"] = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5))
+    server.run()
+    error = app.state.server.loop.error
+    return 1 if error is not None else 0

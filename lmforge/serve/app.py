@@ -1,0 +1,602 @@
+"""The HTTP API: OpenAI-style completions and chat completions over the engine, plus health, metrics and the page.
+
+    app = create_app("runs/NAME", max_batch=16)        # uvicorn.run(app) serves it; `lmforge serve` does both
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (503 until the engine is warm),
+GET /metrics (Prometheus text), GET / (the playground page). Requests are validated strictly (pydantic: unknown
+fields and wrong types are 400s, with OpenAI's error body); each becomes engine Requests handed to the engine's
+thread (loop.py), and its events come back as one JSON response or as Server-Sent Events ending with `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Literal
+
+from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..checkpoint import read_run_config
+from ..engine import MAX_LOGPROBS, Engine, Logprob, Request
+from ..errors import UserError
+from .loop import Busy, EngineLoop, Job, Metrics
+
+log = logging.getLogger("lmforge.serve")
+
+MAX_N = 16  # choices one request may ask for
+MAX_STOP = 16  # stop strings one request may give
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf: impossible tokens report this
+DEFAULT_CHAT_TEMPLATE = {  # what a run fine-tuned on prompt->completion pairs expects: a lone user turn is the prompt
+    "system": "{content}\n\n", "user": "{content}", "assistant": "{content}<|endoftext|>", "generation": ""}
+
+
+# --------------------------------------------------------------------------------------------------- request bodies
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # unknown fields and wrong types are the client's error
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)  # beyond OpenAI's API, as vLLM and llama.cpp's server take it
+    repetition_penalty: float = Field(1.0, gt=0, le=10)  # likewise
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    presence_penalty: float = 0.0  # accepted at 0 only: see _refuse_unsupported
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # the client's own tag; not used
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class APIError(Exception):
+    """A request the server refuses: its HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = ("invalid_request_error" if status < 429 else "rate_limit_error" if status == 429
+            else "service_unavailable" if status == 503 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+# ------------------------------------------------------------------------------------------------------ the server
+
+class Server:
+    """What the routes share: the engine's thread, the limits, the served model's name and its chat template."""
+
+    def __init__(self, run: str | Path, device: str = "cpu", checkpoint: str | None = None, max_batch: int = 8,
+                 max_seq_len: int | None = None, max_tokens_limit: int | None = None, max_queue: int = 64,
+                 api_key: str | None = None, compile: str = "auto", model_name: str | None = None,
+                 on_failure: Callable[[BaseException], None] = lambda e: None):
+        from ..config import ModelConfig
+        config = read_run_config(Path(run))  # a missing or broken run fails now, before the server starts
+        template = config.get("chat_template", DEFAULT_CHAT_TEMPLATE)
+        if not isinstance(template, dict) or set(template) != set(DEFAULT_CHAT_TEMPLATE) or not all(
+                isinstance(v, str) for v in template.values()):
+            raise UserError(f"{run}/config.json: chat_template must map {sorted(DEFAULT_CHAT_TEMPLATE)} to strings")
+        if max_batch < 1 or max_queue < 0:
+            raise UserError(f"--max-batch={max_batch} must be at least 1 and --max-queue={max_queue} at least 0")
+        if max_tokens_limit is not None and max_tokens_limit < 1:
+            raise UserError(f"--max-tokens-limit={max_tokens_limit} must be at least 1")
+        if compile not in ("auto", "on", "off"):
+            raise UserError(f"--compile={compile!r} must be auto, on or off")
+        block_size = ModelConfig.from_dict(config["model"]).block_size
+        self.max_seq_len = max_seq_len or block_size
+        self.max_tokens_limit = min(max_tokens_limit or self.max_seq_len, self.max_seq_len)
+        self.chat_template, self.api_key = template, api_key
+        self.name = model_name or Path(run).resolve().name
+        self.created = int(time.time())
+        self.metrics = Metrics()
+
+        def build() -> Engine:
+            from ..checkpoint import load
+            model, tokenizer = load(run, device=device, checkpoint=checkpoint)
+            engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=self.max_seq_len,
+                            compile=_should_compile(compile, model))
+            warm = engine.add(Request([tokenizer.eot_id], max_new_tokens=2, temperature=0.0, stop_at_eos=False))
+            while warm in engine:  # one request through prefill and decode: first-call costs are paid here
+                engine.step()
+            log.info("engine ready: %s, %d slots x %d positions, compiled=%s", self.name, max_batch,
+                     self.max_seq_len, engine._step is not None)
+            return engine
+
+        self.loop = EngineLoop(build, capacity=max_batch + max_queue, metrics=self.metrics, on_failure=on_failure)
+
+    @property
+    def engine(self) -> Engine:
+        if self.loop.error is not None:
+            raise APIError(503, f"the model failed to load: {self.loop.error}", code="model_failed")
+        if not self.loop.ready.is_set():
+            raise APIError(503, "the model is still loading; retry when GET /health answers 200", code="loading")
+        return self.loop.engine
+
+    # --- turning bodies into engine requests
+    def check_model(self, model: str):
+        if model != self.name:
+            raise APIError(404, f"model {model!r} is not served here; this server serves {self.name!r} "
+                                f"(GET /v1/models)", param="model", code="model_not_found")
+
+    def prompts(self, prompt) -> list[list[int]]:
+        """A completion prompt (a string, a list of strings, token ids, or a list of token-id lists) as id lists."""
+        tokenizer = self.engine.tokenizer
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif not prompt:
+            raise APIError(400, "prompt is an empty list; give a string or a non-empty list", param="prompt")
+        elif isinstance(prompt[0], int):
+            prompt = [prompt]
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                try:
+                    ids = tokenizer.encode(p) if p else []
+                except UserError as e:
+                    raise APIError(400, f"prompt: {e}", param="prompt") from None
+                out.append(ids or [tokenizer.eot_id])  # an empty prompt starts after end-of-text
+            elif not p:
+                raise APIError(400, "a token-id prompt is empty", param="prompt")
+            else:
+                out.append(list(p))
+        return out
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        """The messages rendered by the run's chat template, then the template's generation prefix, as ids."""
+        tokenizer, template = self.engine.tokenizer, self.chat_template
+        text = "".join(template[m.role].replace("{content}", m.content if isinstance(m.content, str)
+                                                else "".join(part.text for part in m.content)) for m in messages)
+        text += template["generation"]
+        ids = []
+        for i, piece in enumerate(text.split("<|endoftext|>")):  # the template's end-of-text marks are the token
+            if i:
+                ids.append(tokenizer.eot_id)
+            try:
+                ids += tokenizer.encode(piece) if piece else []
+            except UserError as e:
+                raise APIError(400, f"messages: {e}", param="messages") from None
+        return ids or [tokenizer.eot_id]
+
+    def requests(self, prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
+                 logprobs: int | None, prompt_logprobs: bool = False) -> list[Request]:
+        """Engine requests for every prompt x choice: choice j of a seeded request is seeded seed + j."""
+        _refuse_unsupported(body)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > MAX_STOP or any(not s for s in stop):
+            raise APIError(400, f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
+        if len(prompts) * body.n > self.loop.capacity:
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is more generations than this server holds "
+                                f"at once ({self.loop.capacity}); split the request", param="n")
+        if max_tokens is not None and max_tokens > self.max_tokens_limit:
+            raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {self.max_tokens_limit}",
+                           param="max_tokens")
+        out = []
+        for ids in prompts:
+            room = self.max_seq_len - len(ids)
+            wanted = min(room, self.max_tokens_limit) if max_tokens is None else max_tokens
+            if room < 0 or wanted > room:
+                raise APIError(400, f"the prompt ({len(ids)} tokens) and max_tokens={wanted} need {len(ids) + wanted}"
+                                    f" positions, but this model takes {self.max_seq_len}; shorten the prompt or ask "
+                                    f"for fewer tokens", param="prompt", code="context_length_exceeded")
+            for j in range(body.n):
+                request = Request(ids, wanted, body.temperature, body.top_k, body.top_p if body.top_p < 1 else None,
+                                  body.repetition_penalty, stop, None if body.seed is None else body.seed + j,
+                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                try:
+                    self.engine.check(request)
+                except UserError as e:
+                    raise APIError(400, str(e)) from None
+                out.append(request)
+        return out
+
+    def submit(self, requests: list[Request]) -> Job:
+        job = Job(requests, asyncio.get_running_loop(), asyncio.Queue())
+        try:
+            self.loop.submit(job)
+        except Busy as e:
+            raise APIError(429, f"{e}; retry shortly", code="server_busy") from None
+        return job
+
+    # --- token text for logprobs
+    def token_text(self, token: int) -> str:
+        return self.engine.tokenizer.decode_bytes([token]).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int) -> list[int]:
+        return list(self.engine.tokenizer.decode_bytes([token]))
+
+
+def _should_compile(choice: str, model) -> bool:
+    """--compile auto: compile the decode step where it pays back its warm-up (tens of seconds on a CPU): on CUDA,
+    and on a CPU with a C++ compiler for models of 20M parameters or more (Python overhead dominates below that
+    less than the warm-up costs)."""
+    if choice != "auto":
+        return choice == "on"
+    import os
+    import shutil
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return True
+    return shutil.which(os.environ.get("CXX", "g++")) is not None and model.num_params() >= 20_000_000
+
+
+def _refuse_unsupported(body: _Sampling):
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise APIError(400, f"{name} is not supported; use repetition_penalty (CTRL's rule)", param=name)
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    if getattr(body, "suffix", None):
+        raise APIError(400, "suffix (insertion) is not supported by a left-to-right model", param="suffix")
+    best_of = getattr(body, "best_of", None)
+    if best_of is not None and best_of != body.n:
+        raise APIError(400, "best_of other than n is not supported", param="best_of")
+
+
+# --------------------------------------------------------------------------------------------- response formatting
+
+class _Choice:
+    """One choice's text, tokens and logprobs as its events arrive."""
+
+    def __init__(self):
+        self.text, self.tokens, self.logprobs = [], 0, []
+        self.finish_reason: str | None = None
+
+    def add(self, event) -> None:
+        self.text.append(event.text)
+        self.tokens += event.token is not None
+        if event.logprob is not None:
+            self.logprobs.append(event.logprob)
+        if event.finished:
+            self.finish_reason = event.finish_reason
+
+
+def _floor(lp: float) -> float:
+    return max(lp, LOGPROB_FLOOR)
+
+
+def completion_logprobs(server: Server, records: list[Logprob | None], tokens: list[int], offset: int) -> dict:
+    """The completions API's logprobs object; a None record is the prompt's first token (nothing scores it)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, record in zip(tokens, records):
+        text = server.token_text(token)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(None if record is None else _floor(record.logprob))
+        out["top_logprobs"].append(None if record is None else {
+            server.token_text(t): _floor(lp) for t, lp in record.top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(server: Server, records: list[Logprob]) -> dict:
+    def entry(token, lp):
+        return {"token": server.token_text(token), "logprob": _floor(lp), "bytes": server.token_bytes(token)}
+    return {"content": [{**entry(r.token, r.logprob), "top_logprobs": [entry(t, lp) for t, lp in r.top]}
+                        for r in records]}
+
+
+def usage(prompts: list[list[int]], choices: list[_Choice]) -> dict:
+    prompt_tokens, completion_tokens = sum(map(len, prompts)), sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _JobResponse(StreamingResponse):
+    """A streamed response that cancels its job whenever it ends: finished, failed, or the client went away."""
+
+    def __init__(self, content, server: Server, job: Job):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.server, self.job = server, job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.server.loop.cancel(self.job)
+
+
+async def _events(job: Job, http: HTTPRequest | None = None):
+    """(choice, Event) pairs of a job until every choice has finished. Without a stream, the client is polled: a
+    client that went away cancels the job."""
+    left = len(job.requests)
+    while left:
+        try:
+            choice, item = await asyncio.wait_for(job.events.get(), timeout=0.5 if http else None)
+        except TimeoutError:
+            if await http.is_disconnected():
+                raise ClientGone() from None
+            continue
+        if choice is None:  # the engine failed (its thread logged why)
+            raise APIError(500, f"generation failed ({type(item).__name__}: {item}); see the server's log")
+        left -= item.finished
+        yield choice, item
+
+
+class ClientGone(Exception):
+    """The client of a non-streamed request disconnected before its answer was ready."""
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _sse_stream(chunks):
+    """Server-Sent Events of a stream's chunks, ending with [DONE]; a failure mid-stream is an error event."""
+    try:
+        async for obj in chunks:
+            yield _sse(obj)
+    except APIError as e:
+        yield _sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": e.code}})
+    yield "data: [DONE]\n\n"
+
+
+# ------------------------------------------------------------------------------------------------------------- app
+
+def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> FastAPI:
+    """The FastAPI app serving a run; options are Server's. The engine loads on its own thread at startup."""
+    from contextlib import asynccontextmanager
+
+    server = Server(run, **options)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.loop.start()
+        yield
+        server.loop.stop()
+
+    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error_body(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        if first.get("type") == "json_invalid":
+            return error_body(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})")
+        return error_body(400, f"{where or 'body'}: {first.get('msg')}", param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        return error_body(e.status_code, str(e.detail))
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request, e: ClientGone):
+        return Response(status_code=499)  # nobody reads it; the job is already cancelled
+
+    @app.exception_handler(Exception)
+    async def _bug(request, e: Exception):
+        log.exception("request failed")
+        return error_body(500, f"internal error ({type(e).__name__}); see the server's log")
+
+    async def authorized(request: HTTPRequest):
+        if server.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        if server.loop.error is not None:
+            return JSONResponse({"status": "failed", "error": str(server.loop.error)}, status_code=503)
+        if not server.loop.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models():
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
+                                            "owned_by": "lmforge", "max_model_len": server.max_seq_len}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        server.check_model(body.model)
+        prompts = server.prompts(body.prompt)
+        scored = body.echo and body.logprobs is not None
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
+        requests = server.requests(prompts, body, max_tokens, body.logprobs, prompt_logprobs=scored)
+        job = server.submit(requests)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        choices = [_Choice() for _ in requests]
+        echoes = [text if isinstance(text, str) else server.engine.tokenizer.decode(ids)
+                  for ids, text in zip(prompts, body.prompt if isinstance(body.prompt, list) and not
+                                       isinstance(body.prompt[0], int) else [body.prompt])]
+        echoed, offsets = [False] * len(requests), [0] * len(requests)
+
+        def piece(i: int, event) -> tuple[str, dict | None]:
+            """A choice's new text and logprobs for this event; the first one starts with the echoed prompt."""
+            text, records, tokens = event.text, [], []
+            if body.echo and not echoed[i]:
+                echoed[i] = True
+                text = echoes[i // body.n] + text
+                if scored:
+                    records, tokens = [None] + list(event.prompt_logprobs or []), list(prompts[i // body.n])
+            if event.logprob is not None:
+                records.append(event.logprob)
+                tokens.append(event.token)
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(server, records, tokens, offsets[i])
+                offsets[i] += sum(len(t) for t in logprobs["tokens"])
+            return text, logprobs
+
+        def chunk(choice_list: list, with_usage: bool = False) -> dict:
+            out = {"id": rid, "object": "text_completion", "created": created, "model": server.name,
+                   "choices": choice_list}
+            if include_usage:
+                out["usage"] = usage(prompts, choices) if with_usage else None
+            return out
+
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            async def stream():
+                async for i, event in _events(job):
+                    text, logprobs = piece(i, event)
+                    choices[i].add(event)
+                    yield chunk([{"index": i, "text": text, "logprobs": logprobs,
+                                  "finish_reason": event.finish_reason}])
+                if include_usage:
+                    yield chunk([], with_usage=True)
+            return _JobResponse(_sse_stream(stream()), server, job)
+
+        texts, logprobs = [[] for _ in requests], [None] * len(requests)
+        try:
+            async for i, event in _events(job, http):
+                text, lp = piece(i, event)
+                choices[i].add(event)
+                texts[i].append(text)
+                if lp is not None:
+                    logprobs[i] = lp if logprobs[i] is None else {k: logprobs[i][k] + lp[k] for k in lp}
+        finally:
+            server.loop.cancel(job)
+        return {"id": rid, "object": "text_completion", "created": created, "model": server.name,
+                "choices": [{"index": i, "text": "".join(texts[i]), "logprobs": logprobs[i],
+                             "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+                "usage": usage(prompts, choices)}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatRequest, http: HTTPRequest):
+        server.check_model(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        prompts = [server.chat_prompt(body.messages)]
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        requests = server.requests(prompts, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+        job = server.submit(requests)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        choices = [_Choice() for _ in requests]
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choice_list: list, with_usage: bool = False) -> dict:
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.name,
+                   "choices": choice_list}
+            if include_usage:
+                out["usage"] = usage(prompts, choices) if with_usage else None
+            return out
+
+        if body.stream:
+            async def stream():
+                for i in range(len(requests)):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+                async for i, event in _events(job):
+                    choices[i].add(event)
+                    delta = {"content": event.text} if event.text or not event.finished else {}
+                    logprobs = chat_logprobs(server, [event.logprob]) if event.logprob is not None else None
+                    yield chunk([{"index": i, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": event.finish_reason}])
+                if include_usage:
+                    yield chunk([], with_usage=True)
+            return _JobResponse(_sse_stream(stream()), server, job)
+
+        try:
+            async for i, event in _events(job, http):
+                choices[i].add(event)
+        finally:
+            server.loop.cancel(job)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": server.name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
+                             "logprobs": chat_logprobs(server, c.logprobs) if body.logprobs else None,
+                             "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+                "usage": usage(prompts, choices)}
+
+    return BodyLimit(app, max_body_bytes)
+
+
+class BodyLimit:
+    """ASGI wrapper: a request body over the limit gets 413 before the app sees it (the body is read whole first,
+    which the limit keeps small)."""
+
+    def __init__(self, app: FastAPI, limit: int):
+        self.app, self.limit = app, limit
+        self.state = app.state  # the app's state, reachable from the wrapper
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = error_body(413, f"the request body is larger than this server's limit of {self.limit} bytes")
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_big(scope, receive, send)
+        body, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            body.append(message.get("body", b""))
+            more = message.get("more_body", False)
+            if sum(map(len, body)) > self.limit:
+                return await too_big(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
