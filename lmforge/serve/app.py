@@ -345,15 +345,19 @@ class _JobResponse(StreamingResponse):
 
 
 async def _events(job: Job, http: HTTPRequest | None = None):
-    """(choice, Event) pairs of a job until every choice has finished. Without a stream, the client is polled: a
-    client that went away cancels the job."""
-    left = len(job.requests)
+    """(choice, Event) pairs of a job until every choice has finished. Without a stream, the client is polled
+    twice a second: a client that went away cancels the job (ClientGone)."""
+    left, checked = len(job.requests), time.monotonic()
     while left:
         try:
-            choice, item = await asyncio.wait_for(job.events.get(), timeout=0.5 if http else None)
+            choice, item = await asyncio.wait_for(job.events.get(), timeout=0.5 if http is not None else None)
         except TimeoutError:
+            choice = item = None
+        if http is not None and time.monotonic() - checked >= 0.5:
+            checked = time.monotonic()
             if await http.is_disconnected():
-                raise ClientGone() from None
+                raise ClientGone()
+        if item is None:
             continue
         if choice is None:  # the engine failed (its thread logged why)
             raise APIError(500, f"generation failed ({type(item).__name__}: {item}); see the server's log")

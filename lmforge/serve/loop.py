@@ -51,6 +51,8 @@ class Metrics:
                                 registry=r)
         self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("lmforge_generation_tokens", "Tokens generated", registry=r)
+        self.steps = Counter("lmforge_engine_steps", "Engine steps: each decodes one token for every running "
+                             "generation (tokens / steps is the mean batch)", registry=r)
         self.time_to_first_token = Histogram(
             "lmforge_time_to_first_token_seconds", "From a request's arrival to its first generated token",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32), registry=r)
@@ -131,6 +133,7 @@ class EngineLoop:
                             owners.pop(rid, None)
                             last_token.pop(rid, None)
                             self._release(1)
+            self._gauges()
             if not engine.has_work():
                 continue
             try:
@@ -144,9 +147,13 @@ class EngineLoop:
                 owners.clear()
                 last_token.clear()
                 continue
+            self.metrics.steps.inc()
             self._account(events, owners, last_token)
-            self.metrics.running.set(engine.num_running)
-            self.metrics.waiting.set(engine.num_waiting)
+            self._gauges()
+
+    def _gauges(self):
+        self.metrics.running.set(self.engine.num_running)
+        self.metrics.waiting.set(self.engine.num_waiting)
 
     def _add(self, job: Job, owners: dict):
         if job.cancelled:  # cancelled before it reached the engine
