@@ -404,6 +404,9 @@ class Engine:
         running = [s for s in self.slots if s is not None]
         if running:
             events += self._decode(running)
+        for seq in [s for s in self.waiting if s.request.max_new_tokens == 0]:  # nothing to decode: no slot needed
+            self.waiting.remove(seq)
+            events.append(self._prefill(seq, -1))
         for slot in range(self.max_batch):
             if not self.waiting:
                 break

@@ -140,6 +140,10 @@ def test_each_request_stops_on_its_own_terms():
     (dict(prompt=[1.0]), "not an integer token id"),
     (dict(prompt=[1], seed=2**64), "seed"),
     (dict(prompt=[1], max_new_tokens=True), "max_new_tokens"),
+    (dict(prompt=[1], logprobs=21), "logprobs"),
+    (dict(prompt=[1], logprobs=True), "logprobs"),
+    (dict(prompt=[1], prompt_logprobs=1), "prompt_logprobs"),
+    (dict(prompt=list(range(40)), prompt_logprobs=True, max_new_tokens=0), "one window"),
 ])
 def test_bad_requests_are_refused_at_add_and_the_engine_goes_on(request_kw, message):
     model = tiny_model("rope")
@@ -336,3 +340,42 @@ def test_samples_written_during_training_equal_the_naive_path(tmp_path):
                              generator=torch.Generator().manual_seed(4))
         text = tok.decode([t for t in ids if t != tok.eot_id][:ids.index(tok.eot_id) if tok.eot_id in ids else None])
         assert sample.split("\n", 1)[1].rstrip("\n") == "To" + text, step
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_logprobs_are_the_models_own_distribution_whatever_the_sampling(position):
+    model = tiny_model(position)
+    engine = Engine(model, max_batch=3, max_seq_len=32)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    rids = [engine.add(Request(prompt, 6, temperature=t, top_k=k, seed=1, logprobs=4, prompt_logprobs=True))
+            for t, k in ((0.0, None), (1.3, 5), (0.7, None))]
+    events: dict[int, list] = {}
+    while engine.has_work():
+        for e in engine.step():
+            events.setdefault(e.request_id, []).append(e)
+    for rid in rids:
+        ids = prompt + [e.token for e in events[rid] if e.token is not None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids]))[0][0], dim=-1)  # (T, V): the naive reference
+        scored = events[rid][0].prompt_logprobs + [e.logprob for e in events[rid] if e.token is not None]
+        assert [s.token for s in scored] == ids[1:]
+        for pos, s in enumerate(scored):
+            assert s.logprob == pytest.approx(logp[pos, ids[pos + 1]].item(), abs=1e-5)
+            top = logp[pos].topk(4)
+            assert [t for t, _ in s.top] == top.indices.tolist()
+            assert [v for _, v in s.top] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_scoring_a_prompt_alone_takes_no_slot():
+    model = tiny_model("rope")
+    engine = Engine(model, max_batch=1, max_seq_len=32)
+    running = engine.add(Request([1, 2], 8, temperature=0))
+    engine.step()
+    scored = engine.add(Request([5, 6, 7], 0, logprobs=0, prompt_logprobs=True))
+    events = [e for e in engine.step() if e.request_id == scored]
+    assert events[0].finished and events[0].finish_reason == "length" and events[0].token is None
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([[5, 6, 7]]))[0][0], dim=-1)
+    assert [s.logprob for s in events[0].prompt_logprobs] == pytest.approx([logp[0, 6].item(), logp[1, 7].item()])
+    assert all(s.top == [] for s in events[0].prompt_logprobs)
+    assert drain(engine)[running] == generate_naive(model, [1, 2], 8, temperature=0)[2:]
