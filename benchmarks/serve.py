@@ -7,7 +7,12 @@ first token (from sending the request to its first streamed token) at the median
 runs with its defaults for this model size (the decode step compiled at startup), --max-batch 16 and --max-seq-len
 sized to prompt + new tokens. Clients and server share this machine's cores; the clients are one asyncio loop.
 
+With --llama-server PATH (a llama-server binary built from llama.cpp), the same load also runs against llama.cpp's
+own server on an f32 GGUF of the same weights, alone afterwards, with 16 parallel slots (-np 16) of the same size and
+continuous batching (its default); its greedy text for one prompt is checked against ours first.
+
     python benchmarks/serve.py [--prompt 64] [--new 128] [--requests 3] [--clients 1 4 16] [--threads 2]
+                               [--llama-server PATH]
 """
 
 import argparse
@@ -51,7 +56,7 @@ async def one_request(http: httpx.AsyncClient, url: str, prompt: list[int], new:
     body = {"model": "gpt2-random", "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, pieces = None, None, 0
     async with http.stream("POST", url + "/v1/completions", json=body) as r:
         assert r.status_code == 200, await r.aread()
         async for line in r.aiter_lines():
@@ -60,9 +65,10 @@ async def one_request(http: httpx.AsyncClient, url: str, prompt: list[int], new:
             chunk = json.loads(line[6:])
             if chunk["choices"] and first is None:
                 first = time.perf_counter() - t0
+            pieces += bool(chunk["choices"])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return first, tokens, time.perf_counter() - t0
+    return first, pieces if tokens is None else tokens, time.perf_counter() - t0
 
 
 async def load(url: str, clients: int, requests: int, prompt_len: int, new: int, seed: int) -> dict:
@@ -84,6 +90,38 @@ async def load(url: str, clients: int, requests: int, prompt_len: int, new: int,
             "ttft_p95": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))]}
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, log) -> None:
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise SystemExit("the server exited:\n" + log.read())
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+
+
+def greedy_text(url: str, prompt: list[int], new: int) -> str:
+    body = {"model": "gpt2-random", "prompt": prompt, "max_tokens": new, "temperature": 0}
+    return httpx.post(url + "/v1/completions", json=body, timeout=600).json()["choices"][0]["text"]
+
+
+def measure(url: str, args) -> list[dict]:
+    asyncio.run(load(url, 1, 1, args.prompt, args.new, seed=99))  # one request first: nothing cold is timed
+    return [asyncio.run(load(url, c, args.requests, args.prompt, args.new, seed=c)) for c in args.clients]
+
+
+def table(name: str, rows: list[dict]) -> None:
+    base = rows[0]["tok_s"]
+    print(f"\n{name}\n| concurrent clients | requests | generated tok/s | vs 1 client | TTFT p50 | TTFT p95 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | "
+              f"{r['ttft_p50']:.2f} s | {r['ttft_p95']:.2f} s |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", type=int, default=64)
@@ -93,48 +131,66 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--llama-server", help="a llama-server binary: also measure llama.cpp's server")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp())
     run = make_run(root)
+    check = torch.randint(0, 50257, (args.prompt,), generator=torch.Generator().manual_seed(5)).tolist()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    slots = args.prompt + args.new
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(root / "server.log", "w+")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(run), "--port", str(port),
-                               "--max-batch", str(args.max_batch), "--max-seq-len", str(args.prompt + args.new),
+                               "--max-batch", str(args.max_batch), "--max-seq-len", str(slots),
                                "--compile", args.compile, "--log-level", "warning"],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        while True:
-            if server.poll() is not None:
-                log.seek(0)
-                raise SystemExit("the server exited:\n" + log.read())
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        print(f"server healthy after {time.perf_counter() - t0:.1f} s (load + warm-up); GPT-2 124M shape, fp32, "
-              f"{args.threads} threads, --max-batch {args.max_batch}, prompt {args.prompt} tokens, {args.new} new, "
-              f"greedy, streamed, {args.requests} requests per client\n")
-        asyncio.run(load(url, 1, 1, args.prompt, args.new, seed=99))  # one request first: nothing cold is timed
-        rows = [asyncio.run(load(url, c, args.requests, args.prompt, args.new, seed=c)) for c in args.clients]
-        steps = httpx.get(url + "/metrics").text
+        wait_healthy(server, url, log)
+        print(f"lmforge serve healthy after {time.perf_counter() - t0:.1f} s (load + warm-up). GPT-2 124M shape, fp32, "
+              f"{args.threads} threads, {args.max_batch} slots, prompt {args.prompt} tokens, {args.new} new, greedy, "
+              f"streamed, {args.requests} requests per client")
+        ours_text = greedy_text(url, check, 32)
+        ours = measure(url, args)
+        metric = {line.split()[0]: float(line.split()[1]) for line in httpx.get(url + "/metrics").text.splitlines()
+                  if line and not line.startswith("#") and "{" not in line}
     finally:
         server.terminate()
         server.wait(30)
-    base = rows[0]["tok_s"]
-    print("| concurrent clients | requests | generated tok/s | vs 1 client | TTFT p50 | TTFT p95 |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | "
-              f"{r['ttft_p50']:.2f} s | {r['ttft_p95']:.2f} s |")
-    metric = {line.split()[0]: float(line.split()[1]) for line in steps.splitlines()
-              if line and not line.startswith("#") and "{" not in line}
-    print(f"\nmean batch over the run: {metric['lmforge_generation_tokens_total'] / metric['lmforge_engine_steps_total']:.1f}"
-          f" tokens per engine step")
+    table("lmforge serve", ours)
+    print(f"mean batch: {metric['lmforge_generation_tokens_total'] / metric['lmforge_engine_steps_total']:.1f} "
+          f"tokens per engine step")
+    if not args.llama_server:
+        return
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from generate import write_gguf  # noqa: E402  (the f32 GGUF writer of the decode benchmark)
+    model, tok = __import__("lmforge").load(run)
+    gguf_path = root / "gpt2-random-f32.gguf"
+    write_gguf(model, tok, gguf_path)
+    del model
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "llama-server.log", "w+")
+    t0 = time.perf_counter()
+    server = subprocess.Popen([args.llama_server, "-m", str(gguf_path), "--port", str(port), "-np",
+                               str(args.max_batch), "-c", str(args.max_batch * slots), "-t", str(args.threads),
+                               "-tb", str(args.threads), "--no-webui"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(server, url, log)
+        print(f"\nllama-server healthy after {time.perf_counter() - t0:.1f} s")
+        theirs_text = greedy_text(url, check, 32)
+        print(f"greedy text of one prompt, 32 tokens: {'equal' if theirs_text == ours_text else 'DIFFERENT'}")
+        theirs = measure(url, args)
+    finally:
+        server.terminate()
+        server.wait(30)
+    table("llama.cpp llama-server", theirs)
+    print("\n| concurrent clients | lmforge tok/s | llama.cpp tok/s | ratio |\n|---|---|---|---|")
+    for a, b in zip(ours, theirs):
+        print(f"| {a['clients']} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f}x |")
 
 
 if __name__ == "__main__":

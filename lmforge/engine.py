@@ -12,8 +12,9 @@ It owns, and builds explicitly:
 - a static KV cache of max_batch slots x max_seq_len positions: a request holds one slot from its prefill to its
   last token, its token at position p in cache position p;
 - the decode step: one forward of one token per row, for a single running request on its own row of the cache,
-  else for every slot together; when asked, both are compiled at construction (a warm-up), and never recompiled
-  silently: if a later step would need a new graph, the engine warns and decodes eagerly from then on;
+  else for the first 4, 16, ... or all slots, whichever is the smallest that holds every running request; when
+  asked, each of these is compiled at construction (a warm-up), and never recompiled silently: if a later step
+  would need a new graph, the engine warns and decodes eagerly from then on;
 - continuous batching: add() queues a request, step() first decodes one token for every running request, then
   prefills waiting ones into free slots (each gives its first token), and a request leaves as soon as it ends;
   cancel() frees a slot at once.
@@ -304,10 +305,14 @@ class Engine:
                 raise
             raise too_big from None
         self._rows = [self.cache.rows(i, i + 1) for i in range(max_batch)]  # each slot's row, as a cache of its own
+        # Several running requests decode on the first b slots, for the smallest b of these buckets that holds them
+        # all (a request takes the lowest free slot, so b follows how many run): powers of 4, then every slot.
+        self._buckets = sorted({min(4 ** i, max_batch) for i in range(1, 16) if 4 ** (i - 1) < max_batch})
+        self._views = {b: self.cache.rows(0, b) for b in self._buckets if max_batch > 1}
         self.slots: list[_Sequence | None] = [None] * max_batch
         self.waiting: deque[_Sequence] = deque()
         self._ids = itertools.count()
-        self._step = None  # the compiled decode step, when asked for: graphs for one row and for all slots
+        self._step = None  # the compiled decode step, when asked for: graphs for one row and for each bucket
         if compile:
             self._step = torch.compile(_fresh_function(_decode_step), fullgraph=True, dynamic=False)
             with torch.no_grad():
@@ -450,13 +455,14 @@ class Engine:
             tokens = torch.tensor([[s.pending]], device=self.device)
             positions = torch.tensor([[s.cached]], device=self.device)
             logits[s.id] = self._forward(self._rows[s.slot], tokens, positions, s.cached + 1)[0]
-        elif cached:  # every slot steps together; free and sliding slots write a throwaway key at their position 0
-            tokens = torch.zeros(self.max_batch, 1, dtype=torch.long)
-            positions = torch.zeros(self.max_batch, 1, dtype=torch.long)
+        elif cached:  # the bucket's slots step together; free and sliding ones write a throwaway key at position 0
+            rows = next(b for b in self._buckets if b > max(s.slot for s in cached))
+            tokens = torch.zeros(rows, 1, dtype=torch.long)
+            positions = torch.zeros(rows, 1, dtype=torch.long)
             for s in cached:
                 tokens[s.slot, 0], positions[s.slot, 0] = s.pending, s.cached
             kv_len = max(s.cached for s in cached) + 1
-            out = self._forward(self.cache, tokens.to(self.device), positions.to(self.device), kv_len)
+            out = self._forward(self._views[rows], tokens.to(self.device), positions.to(self.device), kv_len)
             for s in cached:
                 logits[s.id] = out[s.slot]
         for s in cached:
@@ -484,9 +490,9 @@ class Engine:
             return self._forward(cache, tokens, positions, kv_len)
 
     def _warm_up(self):
-        """Compile the decode step for one row and, with several slots, for all of them, on throwaway tokens at
-        position 0 (a prefill overwrites them)."""
-        for cache in self._rows[:1] + ([self.cache] if self.max_batch > 1 else []):
+        """Compile the decode step for one row and for each bucket of slots, on throwaway tokens at position 0 (a
+        prefill overwrites them)."""
+        for cache in self._rows[:1] + list(self._views.values()):
             tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=self.device)
             self._step(self.model, cache, tokens, tokens.clone())
 

@@ -207,13 +207,15 @@ def test_a_failing_generate_leaves_the_engine_idle():
 def test_the_compiled_step_compiles_once_per_engine():
     from torch._dynamo.utils import counters
     model = tiny_model("alibi", vocab=61, block=128)
-    engine = Engine(model, max_batch=2, max_seq_len=128, compile=True)  # compiles now: the warm-up
+    engine = Engine(model, max_batch=5, max_seq_len=128, compile=True)  # compiles now: the warm-up
     graphs = counters["stats"]["unique_graphs"]
     short = lmforge.generation.decode_ids(engine, [[1, 2, 3]], 8, temperature=0)[0]
-    long = lmforge.generation.decode_ids(engine, [[5] * 40, [1, 2]], 64, temperature=0)
+    long = lmforge.generation.decode_ids(engine, [[5] * 40, [1, 2]], 64, temperature=0)  # the 4-slot bucket
+    full = lmforge.generation.decode_ids(engine, [[i + 1, 2] for i in range(5)], 12, temperature=0)  # all 5 slots
     assert counters["stats"]["unique_graphs"] == graphs  # other lengths and batch fill: no new graph
     assert short == generate_naive(model, [1, 2, 3], 8, temperature=0)
     assert long[0] == generate_naive(model, [5] * 40, 64, temperature=0)
+    assert full[4] == generate_naive(model, [5, 2], 12, temperature=0)
 
 
 def test_a_step_that_would_recompile_says_so_and_runs_eagerly():
@@ -379,3 +381,21 @@ def test_scoring_a_prompt_alone_takes_no_slot():
     assert [s.logprob for s in events[0].prompt_logprobs] == pytest.approx([logp[0, 6].item(), logp[1, 7].item()])
     assert all(s.top == [] for s in events[0].prompt_logprobs)
     assert drain(engine)[running] == generate_naive(model, [1, 2], 8, temperature=0)[2:]
+
+
+def test_running_requests_decode_on_the_smallest_bucket_of_slots_that_holds_them():
+    model = tiny_model("rope")
+    engine = Engine(model, max_batch=8, max_seq_len=32)
+    assert engine._buckets == [4, 8]
+    prompts = [[i + 1, 3, 5] for i in range(7)]
+    lengths = [3, 12, 5, 9, 14, 2, 10]
+    rids = [engine.add(Request(p, n, temperature=0)) for p, n in zip(prompts[:5], lengths)]
+    out = {}
+    for step in range(30):  # two more join after a few steps, into the slots the short ones leave
+        if step == 4:
+            rids += [engine.add(Request(p, n, temperature=0)) for p, n in zip(prompts[5:], lengths[5:])]
+        for e in engine.step():
+            out.setdefault(e.request_id, []).append(e.token)
+    assert not engine.has_work()
+    for rid, p, n in zip(rids, prompts, lengths):
+        assert out[rid] == generate_naive(model, p, n, temperature=0), rid
