@@ -175,7 +175,7 @@ def _tokenizer_for(spec: str, text: str, tokenizer_from: str | None) -> tuple[To
 
 # --- streaming text: documents -> units of work -> a pool of encoders -> shard files
 
-UNIT_CHARS = 1 << 22  # text handed to a worker at a time; about 2 x workers units are in flight
+UNIT_CHARS = 1 << 20  # text handed to a worker at a time; about 2 x workers units are in flight
 VAL_HASH = "crc32(document name) mod 10^6 < val_fraction x 10^6"
 
 
@@ -269,7 +269,7 @@ def _encode_unit(unit) -> tuple[str, np.ndarray]:
     for text, ends in pieces:
         arrays.append(tok.encode_array(text))
         if ends:
-            arrays.append(np.array([tok.eot_id]))
+            arrays.append(np.array([tok.eot_id], dtype=arrays[-1].dtype))
     return split, np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
 
@@ -354,10 +354,10 @@ class TokenWriter:
             seen += count
             if start >= count:
                 continue
-            data = np.memmap(path, dtype=self.dtype, mode="r")
-            for i in range(start, count, 1 << 24):
-                into.write(np.asarray(data[i:min(count, i + (1 << 24))]))
-            del data
+            with open(path, "rb") as f:  # plain reads: a map of the whole file would count as memory in use
+                f.seek(start * size)
+                for i in range(start, count, 1 << 22):
+                    into.write(np.fromfile(f, dtype=self.dtype, count=min(1 << 22, count - i)))
             if start == 0:
                 path.unlink()
                 self.shards.remove(shard)

@@ -154,7 +154,7 @@ class CharTokenizer(Tokenizer):
         """encode() by table lookup over code points: tens of MB/s instead of one dict lookup per character."""
         if self._table is None:
             points = np.array([ord(c) for c in self.chars], dtype=np.int64)
-            self._table = np.full(int(points.max(initial=0)) + 2, -1, dtype=np.int64)  # last entry: beyond the table
+            self._table = np.full(int(points.max(initial=0)) + 2, -1, dtype=np.int32)  # last entry: beyond the table
             self._table[points] = np.arange(len(points))
         points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         ids = self._table[np.minimum(points, len(self._table) - 1)]

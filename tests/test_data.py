@@ -195,3 +195,205 @@ def test_missing_data_directory_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no meta.json"):
         Dataset(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------------- data at scale
+
+import gzip  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+import lmforge.sources as sources  # noqa: E402
+from lmforge.data import ShardedTokens  # noqa: E402
+from lmforge.tokenizer import BPETokenizer  # noqa: E402
+
+
+def _files(ds: Dataset) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(ds.path.iterdir())}
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe:320"])
+def test_two_workers_write_exactly_what_one_writes(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setattr(sources, "BLOCK_CHARS", 500)
+    monkeypatch.setattr("lmforge.data.UNIT_CHARS", 700)  # many units, so the pool really interleaves them
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i:02d}.txt").write_text(f"document {i}\n" + TEXT[i * 50:] * 2)
+    one = Dataset(prepare(str(folder), tmp_path / "one", tokenizer=tokenizer, workers=1).path)
+    two = Dataset(prepare(str(folder), tmp_path / "two", tokenizer=tokenizer, workers=2).path)
+    assert _files(one) == _files(two)
+    assert one.meta["documents"] == 12 and one.meta["split"].startswith("documents: last 1 of 12")
+
+
+TEXTS = st.lists(st.sampled_from(list("ab xy\n\n  ,.'\tZ9é") + ["'s", "don't", "\u00a0", "🙂", "\r\n"]),
+                 max_size=300).map("".join)
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=TEXTS)
+def test_a_document_read_in_blocks_encodes_as_it_would_whole(text):
+    import tempfile
+    tok = _BPE
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "doc.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        saved = sources.BLOCK_CHARS
+        sources.BLOCK_CHARS = 16
+        try:
+            blocks = list(sources._text_blocks(sources.Path(path), "strict"))
+        finally:
+            sources.BLOCK_CHARS = saved
+    assert "".join(blocks) == text
+    assert [i for b in blocks for i in tok.encode(b)] == tok.encode(text)
+
+
+_BPE = BPETokenizer.train(TEXT * 3 + "ab xy don't it's 99 é 🙂 \t\n", 330)
+
+
+def test_streaming_bpe_learns_the_vocabulary_of_the_in_memory_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "BLOCK_CHARS", 4096)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog's", "42", "naïve", "café", "!", "—"]
+    rng = np.random.default_rng(0)
+    text = "".join(words[i] + (" " if j % 9 else "\n") for j, i in enumerate(rng.integers(0, len(words), 60_000)))
+    (tmp_path / "big.txt").write_text(text)
+    ds = Dataset(prepare(str(tmp_path / "big.txt"), tmp_path / "data", tokenizer="bpe:400", workers=2).path)
+    assert ds.tokenizer.ranks == BPETokenizer.train(text, 400).ranks
+    train, val = ds.tokens("train"), ds.tokens("val")
+    assert list(train) + list(val) == ds.tokenizer.encode(text) + [ds.tokenizer.eot_id]
+    sampled = Dataset(prepare(str(tmp_path / "big.txt"), tmp_path / "sampled", tokenizer="bpe:400",
+                              tokenizer_sample=10_000).path)
+    assert sampled.meta["tokenizer_sample"] == 10_000 and sampled.tokenizer.ranks != ds.tokenizer.ranks
+
+
+def test_shards_are_read_as_one_sequence_and_batches_equal_one_files(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text(TEXT * 5)
+    one = Dataset(prepare(str(path), tmp_path / "one").path)
+    many = Dataset(prepare(str(path), tmp_path / "many", shard_tokens=1000).path)
+    shards = many.meta["shards"]["train"]
+    assert len(shards) > 5 and shards[0] == {"file": "train-00000.bin", "tokens": 1000}
+    assert one.meta["shards"]["train"] == [{"file": "train.bin", "tokens": one.meta["train_tokens"]}]
+    tokens = many.tokens("train")
+    assert isinstance(tokens, ShardedTokens) and len(tokens) == len(one.tokens("train"))
+    assert np.array_equal(tokens[990:2010], one.tokens("train")[990:2010])
+    assert np.array_equal(many.tokens("val")[:], one.tokens("val")[:])
+    for step in range(5):
+        for a, b in zip(get_batch(tokens, 8, 300, seed=3, step=step), get_batch(one.tokens("train"), 8, 300, 3, step)):
+            assert torch.equal(a, b)
+
+
+def test_training_on_shards_equals_training_on_one_file(tmp_path):
+    import lmforge
+    from lmforge.config import TrainConfig
+    path = tmp_path / "c.txt"
+    path.write_text(TEXT * 5)
+    losses = []
+    for name, shard in (("one", 10**9), ("many", 700)):
+        data = prepare(str(path), tmp_path / f"d-{name}", shard_tokens=shard).path
+        cfg = TrainConfig(data=str(data), out=str(tmp_path / f"r-{name}"), model={"preset": "tiny"}, max_steps=4,
+                          batch_size=4, block_size=64, eval_interval=4, eval_steps=2, progress=False, seed=1,
+                          sample_tokens=0)
+        lmforge.train(cfg)
+        losses.append([json.loads(line).get("loss") for line in open(tmp_path / f"r-{name}" / "metrics.jsonl")])
+    assert losses[0] == losses[1]
+
+
+def test_sources_of_every_kind(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha text\n")
+    (folder / "b.md").write_text("# beta\n")
+    with gzip.open(folder / "c.txt.gz", "wt") as f:
+        f.write("gamma gz\n")
+    (folder / "d.jsonl").write_text('{"body": "delta one"}\n\n{"body": "delta two"}\n')
+    (folder / "e.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"body": "epsilon"}\n'))
+    pq.write_table(pa.table({"body": ["zeta", None, "eta"]}), folder / "f.parquet")
+    (folder / "ignored.csv").write_text("x,y\n")
+    docs, _ = load_documents(str(folder), text_field="body")
+    assert [t for _, t in docs] == ["alpha text\n", "# beta\n", "gamma gz\n", "delta one", "delta two", "epsilon",
+                                    "zeta", "eta"]
+    ds = Dataset(prepare(str(folder), tmp_path / "out", text_field="body", split="tail").path)
+    assert ds.meta["documents"] == 8
+    text = ds.tokenizer.decode(list(ds.tokens("train")) + list(ds.tokens("val")))
+    assert text == "<|endoftext|>".join(t for _, t in docs) + "<|endoftext|>"
+    globbed, _ = load_documents(str(folder / "*.jsonl*"), text_field="body")
+    assert [t for _, t in globbed] == ["delta one", "delta two", "epsilon"]
+    rows = Dataset(prepare(str(folder / "d.jsonl"), tmp_path / "rows", text_field="body").path)
+    assert rows.meta["kind"] == "tokens" and rows.meta["split"].startswith("documents: a document is validation")
+
+
+def test_hf_sources_stream_through_datasets(tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "hub-like"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": f"row {i} " + TEXT[:80]}) + "\n"
+                                                for i in range(30)))
+    ds = Dataset(prepare(f"hf:{folder}", tmp_path / "out", tokenizer="char").path)
+    assert ds.meta["documents"] == 30 and ds.meta["source"] == f"hf:{folder}"
+    with pytest.raises(ValueError, match="no 'story' field"):
+        prepare(f"hf:{folder}", tmp_path / "out2", text_field="story")
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"x.jsonl": '{"text": "ok"}\n{"title": "no text"}\n'}, "line 2 has no 'text' field"),
+    ({"x.jsonl": '{"text": "ok"}\n{"text": 5}\n'}, "line 2: 'text' is int"),
+    ({"x.jsonl": '{"text": "ok"}\nnot json\n'}, "line 2 is not JSON"),
+    ({"x.txt.gz": b"not gzip at all"}, "cannot be read"),
+    ({"a.txt": "fine text\n", "b.txt": b"ok \xc3\x28 bad"}, "b.txt is not valid UTF-8 at byte offset 3"),
+    ({"x.jsonl": b'{"text": "ok"}\n{"text": "\xff"}\n'}, "line 2 is not valid UTF-8"),
+    ({"x.parquet": b"PAR1 not really"}, "not a readable parquet file"),
+])
+def test_bad_corpora_are_one_line_errors(tmp_path, files, message):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=message):
+        prepare(str(folder), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_streams_a_corpus_larger_than_its_memory_allows(tmp_path):
+    """A 150 MB corpus prepared with the address space capped at what the process needed before plus 100 MB."""
+    corpus = tmp_path / "big.txt"
+    line = (TEXT.replace("\n", " ") + "\n").encode()
+    with open(corpus, "wb") as f:
+        for _ in range(150_000_000 // len(line)):
+            f.write(line)
+    script = f"""
+import resource, lmforge.data
+vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 100 * 2**20, resource.RLIM_INFINITY))
+try:
+    bytearray(150 * 2**20)
+    raise SystemExit("the cap did not hold")
+except MemoryError:
+    pass
+meta = lmforge.data.prepare({str(corpus)!r}, {str(tmp_path / "out")!r}, workers=1).meta
+print(meta["train_tokens"] + meta["val_tokens"])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.strip()) == corpus.stat().st_size + 1
+
+
+def test_a_killed_prepare_leaves_no_folder_that_looks_complete(tmp_path):
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(TEXT * 60_000)
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "prepare", str(corpus), "--out", str(tmp_path / "out"),
+                             "--tokenizer", "bpe:300", "--workers", "2"])
+    time.sleep(4)
+    assert proc.poll() is None, "prepare finished before it could be killed; make the corpus bigger"
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "out").exists()
+    assert not any((p / "meta.json").exists() for p in tmp_path.iterdir() if p.is_dir())
