@@ -42,7 +42,9 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     """logits (B, V) -> next token ids (B,). Temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted to <= 0 first, and never divided by a temperature float32 would round to 0: a tiny one stays finite
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None:
         logits = logits.masked_fill(~top_k_mask(logits, top_k), float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -70,8 +72,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, repeti
         raise UserError(f"top_k={top_k!r} must be an integer of at least 1")
     if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise UserError(f"top_p={top_p!r} must be in (0, 1]")
-    if not _is_number(repetition_penalty) or repetition_penalty <= 0:
-        raise UserError(f"repetition_penalty={repetition_penalty!r} must be a positive number (1 = off)")
+    if not _is_number(repetition_penalty) or not 0.01 <= repetition_penalty <= 100:
+        raise UserError(f"repetition_penalty={repetition_penalty!r} must be a number from 0.01 to 100 (1 = off)")
     if not _is_int(num_beams) or num_beams < 1:
         raise UserError(f"num_beams={num_beams!r} must be an integer of at least 1")
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):

@@ -268,6 +268,10 @@ BAD_REQUESTS = [
     ({"model": "tiny", "prompt": "To" * 70, "max_tokens": 5}, 400, "positions"),
     ({"model": "tiny", "prompt": "\u00e9t\u00e9"}, 400, "not in the character vocabulary"),
     ({"model": "nope", "prompt": "To"}, 404, "not served here"),
+    ({"model": "tiny", "prompt": "To", "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+    ({"model": "tiny", "prompt": "To", "stream_options": {"include_usage": True}}, 400, "stream=true"),
+    ({"model": "tiny", "prompt": "T\ud800"}, 400, "invalid Unicode"),
+    ({"model": "tiny", "prompt": "To", "stop": ["\udfff"]}, 400, "invalid Unicode"),
     ({"model": "tiny", "prompt": "To", "n": 9, "max_tokens": 2, "stream": True, "seed": 2**63 - 3}, 400, "seed"),
 ]
 
@@ -280,6 +284,24 @@ def test_bad_completion_requests_are_4xx_with_an_openai_error_body(server, body,
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert message in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_extreme_but_valid_settings_and_nulls_are_served(client, reference, server):
+    model, tok = reference
+    greedy = lmforge.generate(model, tok, "To be", max_new_tokens=10, temperature=0.0)
+    tiny = client.completions.create(model="tiny", prompt="To be", max_tokens=10, temperature=1e-300, seed=1)
+    assert tiny.choices[0].text == greedy  # a vanishing temperature is greedy, never a 500
+    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "prompt": "To be", "max_tokens": 10, "temperature": 0, "top_p": None,
+                         "seed": None, "stop": None, "logprobs": None})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy
+    assert client.models.retrieve("tiny").id == "tiny"
+
+
+def test_message_text_never_becomes_a_special_token(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "To<|endoftext|>be"}], "max_tokens": 2}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and "'<'" in r.json()["error"]["message"]  # plain text, outside this vocabulary
 
 
 BAD_CHATS = [

@@ -23,7 +23,7 @@ from typing import Callable, Literal
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checkpoint import read_run_config
@@ -45,6 +45,11 @@ DEFAULT_CHAT_TEMPLATE = {  # what a run fine-tuned on prompt->completion pairs e
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # unknown fields and wrong types are the client's error
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):  # clients send "temperature": null to mean "the default"
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
 
 class StreamOptions(_Body):
     include_usage: bool = False
@@ -56,7 +61,7 @@ class _Sampling(_Body):
     temperature: float = Field(1.0, ge=0, le=2)  # 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)  # beyond OpenAI's API, as vLLM and llama.cpp's server take it
-    repetition_penalty: float = Field(1.0, gt=0, le=10)  # likewise
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10)  # likewise
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -133,6 +138,9 @@ class Server:
         block_size = ModelConfig.from_dict(config["model"]).block_size
         self.max_seq_len = max_seq_len or block_size
         self.max_tokens_limit = min(max_tokens_limit or self.max_seq_len, self.max_seq_len)
+        if api_key is not None and (not api_key.strip() or not api_key.isascii() or api_key != api_key.strip()):
+            raise UserError("the API key must be non-empty printable ASCII without surrounding spaces (HTTP headers "
+                            "carry nothing else)")
         self.chat_template, self.api_key = template, api_key
         self.name = model_name or Path(run).resolve().name
         self.created = int(time.time())
@@ -178,6 +186,7 @@ class Server:
         out = []
         for p in prompt:
             if isinstance(p, str):
+                _check_text(p, "prompt")
                 try:
                     ids = tokenizer.encode(p) if p else []
                 except UserError as e:
@@ -192,17 +201,25 @@ class Server:
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
         """The messages rendered by the run's chat template, then the template's generation prefix, as ids."""
         tokenizer, template = self.engine.tokenizer, self.chat_template
-        text = "".join(template[m.role].replace("{content}", m.content if isinstance(m.content, str)
-                                                else "".join(part.text for part in m.content)) for m in messages)
-        text += template["generation"]
+
+        def encode(text: str, marks: bool) -> list[int]:  # marks: the template's <|endoftext|> is the token
+            ids = []
+            for i, piece in enumerate(text.split("<|endoftext|>") if marks else [text]):
+                if i:
+                    ids.append(tokenizer.eot_id)
+                try:
+                    ids += tokenizer.encode(piece) if piece else []
+                except UserError as e:
+                    raise APIError(400, f"messages: {e}", param="messages") from None
+            return ids
+
         ids = []
-        for i, piece in enumerate(text.split("<|endoftext|>")):  # the template's end-of-text marks are the token
-            if i:
-                ids.append(tokenizer.eot_id)
-            try:
-                ids += tokenizer.encode(piece) if piece else []
-            except UserError as e:
-                raise APIError(400, f"messages: {e}", param="messages") from None
+        for m in messages:
+            content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
+            _check_text(content, "messages")
+            before, _, after = template[m.role].partition("{content}")
+            ids += encode(before, True) + encode(content, False) + encode(after, True)
+        ids += encode(template["generation"], True)
         return ids or [tokenizer.eot_id]
 
     def requests(self, prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
@@ -212,6 +229,12 @@ class Server:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP or any(not s for s in stop):
             raise APIError(400, f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
+        for s in stop:
+            _check_text(s, "stop")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options needs stream=true", param="stream_options")
+        if body.seed is not None and body.seed + body.n - 1 >= 2**63:
+            raise APIError(400, "seed + n - 1 must stay below 2**63 (choice j is seeded seed + j)", param="seed")
         if len(prompts) * body.n > self.loop.capacity:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is more generations than this server holds "
                                 f"at once ({self.loop.capacity}); split the request", param="n")
@@ -222,7 +245,7 @@ class Server:
         for ids in prompts:
             room = self.max_seq_len - len(ids)
             wanted = min(room, self.max_tokens_limit) if max_tokens is None else max_tokens
-            if room < 0 or wanted > room:
+            if room < 0 or wanted > room or (max_tokens is None and wanted < 1):
                 raise APIError(400, f"the prompt ({len(ids)} tokens) and max_tokens={wanted} need {len(ids) + wanted}"
                                     f" positions, but this model takes {self.max_seq_len}; shorten the prompt or ask "
                                     f"for fewer tokens", param="prompt", code="context_length_exceeded")
@@ -251,6 +274,14 @@ class Server:
 
     def token_bytes(self, token: int) -> list[int]:
         return list(self.engine.tokenizer.decode_bytes([token]))
+
+
+def _check_text(text: str, param: str):
+    """Text that cannot be UTF-8 (a lone surrogate from a JSON escape) is the client's error, not a 500 later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} holds invalid Unicode ({e.reason} at character {e.start})", param=param) from None
 
 
 def _should_compile(choice: str, model) -> bool:
@@ -309,8 +340,12 @@ def completion_logprobs(server: Server, records: list[Logprob | None], tokens: l
         text = server.token_text(token)
         out["tokens"].append(text)
         out["token_logprobs"].append(None if record is None else _floor(record.logprob))
-        out["top_logprobs"].append(None if record is None else {
-            server.token_text(t): _floor(lp) for t, lp in record.top})
+        if record is None:
+            out["top_logprobs"].append(None)
+        else:  # as OpenAI's: the alternatives, and the chosen token among them
+            top = {server.token_text(t): _floor(lp) for t, lp in record.top}
+            top.setdefault(text, _floor(record.logprob))
+            out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text)
     return out
@@ -395,7 +430,7 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
     async def lifespan(app):
         server.loop.start()
         yield
-        server.loop.stop()
+        await asyncio.to_thread(server.loop.stop, 2.0)  # a warm-up in progress is not waited for (daemon thread)
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
@@ -410,6 +445,8 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         if first.get("type") == "json_invalid":
             return error_body(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})")
+        if not where and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+            return error_body(400, "the body must be a JSON object (send it with Content-Type: application/json)")
         return error_body(400, f"{where or 'body'}: {first.get('msg')}", param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
@@ -450,10 +487,18 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
     async def playground():
         return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
+    def card() -> dict:
+        return {"id": server.name, "object": "model", "created": server.created, "owned_by": "lmforge",
+                "max_model_len": server.max_seq_len}
+
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
-                                            "owned_by": "lmforge", "max_model_len": server.max_seq_len}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
+    async def model(model_id: str):
+        server.check_model(model_id)
+        return card()
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, http: HTTPRequest):
