@@ -22,7 +22,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed
-	$(PIP) -e '.[bench]'
+	$(PIP) -e '.[bench,serve]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -38,6 +38,8 @@ bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/tokenizer.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/prepare.py
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 --durations=10 tests
