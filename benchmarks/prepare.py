@@ -12,9 +12,11 @@ numbered headers. Each side runs in a process of its own, timed wall-clock, with
 
 Both hold the same ids: the benchmark checks the train + val files against the recipe's file. It also times
 single-threaded encoding of 20 MB: our BPETokenizer (its encode and the encode_array prepare uses) against
-tiktoken's encode_ordinary with the same ranks.
+tiktoken's encode_ordinary with the same ranks. Last, it checks that a BPE vocabulary learned by the streaming
+prepare (chunk counts gathered by the pool) equals BPETokenizer.train on the whole text in memory, on one file of
+--bpe-mb megabytes.
 
-    python benchmarks/prepare.py [--mb 200] [--workers 1 2]
+    python benchmarks/prepare.py [--mb 200] [--workers 1 2] [--bpe-mb 100] [--bpe-vocab 4096]
 """
 
 import argparse
@@ -80,6 +82,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--bpe-mb", type=int, default=100, help="size of the BPE check's corpus (0: skip the check)")
+    ap.add_argument("--bpe-vocab", type=int, default=4096)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp())
     size = make_corpus(root / "corpus", args.mb)
@@ -127,6 +131,28 @@ def main():
     for name, workers, seconds, rss in rows:
         ratio = "" if name.startswith("nanoGPT") else f" ({recipe[workers] / seconds:.2f}x the recipe)"
         print(f"| {name} | {workers} | {seconds:.1f} | {size / seconds / 1e6:.1f}{ratio} | {rss:.0f} MB |")
+    if args.bpe_mb:
+        check_bpe(root, args.bpe_mb, args.bpe_vocab)
+
+
+def check_bpe(root: Path, mb: int, vocab: int):
+    from lmforge.data import Dataset, prepare
+    files = sorted((root / "corpus").glob("*.txt"))
+    text = "".join(p.read_text(encoding="utf-8") for p in files)
+    while len(text) < mb * 1_000_000:
+        text += text
+    text = text[:mb * 1_000_000]
+    (root / "one.txt").write_text(text, encoding="utf-8")
+    t = time.perf_counter()
+    streamed = Dataset(prepare(str(root / "one.txt"), root / "bpe", tokenizer=f"bpe:{vocab}").path).tokenizer
+    t_stream = time.perf_counter() - t
+    t = time.perf_counter()
+    in_memory = BPETokenizer.train(text, vocab)
+    t_memory = time.perf_counter() - t
+    same = streamed.ranks == in_memory.ranks
+    print(f"\nBPE of {vocab} tokens on one {mb} MB file: streamed prepare (vocabulary + encoding) {t_stream:.0f} s, "
+          f"in-memory BPETokenizer.train {t_memory:.0f} s; vocabularies {'EQUAL' if same else 'DIFFERENT'}")
+    assert same
 
 
 if __name__ == "__main__":
