@@ -133,6 +133,7 @@ def main():
         print(f"| {name} | {workers} | {seconds:.1f} | {size / seconds / 1e6:.1f}{ratio} | {rss:.0f} MB |")
     if args.bpe_mb:
         check_bpe(root, args.bpe_mb, args.bpe_vocab)
+    __import__("shutil").rmtree(root)
 
 
 def check_bpe(root: Path, mb: int, vocab: int):

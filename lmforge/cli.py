@@ -48,8 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:  # the command line itself: a SIGTERM unwinds like Ctrl-C, so temporary folders are removed
+        import signal
+        signal.signal(signal.SIGTERM, _terminated)
+        argv = sys.argv[1:]
     parser = build_parser()
     verb = next((a for a in argv if a in VERBS), None)
     try:

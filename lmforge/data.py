@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import zlib
@@ -59,11 +60,7 @@ def load_documents(source: str, errors: str = "strict", text_field: str = "text"
     """SOURCE's documents as (name, text) pairs, all in memory, and its description: for small corpora and tests
     (prepare streams instead)."""
     corpus = open_corpus(source, text_field, errors)
-    return [(_short_name(d.name, corpus), "".join(d.blocks())) for d in corpus.documents()], corpus.description
-
-
-def _short_name(name: str, corpus: Corpus) -> str:
-    return Path(name).name if corpus.files is not None and len(corpus.files) == 1 else name
+    return [(d.name, "".join(d.blocks())) for d in corpus.documents()], corpus.description
 
 
 # ------------------------------------------------------------------------------------------------------- prepare
@@ -207,7 +204,7 @@ def _plan(corpus: Corpus, split: str, fraction: float) -> _Plan:
             raise UserError("split=documents needs at least two documents; use split=tail")
         if split == "documents" or (split == "auto" and len(files) >= math.ceil(1 / fraction)):
             n_val = max(1, round(len(files) * fraction))
-            return _Plan("files", {str(p) for p in files[len(files) - n_val:]}, fraction)
+            return _Plan("files", set(files[len(files) - n_val:]), fraction)
         return _Plan("tail", set(), fraction)
     return _Plan("tail" if split == "tail" else "hash", set(), fraction)
 
@@ -225,7 +222,7 @@ def _units(corpus: Corpus, plan: _Plan, stats: dict, limit: int | None = None, o
         for block in doc.blocks():
             if not started:  # hold blocks back until the document shows some text
                 held.append(block)
-                if not block.isspace():
+                if block.strip():
                     started = True
                     if stats["documents"]:
                         stats["sha256"].update(b"\x00")
@@ -259,6 +256,10 @@ _worker: dict = {}  # a pool process's own tokenizer, loaded once by _init_worke
 
 
 def _init_worker(tokenizer_path: str | None, pattern: str | None):
+    if sys.platform == "linux" and multiprocessing.parent_process() is not None:  # a pool process dies with prepare
+        import ctypes
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     _worker.update(tokenizer=load_tokenizer(tokenizer_path) if tokenizer_path else None, pattern=pattern)
 
 
@@ -385,6 +386,8 @@ def _learn_tokenizer(corpus: Corpus, plan: _Plan, spec: str, workers: int, sampl
     only; char: from all, so that validation text has its characters)."""
     kind, _, arg = spec.partition(":")
     stats = {"documents": 0, "characters": 0, "sha256": hashlib.sha256()}
+    if kind == "char" and sample is not None:
+        raise UserError("--tokenizer-sample is for bpe: a character vocabulary must hold every character of the corpus")
     if kind == "char" and not arg:
         chars = set()
         for found in _ordered_map(_count_unit, _units(corpus, plan, stats, sample), workers, (None, None)):
@@ -430,13 +433,18 @@ def _prepare_text(source, tmp: Path, spec, val_fraction, split, errors, tokenize
     bar.close()
     if stats["documents"] == 0:
         raise _empty(corpus)
+    if plan.mode != "tail" and 0 in (writers["train"].tokens(), writers["val"].tokens()):
+        # the documents rule left a split empty (few rows, or the validation files held no text): use the tail
+        writers["val"].cut_tail(writers["val"].tokens(), writers["train"])
+        plan = _Plan("tail", set(), val_fraction)
     if plan.mode == "tail":
         total = writers["train"].tokens()
         writers["train"].cut_tail(total - int(total * (1 - val_fraction)), writers["val"])
     shards = {s: w.close() for s, w in writers.items()}
     counts = {s: sum(f["tokens"] for f in files) for s, files in shards.items()}
     return {"format": DATA_FORMAT, "version": DATA_VERSION, "kind": "tokens", "source": corpus.description,
-            "source_sha256": stats["sha256"].hexdigest(), "tokenizer": spec, "tokenizer_sample": tokenizer_sample, "vocab_size": tok.vocab_size,
+            "source_sha256": stats["sha256"].hexdigest(), "tokenizer": spec,
+            "tokenizer_sample": tokenizer_sample if spec.startswith("bpe") else None, "vocab_size": tok.vocab_size,
             "dtype": np.dtype(dtype).name, "train_tokens": counts["train"], "val_tokens": counts["val"],
             "shards": shards, "documents": stats["documents"], "split": plan.describe(stats["documents"]),
             "characters": stats["characters"]}

@@ -328,7 +328,7 @@ def test_sources_of_every_kind(tmp_path):
     globbed, _ = load_documents(str(folder / "*.jsonl*"), text_field="body")
     assert [t for _, t in globbed] == ["delta one", "delta two", "epsilon"]
     rows = Dataset(prepare(str(folder / "d.jsonl"), tmp_path / "rows", text_field="body").path)
-    assert rows.meta["kind"] == "tokens" and rows.meta["split"].startswith("documents: a document is validation")
+    assert rows.meta["kind"] == "tokens" and rows.meta["split"].startswith("tail")  # 2 rows: none hashed to val
 
 
 def test_hf_sources_stream_through_datasets(tmp_path):
@@ -397,3 +397,51 @@ def test_a_killed_prepare_leaves_no_folder_that_looks_complete(tmp_path):
     proc.wait()
     assert not (tmp_path / "out").exists()
     assert not any((p / "meta.json").exists() for p in tmp_path.iterdir() if p.is_dir())
+
+
+def test_review_cases_truncated_zst_empty_validation_names_and_odd_rows(tmp_path):
+    import zstandard
+    body = "".join(f"some line of text number {i}\n" for i in range(20000)).encode()
+    (tmp_path / "t.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(body)[:-3000])
+    with pytest.raises(ValueError, match="t.txt.zst cannot be read .*truncated"):
+        prepare(str(tmp_path / "t.txt.zst"), tmp_path / "o1")
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i in range(9):
+        (folder / f"{i}.txt").write_text(TEXT[i:])
+    (folder / "zz_empty.txt").write_text("  \n")
+    ds = Dataset(prepare(str(folder), tmp_path / "o2").path)  # the validation file holds no text: the tail instead
+    assert ds.meta["val_tokens"] > 0 and ds.meta["split"].startswith("tail") and ds.meta["documents"] == 9
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["hello there", "", "   ", None, "bye now"]))
+    small = Dataset(prepare(str(rows), tmp_path / "o3").path)  # 2 documents: no row hashes to val, so the tail
+    assert small.meta["documents"] == 2 and small.meta["val_tokens"] > 0
+    assert small.tokenizer.decode(list(small.tokens("train")) + list(small.tokens("val"))) == \
+        "hello there<|endoftext|>bye now<|endoftext|>"
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"text": f"row {i} " + TEXT[:50]}) + "\n" for i in range(200)))
+    a = Dataset(prepare(str(many), tmp_path / "a").path)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        b = Dataset(prepare("many.jsonl", tmp_path / "b").path)  # the same rows, the path typed differently
+    finally:
+        os.chdir(cwd)
+    assert a.meta["val_tokens"] == b.meta["val_tokens"] > 0
+    assert a.meta["split"].startswith("documents: a document is validation when crc32")
+    (tmp_path / "notes[1].txt").write_text(TEXT)
+    assert Dataset(prepare(str(tmp_path / "notes[1].txt"), tmp_path / "o4").path).meta["documents"] == 1
+    (tmp_path / "s.jsonl").write_text('{"text": "broken \\ud83d emoji"}\n')
+    with pytest.raises(ValueError, match="s.jsonl line 1: 'text' holds invalid Unicode"):
+        prepare(str(tmp_path / "s.jsonl"), tmp_path / "o5")
+    with pytest.raises(ValueError, match="--tokenizer-sample is for bpe"):
+        prepare(str(rows), tmp_path / "o6", tokenizer_sample=10)
+
+
+def test_a_line_of_cjk_text_is_cut_where_it_encodes_the_same(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "BLOCK_CHARS", 64)
+    text = "这是一个测试句子。\n" * 40 + "helloworld" * 30 + "\n"
+    (tmp_path / "cjk.txt").write_text(text)
+    blocks = list(sources._text_blocks(tmp_path / "cjk.txt", "strict"))
+    assert "".join(blocks) == text and len(blocks) > 3
+    assert [i for b in blocks for i in _BPE.encode(b)] == _BPE.encode(text)
