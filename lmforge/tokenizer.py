@@ -221,13 +221,7 @@ class BPETokenizer(Tokenizer):
               progress: bool | None = None) -> BPETokenizer:
         """Learn vocab_size - 256 - len(special_tokens) merges from text. Deterministic: equal counts break towards
         the smallest pair of ids."""
-        specials = list(dict.fromkeys(special_tokens))
-        if vocab_size < 256 + len(specials):
-            raise UserError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 256 + "
-                             f"{len(specials)} special tokens = {256 + len(specials)}")
-        if not text:
-            raise UserError("cannot train BPE on empty text")
-        return cls.train_from_counts(chunk_counts(text, pattern), vocab_size, specials, pattern,
+        return cls.train_from_counts(chunk_counts(text, pattern), vocab_size, special_tokens, pattern,
                                      len(text) > 1_000_000 if progress is None else progress)
 
     @classmethod

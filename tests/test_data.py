@@ -388,7 +388,7 @@ print(meta["train_tokens"] + meta["val_tokens"])
 
 def test_a_killed_prepare_leaves_no_folder_that_looks_complete(tmp_path):
     corpus = tmp_path / "big.txt"
-    corpus.write_text(TEXT * 60_000)
+    corpus.write_text(TEXT * 150_000)
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "prepare", str(corpus), "--out", str(tmp_path / "out"),
                              "--tokenizer", "bpe:300", "--workers", "2"])
     time.sleep(4)

@@ -404,6 +404,15 @@ class ClientGone(Exception):
     """The client of a non-streamed request disconnected before its answer was ready."""
 
 
+def _chunk(kind: str, rid: str, created: int, model: str, choices: list, usage_now: dict | None,
+           include_usage: bool) -> dict:
+    """One streamed chunk; with stream_options.include_usage every chunk has "usage", null until the last."""
+    out = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+    if include_usage:
+        out["usage"] = usage_now
+    return out
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -533,11 +542,8 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
             return text, logprobs
 
         def chunk(choice_list: list, with_usage: bool = False) -> dict:
-            out = {"id": rid, "object": "text_completion", "created": created, "model": server.name,
-                   "choices": choice_list}
-            if include_usage:
-                out["usage"] = usage(prompts, choices) if with_usage else None
-            return out
+            return _chunk("text_completion", rid, created, server.name, choice_list,
+                          usage(prompts, choices) if with_usage else None, include_usage)
 
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         if body.stream:
@@ -580,11 +586,8 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
         def chunk(choice_list: list, with_usage: bool = False) -> dict:
-            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.name,
-                   "choices": choice_list}
-            if include_usage:
-                out["usage"] = usage(prompts, choices) if with_usage else None
-            return out
+            return _chunk("chat.completion.chunk", rid, created, server.name, choice_list,
+                          usage(prompts, choices) if with_usage else None, include_usage)
 
         if body.stream:
             async def stream():
