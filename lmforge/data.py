@@ -16,6 +16,7 @@ same batches that one process with N accumulation steps would."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -218,34 +219,29 @@ def _units(corpus: Corpus, plan: _Plan, stats: dict, limit: int | None = None, o
         split = "val" if plan.is_val(doc.name) else "train"
         if only_train and split == "val":
             continue
-        held, started = [], False
-        for block in doc.blocks():
-            if not started:  # hold blocks back until the document shows some text
-                held.append(block)
-                if block.strip():
-                    started = True
-                    if stats["documents"]:
-                        stats["sha256"].update(b"\x00")
-                    stats["documents"] += 1
-                    blocks, held = held, []
-                else:
-                    continue
-            else:
-                blocks = [block]
-            for b in blocks:
-                if unit_split not in (None, split) or size >= UNIT_CHARS:
-                    yield unit_split, pieces
-                    pieces, size = [], 0
-                unit_split = split
-                stats["sha256"].update(b.encode("utf-8"))
-                stats["characters"] += len(b)
-                pieces.append((b, False))
-                size += len(b)
-                seen += len(b)
+        blocks, held = doc.blocks(), []
+        for block in blocks:  # hold blocks back until the document shows some text
+            held.append(block)
+            if block.strip():
+                break
+        else:
+            continue
+        if stats["documents"]:
+            stats["sha256"].update(b"\x00")
+        stats["documents"] += 1
+        for b in itertools.chain(held, blocks):
+            if unit_split not in (None, split) or size >= UNIT_CHARS:
+                yield unit_split, pieces
+                pieces, size = [], 0
+            unit_split = split
+            stats["sha256"].update(b.encode("utf-8"))
+            stats["characters"] += len(b)
+            pieces.append((b, False))
+            size += len(b)
+            seen += len(b)
             if limit is not None and seen >= limit:
                 break
-        if started:
-            pieces[-1] = (pieces[-1][0], True)  # the document's last piece: end-of-text follows
+        pieces[-1] = (pieces[-1][0], True)  # the document's last piece: end-of-text follows
         if limit is not None and seen >= limit:
             break
     if pieces:

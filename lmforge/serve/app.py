@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
+import shutil
 import json
 import logging
 import time
@@ -290,8 +292,6 @@ def _should_compile(choice: str, model) -> bool:
     less than the warm-up costs)."""
     if choice != "auto":
         return choice == "on"
-    import os
-    import shutil
     device = next(model.parameters()).device
     if device.type == "cuda":
         return True
