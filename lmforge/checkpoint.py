@@ -71,18 +71,25 @@ def weights_for_saving(state: dict[str, torch.Tensor], tied: bool) -> dict[str, 
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
 
 
+WEIGHT_FILES = ("model.safetensors", "adapter.safetensors")  # a whole model, or a LoRA adapter on a base run
+
+
 def save_checkpoint(run: Path, weights: dict[str, torch.Tensor], trainer_state: dict, config: dict,
-                    keep_last: int = 2, is_best: bool = False) -> Path:
-    """Write checkpoints/step-N atomically, point the run's top-level files at it, keep the last K and the best."""
+                    keep_last: int = 2, is_best: bool = False, weights_name: str = "model.safetensors",
+                    extra: dict[str, dict] | None = None) -> Path:
+    """Write checkpoints/step-N atomically, point the run's top-level files at it, keep the last K and the best.
+    weights_name: model.safetensors, or adapter.safetensors for a LoRA run; extra: more JSON files to write."""
     step = trainer_state["step"]
     root = run / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
     try:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+        save_file(weights, str(tmp / weights_name), metadata={"format": "pt", "step": str(step)})
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -92,7 +99,7 @@ def save_checkpoint(run: Path, weights: dict[str, torch.Tensor], trainer_state: 
         _fsync_dir(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for name in ("model.safetensors", "trainer_state.pt"):
+    for name in (weights_name, "trainer_state.pt", *(extra or {})):
         _link_or_copy(final / name, run / name)
     if is_best:
         best_tmp = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=run))
@@ -118,7 +125,7 @@ def complete_checkpoints(run: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-             and (p / "model.safetensors").is_file() and (p / "trainer_state.pt").is_file()]
+             and any((p / w).is_file() for w in WEIGHT_FILES) and (p / "trainer_state.pt").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -183,21 +190,33 @@ def check_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def load(run: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None):
-    """(model, tokenizer) of a run: its latest checkpoint (or the one given, e.g. runs/NAME/best), in eval mode."""
-    device = check_device(device)
+def model_folder(run: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """The folder whose weights a run stands for: the checkpoint given, else its latest, else the run folder itself
+    when it holds weights only (imported, exported or merged)."""
     run = Path(run)
     if not run.is_dir():
         raise MissingFileError(f"no run directory at {run}")
-    config = read_run_config(run)
+    read_run_config(run)
     if checkpoint:
         folder = Path(checkpoint)
-        if not (folder / "model.safetensors").is_file():
+        if not any((folder / w).is_file() for w in WEIGHT_FILES):
             raise MissingFileError(f"no checkpoint at {folder} (no model.safetensors); pick one under {run / CHECKPOINTS}")
-    elif complete_checkpoints(run) or not (run / "model.safetensors").is_file():
-        folder = latest_checkpoint(run)
-    else:  # a run folder holding weights only (imported or exported)
-        folder = run
+        return folder
+    if complete_checkpoints(run) or not any((run / w).is_file() for w in WEIGHT_FILES):
+        return latest_checkpoint(run)
+    return run
+
+
+def load(run: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None):
+    """(model, tokenizer) of a run: its latest checkpoint (or the one given, e.g. runs/NAME/best), in eval mode.
+    A LoRA run loads its base run and applies its adapter."""
+    device = check_device(device)
+    run = Path(run)
+    folder = model_folder(run, checkpoint)
+    if (folder / "adapter.safetensors").is_file():
+        from .lora import adapter_settings, load_adapter_run  # a feature's file format, loaded on demand
+        return load_adapter_run(folder, adapter_settings(folder) or adapter_settings(run), device)
+    config = read_run_config(run)
     model_config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text())["model"]
                                          if (folder / "config.json").is_file() else config["model"])
     with torch.device("meta"):

@@ -121,7 +121,7 @@ def _train_args(p):
                  "a preset as --model=NAME")
 
 
-@verb("eval", "train:eval_cli", "Report loss and perplexity of a run on prepared data.",
+@verb("eval", "train:eval_cli", "Report loss and perplexity of a run on prepared data (or exact match on pairs).",
       "lmforge eval runs/shakespeare-char --data data/shakespeare-char")
 def _eval_args(p):
     p.add_argument("run", help="run directory")
@@ -131,6 +131,8 @@ def _eval_args(p):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")
+    p.add_argument("--pairs", help="a .jsonl of prompt/completion pairs: report exact match of greedy completions "
+                                   "and the loss per completion token instead")
 
 
 @verb("generate", "generation:generate_cli", "Generate text from a trained run.",
@@ -177,3 +179,28 @@ def _serve_args(p):
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+@verb("finetune", "finetune:finetune_cli", "Fine-tune a run on prompt/completion pairs, fully or with LoRA.",
+      "lmforge finetune runs/base --data pairs.jsonl --out runs/tuned --lora-rank 8 --max_steps=500")
+def _finetune_args(p):
+    p.add_argument("run", help="the base run")
+    p.add_argument("--data", required=True, help="a pairs .jsonl (prepared with the run's tokenizer) or a prepared "
+                                                 "data directory")
+    p.add_argument("--val", help="a .jsonl of validation pairs (default: the last 10%% of --data)")
+    p.add_argument("--out", required=True, help="the new run's directory")
+    p.add_argument("--config", help="a TOML file of TrainConfig fields")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (default 0: all weights)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale: alpha / rank (default 16)")
+    p.add_argument("--lora-targets", default="attn,mlp", help="modules that take LoRA (default attn,mlp)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.set_defaults(accepts_overrides=True)
+    p.epilog += "\n\nany TrainConfig field can follow as --field=value (fine-tuning defaults: lr 3e-4, LoRA 2e-3)"
+
+
+@verb("merge", "finetune:merge_cli", "Fold a LoRA run's adapter into its base weights, as a new run.",
+      "lmforge merge runs/tuned --out runs/tuned-merged")
+def _merge_args(p):
+    p.add_argument("run", help="a LoRA run")
+    p.add_argument("--out", required=True, help="the merged run's directory")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")

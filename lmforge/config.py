@@ -266,6 +266,10 @@ class TrainConfig(_ConfigMixin):
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating with DDP
     init_from: str = ""  # start from the weights of another run (fine-tuning); "" = random init
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on init_from's frozen weights; 0 = all weights
+    lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) * B @ A
+    lora_targets: str = "attn,mlp"  # comma-separated module names that take LoRA (attn, mlp, c_attn, c_fc, ...)
+    lora_dropout: float = 0.0  # dropout on the LoRA path's input
     overwrite: bool = False  # allow training into a run directory that already holds checkpoints
     progress: bool = True  # show a progress bar
 
@@ -293,6 +297,11 @@ class TrainConfig(_ConfigMixin):
             raise UserError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.max_seconds < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise UserError("max_seconds, grad_clip and weight_decay must not be negative")
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise UserError(f"need lora_rank >= 0, lora_alpha > 0 and 0 <= lora_dropout < 1, got {self.lora_rank}, "
+                            f"{self.lora_alpha}, {self.lora_dropout}")
+        if self.lora_rank and not self.init_from:
+            raise UserError("lora_rank > 0 trains adapters on a base run: set init_from (lmforge finetune does)")
         self.model_config({"vocab_size": 256})  # fail now, not after loading data, on a bad model table
 
     def model_config(self, extra: dict | None = None) -> ModelConfig:

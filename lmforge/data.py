@@ -113,10 +113,11 @@ def _write_json(path: Path, obj) -> None:
 def prepare(source: str, out: str | Path, tokenizer: str = "char", val_fraction: float = 0.1, split: str = "auto",
             errors: str = "strict", force: bool = False, tokenizer_from: str | None = None, text_field: str = "text",
             workers: int | None = None, shard_tokens: int = SHARD_TOKENS, tokenizer_sample: int | None = None,
-            progress: bool = False) -> Prepared:
+            progress: bool = False, val_pairs: str | None = None) -> Prepared:
     """Tokenize SOURCE into OUT, streaming (see the module docstring). A `.jsonl` file of prompt/completion rows makes
     a pairs dataset. workers: encoding processes (default: every core); shard_tokens: tokens per output file;
-    tokenizer_sample: learn a char/BPE vocabulary from the first this-many characters of training text only."""
+    tokenizer_sample: learn a char/BPE vocabulary from the first this-many characters of training text only;
+    val_pairs: a .jsonl of pairs to validate on (default: the last val_fraction of the pairs)."""
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
@@ -138,7 +139,8 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", val_fraction:
     tmp.chmod(0o755)
     try:
         if _is_pairs(source, text_field):
-            meta = _prepare_pairs(Path(source), tmp, tokenizer, val_fraction, tokenizer_from)
+            meta = _prepare_pairs(Path(source), tmp, tokenizer, val_fraction, tokenizer_from,
+                                  Path(val_pairs) if val_pairs else None)
         else:
             meta = _prepare_text(source, tmp, tokenizer, val_fraction, split, errors, tokenizer_from, text_field,
                                  workers, shard_tokens, tokenizer_sample, progress)
@@ -470,33 +472,51 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
                              '{"prompt": "...", "completion": "..."}') from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
             raise UserError(f'{path}:{n}: each line needs string fields "prompt" and "completion"')
+        if not row["completion"]:
+            raise UserError(f"{path}:{n}: the completion is empty; there would be nothing to learn from this pair")
         pairs.append((row["prompt"], row["completion"]))
     if not pairs:
         raise UserError(f"{path} holds no prompt/completion pairs")
     return pairs
 
 
-def _prepare_pairs(path: Path, tmp: Path, spec, val_fraction, tokenizer_from) -> dict:
+def encode_pair(tok: Tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """Prompt and completion ids, tokenized apart and then joined, so the loss mask never depends on how BPE would
+    merge across the boundary; end-of-text closes the completion."""
+    return tok.encode(prompt), tok.encode(completion) + [tok.eot_id]
+
+
+def pair_arrays(tok: Tokenizer, pairs: list[tuple[str, str]], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs' tokens in one array, and an index of (start, prompt length, total length) rows."""
+    tokens, index, start = [], [], 0
+    for prompt, completion in pairs:
+        p, c = encode_pair(tok, prompt, completion)
+        index.append((start, len(p), len(p) + len(c)))
+        tokens.extend(p + c)
+        start += len(p) + len(c)
+    return np.asarray(tokens, dtype=dtype), np.asarray(index, dtype=np.int64).reshape(-1, 3)
+
+
+def _prepare_pairs(path: Path, tmp: Path, spec, val_fraction, tokenizer_from, val_path: Path | None = None) -> dict:
     pairs = read_pairs(path)
-    tok, spec = _tokenizer_for(spec, "".join(p + c for p, c in pairs), tokenizer_from)
-    n_val = min(len(pairs) - 1, max(1, round(len(pairs) * val_fraction))) if len(pairs) > 1 else 0
+    held_out = read_pairs(val_path) if val_path is not None else None
+    tok, spec = _tokenizer_for(spec, "".join(p + c for p, c in pairs + (held_out or [])), tokenizer_from)
+    if held_out is not None:
+        splits, rule = {"train": pairs, "val": held_out}, f"validation pairs are {val_path}"
+    else:
+        n_val = min(len(pairs) - 1, max(1, round(len(pairs) * val_fraction))) if len(pairs) > 1 else 0
+        splits = {"train": pairs[:len(pairs) - n_val], "val": pairs[len(pairs) - n_val:]}
+        rule = f"the last {n_val} pairs are validation"
     dtype = token_dtype(tok.vocab_size)
-    counts = {}
-    for split, rows in (("train", pairs[:len(pairs) - n_val]), ("val", pairs[len(pairs) - n_val:])):
-        tokens, index, start = [], [], 0
-        for prompt, completion in rows:
-            p, c = tok.encode(prompt), tok.encode(completion) + [tok.eot_id]
-            index.append((start, len(p), len(p) + len(c)))
-            tokens.extend(p + c)
-            start += len(p) + len(c)
-        np.asarray(tokens, dtype=dtype).tofile(tmp / f"{split}.bin")
-        np.save(tmp / f"{split}.idx.npy", np.asarray(index, dtype=np.int64).reshape(-1, 3))
-        counts[split] = len(rows)
+    for split, rows in splits.items():
+        tokens, index = pair_arrays(tok, rows, dtype)
+        tokens.tofile(tmp / f"{split}.bin")
+        np.save(tmp / f"{split}.idx.npy", index)
     tok.save(tmp / "tokenizer.json")
     return {"format": DATA_FORMAT, "version": DATA_VERSION, "kind": "pairs", "source": str(path.resolve()),
             "source_sha256": sha256_file(path), "tokenizer": spec, "vocab_size": tok.vocab_size,
-            "dtype": np.dtype(dtype).name, "train_pairs": counts["train"], "val_pairs": counts["val"],
-            "split": f"the last {n_val} pairs are validation"}
+            "dtype": np.dtype(dtype).name, "train_pairs": len(splits["train"]), "val_pairs": len(splits["val"]),
+            "split": rule}
 
 
 # ------------------------------------------------------------------------------------------------------- loading

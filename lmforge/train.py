@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import (check_device, complete_checkpoints, latest_checkpoint, load_trainer_state, load_weights,
-                         read_run_config, run_config, save_checkpoint, weights_for_saving, write_json_atomic)
+                         model_folder, read_run_config, run_config, save_checkpoint, weights_for_saving,
+                         write_json_atomic)
 from .config import ModelConfig, TrainConfig
 from .data import Dataset, get_batch, get_pair_batch
 from .model import GPT
@@ -213,6 +214,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
     run = Path(cfg.out)
     data = Dataset(cfg.data)
     check_fits(cfg, data)
+    check_sample_prompt(cfg, data)
     model_cfg = cfg.model_config({"vocab_size": data.tokenizer.vocab_size})
     ckpt = check_resume(run, model_cfg, data) if resume else None
     if not resume and complete_checkpoints(run) and not cfg.overwrite:
@@ -222,10 +224,29 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     if cfg.init_from:
-        load_weights(model, latest_checkpoint(Path(cfg.init_from)) / "model.safetensors")
+        base = model_folder(cfg.init_from)
+        if not (base / "model.safetensors").is_file():
+            raise TrainingError(f"{cfg.init_from} is a LoRA run; fold its adapter in first (lmforge merge) and "
+                                f"start from that")
+        load_weights(model, base / "model.safetensors")
+    adapter = None
+    if cfg.lora_rank:
+        if cfg.fsdp and info.world > 1:
+            raise TrainingError("LoRA with FSDP is not supported; use DDP (fsdp=false) or one process")
+        from .lora import apply_lora
+        targets = apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        adapter = {"base": str(Path(cfg.init_from)), "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
+                   "targets": cfg.lora_targets, "dropout": cfg.lora_dropout, "modules": targets}
     state = None
     if ckpt is not None:
-        load_weights(model, ckpt / "model.safetensors")
+        if adapter is not None:
+            from safetensors.torch import load_file
+
+            from .lora import load_lora_state
+            load_lora_state(model, load_file(str(ckpt / "adapter.safetensors"), device=str(device)),
+                            f"the adapter in {ckpt}")
+        else:
+            load_weights(model, ckpt / "model.safetensors")
         state = load_trainer_state(ckpt / "trainer_state.pt")
     model.activation_checkpointing = cfg.activation_checkpointing
     model.sparse_embedding_grad &= not (cfg.fsdp and info.world > 1)
@@ -276,8 +297,13 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
         if info.main:
             trainer_state = {"step": step, "optimizers": opt_states, "scaler": scaler.state_dict(), "rng": rng,
                              "best_val": best_val, "train_seconds": train_seconds, "tokens_seen": tokens_seen}
-            save_checkpoint(run, weights_for_saving(weights, model_cfg.tie_embeddings), trainer_state, config,
-                            cfg.keep_last, is_best)
+            if adapter is not None:  # the adapter alone: the base weights are init_from's, untouched
+                from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_state
+                save_checkpoint(run, weights_for_saving(lora_state(model), False), trainer_state, config,
+                                cfg.keep_last, is_best, ADAPTER_WEIGHTS, {ADAPTER_CONFIG: adapter})
+            else:
+                save_checkpoint(run, weights_for_saving(weights, model_cfg.tie_embeddings), trainer_state, config,
+                                cfg.keep_last, is_best)
         if info.world > 1:
             dist.barrier()
 
@@ -352,7 +378,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
                     _append_metrics(run, {"step": step, "val_loss": round(last_val, 6),
                                           "val_ppl": round(math.exp(min(last_val, 50)), 4)})
                     if not cfg.fsdp:  # sampling runs on rank 0 alone, which sharded weights do not allow
-                        sample_text = _write_sample(run, model, data.tokenizer, cfg, step, last_val)
+                        sample_text = _write_sample(run, model, data, cfg, step, last_val)
                     plot_curves(run)
             if should_save:
                 save(is_best)
@@ -408,15 +434,50 @@ def read_metrics(run: Path) -> list[dict]:
     return _metric_rows(Path(run) / "metrics.jsonl")
 
 
-def _write_sample(run: Path, model: GPT, tokenizer, cfg: TrainConfig, step: int, val_loss: float) -> str:
+def _write_sample(run: Path, model: GPT, data: Dataset, cfg: TrainConfig, step: int, val_loss: float) -> str:
+    """What samples.txt gets at an evaluation: for pairs data, a few validation prompts with their greedy completion
+    and the expected one; otherwise text continued from sample_prompt. Sampling never ends a run: a failure is
+    written down and training goes on."""
     if cfg.sample_tokens == 0:
         return ""
-    from .generation import generate
-    text = generate(model, tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens, temperature=0.8,
-                    top_k=200, seed=cfg.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        if data.kind == "pairs":
+            text = _pair_samples(model, data, cfg)
+        else:
+            from .generation import generate
+            text = cfg.sample_prompt + generate(model, data.tokenizer, cfg.sample_prompt,
+                                                max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=200,
+                                                seed=cfg.seed)
+    except Exception as e:  # noqa: BLE001 - a sample is a nicety; losing the run over it is not
+        text = f"(sampling failed: {type(e).__name__}: {e})"
+        print(f"warning: step {step}: {text}")
+    finally:
+        model.train(was_training)
     with open(run / "samples.txt", "a") as f:
-        f.write(f"=== step {step}, val loss {val_loss:.4f} ===\n{cfg.sample_prompt}{text}\n\n")
-    return cfg.sample_prompt + text
+        f.write(f"=== step {step}, val loss {val_loss:.4f} ===\n{text}\n\n")
+    return text
+
+
+def _pair_samples(model: GPT, data: Dataset, cfg: TrainConfig, n: int = 3) -> str:
+    from .finetune import evaluate_pairs
+    tok, tokens = data.tokenizer, data.tokens("val")
+    pairs = [(tok.decode(tokens[s:s + p].tolist()), tok.decode(tokens[s + p:s + t - 1].tolist()))
+             for s, p, t in data.index("val")[:n]]
+    result = evaluate_pairs(model, tok, pairs, examples=n)
+    return "\n".join(f"{'ok ' if ex['match'] else 'BAD'} {ex['prompt']!r} -> {ex['generated']!r}"
+                     f"{'' if ex['match'] else ' (expected ' + repr(ex['expected']) + ')'}" for ex in result["examples"])
+
+
+def check_sample_prompt(cfg: TrainConfig, data: Dataset) -> None:
+    """A sample prompt the data's tokenizer cannot encode fails now, before any step, not at the first eval."""
+    if cfg.sample_tokens and data.kind == "tokens" and cfg.sample_prompt:
+        try:
+            data.tokenizer.encode(cfg.sample_prompt)
+        except UserError as e:
+            raise UserError(f"sample_prompt={cfg.sample_prompt!r} cannot be encoded with {data.path}'s tokenizer "
+                            f"({e}); pass --sample_prompt= (start of a document) or --sample_tokens=0") from None
 
 
 def plot_curves(run: Path) -> Path:
@@ -518,6 +579,11 @@ def print_summary(s: dict) -> None:
 
 
 def eval_cli(args) -> int:
+    if args.pairs:
+        if args.data:
+            raise UserError("--pairs and --data are two different evaluations; give one")
+        from .finetune import eval_pairs_cli
+        return eval_pairs_cli(args)
     r = evaluate_run(args.run, args.data, args.split, args.batches, args.batch_size, device=args.device,
                      checkpoint=args.checkpoint)
     print(f"{r['data']} [{r['split']}]: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} "

@@ -1,0 +1,195 @@
+"""Fine-tuning a run on prompt->completion pairs, fully or with LoRA, through the training loop (train.py); merging
+an adapter back into its base; and scoring a run on held-out pairs by exact match.
+
+    lmforge finetune runs/base --data pairs.jsonl --out runs/tuned [--lora-rank 8] [--lr=1e-3 ...]
+    lmforge merge runs/tuned --out runs/merged
+    lmforge eval runs/tuned --pairs test.jsonl
+
+finetune builds a TrainConfig whose model is the base run's, init_from the base run, and (with --lora-rank) LoRA
+settings; then it is an ordinary training run: checkpoints, exact resume (`lmforge train --resume runs/tuned`),
+evaluation, curves and samples all come from the same loop. A .jsonl given as --data is prepared into
+RUN2/data with the base run's tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load, read_run_config, run_config, weights_for_saving, write_json_atomic
+from .config import ModelConfig, TrainConfig
+from .data import Dataset, pair_arrays, pair_batch, prepare, read_pairs
+from .engine import Engine, Request
+from .errors import UserError
+from .generation import run_requests
+
+# Settings that fit fine-tuning better than training's defaults; --field=value and --config override them.
+FINETUNE_DEFAULTS = {"max_steps": 300, "warmup_steps": 20, "eval_interval": 50, "eval_steps": 10, "batch_size": 16,
+                     "lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.0}
+LORA_DEFAULTS = {"lr": 2e-3, "min_lr": 2e-4}
+
+
+def finetune_config(base: str | Path, data: str, out: str, overrides: dict | None = None,
+                    config_file: str | None = None, lora: dict | None = None) -> TrainConfig:
+    """The TrainConfig of fine-tuning base on data into out (lora: rank, alpha, targets, dropout, or None)."""
+    base_cfg = read_run_config(Path(base))
+    model = ModelConfig.from_dict(base_cfg["model"])
+    values = {**FINETUNE_DEFAULTS, **(LORA_DEFAULTS if lora else {})}
+    if config_file:
+        values.update({k: v for k, v in TrainConfig.from_toml(config_file).to_dict().items() if k != "model"})
+    values.update(data=str(data), out=str(out), init_from=str(base), model=model.to_dict(),
+                  block_size=model.block_size, sample_prompt="")
+    if lora:
+        values.update({f"lora_{k}": v for k, v in lora.items()})
+    return TrainConfig.from_dict(values).with_overrides(overrides or {})
+
+
+def finetune(base: str | Path, data: str, out: str, val: str | None = None, overrides: dict | None = None,
+             config_file: str | None = None, lora: dict | None = None, resume: bool = False) -> dict:
+    """Fine-tune base on data (a prepared folder, or a pairs .jsonl prepared here with the base's tokenizer)."""
+    from .train import train
+    base, out = Path(base), Path(out)
+    read_run_config(base)
+    if str(data).endswith(".jsonl"):
+        if out.exists() and any(out.iterdir()) and not (overrides or {}).get("overwrite") in ("true", True):
+            raise UserError(f"{out} already exists; pick another --out, or pass --overwrite=true to start over")
+        prepared = prepare(str(data), out / "data", tokenizer_from=str(base / "tokenizer.json"), val_pairs=val,
+                           force=True).path
+    elif val:
+        raise UserError("--val goes with a .jsonl --data; a prepared folder has its own validation split")
+    else:
+        prepared = Path(data)
+    dataset = Dataset(prepared)
+    if json.loads((base / "tokenizer.json").read_text()) != json.loads((dataset.path / "tokenizer.json").read_text()):
+        raise UserError(f"the tokenizer of {dataset.path} differs from {base}'s; prepare the data with "
+                        f"--tokenizer-from {base}")
+    cfg = finetune_config(base, str(prepared), str(out), overrides, config_file, lora)
+    if dataset.kind == "pairs":
+        long = int((dataset.index("train")[:, 2] > cfg.block_size + 1).sum())
+        if long:
+            print(f"{long} of {len(dataset.index('train'))} training pairs are longer than the context "
+                  f"({cfg.block_size} tokens): their prompts are cut from the left")
+    summary = train(cfg, resume=resume)
+    summary["trainable"], summary["total"] = _parameter_counts(cfg)
+    return summary
+
+
+def _parameter_counts(cfg: TrainConfig) -> tuple[int, int]:
+    model, _ = load(cfg.out)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) if cfg.lora_rank else None
+    total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    return trainable or total, total
+
+
+def merge(run: str | Path, out: str | Path, force: bool = False) -> Path:
+    """A LoRA run's adapter folded into its base's weights, written as an ordinary weights-only run."""
+    from .lora import adapter_settings, merge_lora
+    run, out = Path(run), Path(out)
+    if adapter_settings(run) is None:
+        raise UserError(f"{run} has no LoRA adapter (adapter_config.json); only a LoRA run can be merged")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    model, tokenizer = load(run)
+    merge_lora(model)
+    config = read_run_config(run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        from safetensors.torch import save_file
+        save_file(weights_for_saving(model.state_dict(), model.config.tie_embeddings), str(tmp / "model.safetensors"))
+        merged = run_config(model.config)
+        merged["merged_from"] = str(run)
+        if "chat_template" in config:
+            merged["chat_template"] = config["chat_template"]
+        write_json_atomic(tmp / "config.json", merged)
+        tokenizer.save(tmp / "tokenizer.json")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_pairs(model, tokenizer, pairs: list[tuple[str, str]], max_batch: int = 16, examples: int = 3) -> dict:
+    """Exact match of greedy completions (generated through one engine, max_batch at a time), the mean loss per
+    completion token (end-of-text included), and a few examples. Prompts longer than the context keep their end."""
+    if not pairs:
+        raise UserError("no pairs to evaluate")
+    block = model.config.block_size
+    tokens, index = pair_arrays(tokenizer, pairs)
+    prompts, wanted = [], []
+    for start, p_len, total in index:
+        completion = tokens[start + p_len:start + total].tolist()
+        room = max(1, block - len(completion)) if not model.config.extrapolates else None
+        prompt = tokens[start:start + p_len].tolist() or [tokenizer.eot_id]
+        prompts.append(prompt[-room:] if room else prompt)
+        wanted.append(completion)
+    longest = max(len(p) + len(w) for p, w in zip(prompts, wanted))
+    engine = Engine(model, None, max_batch=min(max_batch, len(pairs)),
+                    max_seq_len=longest if model.config.extrapolates else min(longest, block),
+                    eos_id=tokenizer.eot_id)
+    outs = run_requests(engine, [Request(p, len(w), temperature=0.0) for p, w in zip(prompts, wanted)])
+    hits = [out == w for out, w in zip(outs, wanted)]
+    losses, counts = [], []
+    device = model.wte.weight.device
+    for i in range(0, len(index), max_batch):
+        x, y, attn, loss_mask = pair_batch(tokens, index, range(i, min(i + max_batch, len(index))), block,
+                                           tokenizer.eot_id)
+        logits, _ = model(x.to(device), attention_mask=attn.to(device))
+        per_token = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
+                                                      reduction="none")
+        mask = loss_mask.to(device).flatten().float()
+        losses.append(float((per_token * mask).sum()))
+        counts.append(float(mask.sum()))
+    shown = [{"prompt": p, "expected": c, "generated": tokenizer.decode([t for t in out if t != tokenizer.eot_id]),
+              "match": hit} for (p, c), out, hit in list(zip(pairs, outs, hits))[:examples]]
+    return {"pairs": len(pairs), "exact_match": sum(hits) / len(hits), "loss": sum(losses) / max(sum(counts), 1),
+            "examples": shown}
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+def finetune_cli(args) -> int:
+    from .config import parse_overrides
+    from .train import print_summary
+    lora = None
+    if args.lora_rank:
+        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets,
+                "dropout": args.lora_dropout}
+    summary = finetune(args.run, args.data, args.out, args.val, parse_overrides(args.overrides), args.config, lora)
+    print_summary(summary)
+    out = Path(args.out)
+    if lora:
+        size = (out / "adapter.safetensors").stat().st_size
+        full = (Path(args.run) / "model.safetensors")
+        full = full if full.is_file() else next(Path(args.run).rglob("model.safetensors"), None)
+        ratio = f", {size / full.stat().st_size:.2%} of the model's {full.stat().st_size / 1e6:.1f} MB" if full else ""
+        print(f"LoRA: {summary['trainable']:,} trainable parameters of {summary['total']:,} "
+              f"({summary['trainable'] / summary['total']:.2%}); adapter {size / 1e6:.2f} MB{ratio}")
+    return 0
+
+
+def merge_cli(args) -> int:
+    out = merge(args.run, args.out, args.force)
+    print(f"merged {args.run} into {out}")
+    return 0
+
+
+def eval_pairs_cli(args) -> int:
+    model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint)
+    result = evaluate_pairs(model, tokenizer, read_pairs(Path(args.pairs)))
+    print(f"{args.pairs}: exact match {result['exact_match']:.1%} of {result['pairs']} pairs, "
+          f"loss {result['loss']:.4f} per completion token")
+    for ex in result["examples"]:
+        verdict = "ok " if ex["match"] else "BAD"
+        expected = "" if ex["match"] else f" (expected {ex['expected']!r})"
+        print(f"  {verdict} {ex['prompt']!r} -> {ex['generated']!r}{expected}")
+    return 0
