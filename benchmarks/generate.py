@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lmforge import GPT, Engine, ModelConfig, Request
+from lmforge.hf import byte_symbols, merge_of, to_hf_state
 
 
 def read_bandwidth_gbs(size_mb=1024, repeat=9) -> float:
@@ -46,40 +47,14 @@ def hf_twin(model: GPT):
     c = model.config
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
                                     n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
-    state = {}
-    for k, v in model.state_dict().items():
-        name = (k.replace("blocks.", "transformer.h.").replace("norm_1", "ln_1").replace("norm_2", "ln_2")
-                .replace("norm_f", "transformer.ln_f").replace("wte", "transformer.wte").replace("wpe", "transformer.wpe"))
-        conv1d = name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
-        state[name] = v.t().contiguous() if conv1d else v
+    state = to_hf_state(model.state_dict())  # GPT-2's names, Conv1D weights transposed
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and all("attn.bias" in m or "masked_bias" in m for m in missing), (missing, unexpected)
+    assert not unexpected and all("attn.bias" in m or "masked_bias" in m or m == "lm_head.weight" for m in missing), (
+        missing, unexpected)
     return hf.eval()
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp's file
-
-def _byte_symbols() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte (the alphabet of its vocab.json)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _merge_of(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
-    """The pair whose merge made this token: BPE on its bytes with only the merges ranked before it."""
-    rank, parts = ranks[token], [bytes([b]) for b in token]
-    while len(parts) > 2:
-        pairs = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
-        best, i = min(pairs)
-        assert best < rank, token
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return parts[0], parts[1]
-
 
 def write_gguf(model: GPT, tok, path: Path) -> None:
     """An f32 GGUF (llama.cpp's 'gpt2' architecture) of a GPT-2-shaped model, with GPT-2's tokenizer inside."""
@@ -93,7 +68,7 @@ def write_gguf(model: GPT, tok, path: Path) -> None:
     w.add_head_count(c.n_head)
     w.add_layer_norm_eps(c.norm_eps)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     by_id = {i: t for t, i in tok.ranks.items()}
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
@@ -104,7 +79,7 @@ def write_gguf(model: GPT, tok, path: Path) -> None:
                        for i in range(tok.vocab_size)])
     merges = []
     for token, _ in sorted(((t, i) for t, i in tok.ranks.items() if len(t) > 1), key=lambda x: x[1]):
-        a, b = _merge_of(tok.ranks, token)
+        a, b = merge_of(tok.ranks, token)
         merges.append("".join(symbols[x] for x in a) + " " + "".join(symbols[x] for x in b))
     w.add_token_merges(merges)
     w.add_bos_token_id(tok.eot_id)

@@ -204,3 +204,14 @@ def _merge_args(p):
     p.add_argument("run", help="a LoRA run")
     p.add_argument("--out", required=True, help="the merged run's directory")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+@verb("export", "hf:export_cli", "Export a GPT-2-shaped run as a Hugging Face GPT2LMHeadModel folder.",
+      "lmforge export runs/base --format hf --out hf/base")
+def _export_args(p):
+    p.add_argument("run", help="run directory (a LoRA run exports with its adapter merged)")
+    p.add_argument("--format", required=True, choices=["hf"], help="hf: config.json, model.safetensors and GPT-2 "
+                                                                    "tokenizer files")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")

@@ -75,7 +75,18 @@ def finetune(base: str | Path, data: str, out: str, val: str | None = None, over
                   f"({cfg.block_size} tokens): their prompts are cut from the left")
     summary = train(cfg, resume=resume)
     summary["trainable"], summary["total"] = _parameter_counts(cfg)
+    if cfg.lora_rank:
+        _save_peft(out)
     return summary
+
+
+def _save_peft(run: Path) -> None:
+    """A GPT-2-shaped LoRA run's adapter in PEFT's format too (RUN/peft), for the base exported with export_hf."""
+    from .hf import gpt2_mismatches, save_peft_adapter
+    from .lora import adapter_settings
+    model, _ = load(run)
+    if not gpt2_mismatches(model.config):
+        save_peft_adapter(model, adapter_settings(run), run / "peft")
 
 
 def _parameter_counts(cfg: TrainConfig) -> tuple[int, int]:

@@ -22,6 +22,7 @@ SURFACE = {
     "finetune": ["--config", "--data", "--lora-alpha", "--lora-dropout", "--lora-rank", "--lora-targets", "--out",
                  "--val", "run"],
     "merge": ["--force", "--out", "run"],
+    "export": ["--checkpoint", "--force", "--format", "--out", "run"],
     "generate": ["--checkpoint", "--compile", "--device", "--interactive", "--length-penalty", "--max-new-tokens",
                  "--num-beams", "--num-samples", "--prompt", "--prompt-file", "--repetition-penalty", "--seed",
                  "--stop", "--temperature", "--top-k", "--top-p", "run"],

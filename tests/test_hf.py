@@ -1,0 +1,77 @@
+"""Hugging Face interop: a GPT-2-shaped run exported as a GPT2LMHeadModel folder gives our logits in transformers, its
+tokenizer loads with AutoTokenizer and encodes as ours; a LoRA adapter in PEFT's format gives our logits through
+peft.PeftModel; a run GPT-2 cannot express is refused with the fields that differ."""
+
+import json
+
+import pytest
+import torch
+
+import lmforge
+import lmforge.data
+from lmforge import GPT, BPETokenizer, ModelConfig
+from lmforge.checkpoint import load, run_config, save_checkpoint, weights_for_saving, write_json_atomic
+from lmforge.cli import main
+from lmforge.hf import export_hf
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = "the cat sat on the mat. the dog sat on the log! 12 cats, 3 dogs; é è 🙂\n" * 40
+
+
+def make_run(path, tok, **model):
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, **model)
+    path.mkdir()
+    write_json_atomic(path / "config.json", run_config(cfg))
+    tok.save(path / "tokenizer.json")
+    torch.manual_seed(0)
+    save_checkpoint(path, weights_for_saving(GPT(cfg).state_dict(), cfg.tie_embeddings), {"step": 1}, run_config(cfg))
+    return path
+
+
+def test_an_exported_run_gives_our_logits_and_tokens_in_transformers(tmp_path):
+    tok = BPETokenizer.train(TEXT, 300)
+    run = make_run(tmp_path / "run", tok)
+    out = export_hf(run, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    model, _ = load(run)
+    x = torch.randint(0, tok.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x)[0], atol=1e-4, rtol=0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for text in (TEXT[:200], " leading space", "tabs\tand\nnewlines  "):
+        assert hf_tok.encode(text) == tok.encode(text)
+    assert hf_tok.eos_token_id == tok.eot_id
+
+
+def test_a_run_gpt2_cannot_express_is_refused_with_its_fields(tmp_path, capsys):
+    tok = BPETokenizer.train(TEXT, 300)
+    run = make_run(tmp_path / "run", tok, position="rope", norm="rmsnorm")
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "position='rope' (GPT-2: 'learned')" in err and "norm='rmsnorm'" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_lora_adapter_in_peft_format_gives_our_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    from lmforge.finetune import finetune
+    (tmp_path / "corpus.txt").write_text(TEXT * 5)
+    prepared = lmforge.data.prepare(str(tmp_path / "corpus.txt"), tmp_path / "data", tokenizer="bpe:300").path
+    lmforge.train(lmforge.TrainConfig(data=str(prepared), out=str(tmp_path / "base"), model={"preset": "tiny"},
+                                      max_steps=2, block_size=32, batch_size=2, eval_interval=2, eval_steps=1,
+                                      progress=False, sample_tokens=0))
+    pairs = [{"prompt": f"the cat {i} ", "completion": "sat on the mat."} for i in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    finetune(tmp_path / "base", str(tmp_path / "pairs.jsonl"), str(tmp_path / "tuned"),
+             overrides={"max_steps": "3", "eval_interval": "3", "progress": "false", "lr": "1e-2"},
+             lora={"rank": 4, "alpha": 8, "targets": "c_attn,mlp", "dropout": 0.0})
+    export_hf(tmp_path / "base", tmp_path / "hf")
+    hf = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf"),
+                                        tmp_path / "tuned" / "peft").eval()
+    ours, _ = load(tmp_path / "tuned")
+    base, _ = load(tmp_path / "base")
+    x = torch.randint(0, ours.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert not torch.allclose(ours(x)[0], base(x)[0], atol=1e-3)  # the adapter does something
+        torch.testing.assert_close(hf(x).logits, ours(x)[0], atol=1e-4, rtol=0)
