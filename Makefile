@@ -40,6 +40,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/prepare.py
+	$(PY) benchmarks/seq2seq.py
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 --durations=10 tests

@@ -195,7 +195,7 @@ def _finetune_args(p):
     p.add_argument("--lora-targets", default="attn,mlp", help="modules that take LoRA (default attn,mlp)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.set_defaults(accepts_overrides=True)
-    p.epilog += "\n\nany TrainConfig field can follow as --field=value (fine-tuning defaults: lr 3e-4, LoRA 2e-3)"
+    p.epilog += "\n\nany TrainConfig field can follow as --field=value (fine-tuning defaults: lr 1e-3, LoRA 1e-2)"
 
 
 @verb("merge", "finetune:merge_cli", "Fold a LoRA run's adapter into its base weights, as a new run.",

@@ -29,8 +29,8 @@ from .generation import run_requests
 
 # Settings that fit fine-tuning better than training's defaults; --field=value and --config override them.
 FINETUNE_DEFAULTS = {"max_steps": 300, "warmup_steps": 20, "eval_interval": 50, "eval_steps": 10, "batch_size": 16,
-                     "lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.0}
-LORA_DEFAULTS = {"lr": 2e-3, "min_lr": 2e-4}
+                     "lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.0}
+LORA_DEFAULTS = {"lr": 1e-2, "min_lr": 1e-3}  # a low-rank update of a frozen model takes larger steps
 
 
 def finetune_config(base: str | Path, data: str, out: str, overrides: dict | None = None,

@@ -235,7 +235,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
             raise TrainingError("LoRA with FSDP is not supported; use DDP (fsdp=false) or one process")
         from .lora import apply_lora
         targets = apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-        adapter = {"base": str(Path(cfg.init_from)), "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
+        adapter = {"base": str(Path(cfg.init_from).resolve()), "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
                    "targets": cfg.lora_targets, "dropout": cfg.lora_dropout, "modules": targets}
     state = None
     if ckpt is not None:
