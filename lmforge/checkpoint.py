@@ -147,6 +147,12 @@ def load_weights(model: GPT, path: Path) -> None:
             state["lm_head.weight"] = state["wte.weight"]
         if "wte.weight" not in state and "lm_head.weight" in state:
             state["wte.weight"] = state["lm_head.weight"]
+    shapes = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(shapes[k].shape)}" for k, v in state.items()
+             if k in shapes and v.shape != shapes[k].shape]
+    if wrong:
+        raise UserError(f"{path} does not fit this model: shapes differ ({'; '.join(wrong[:3])}); keep the model "
+                        f"settings (block_size, widths) the weights were trained with")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
@@ -215,7 +221,7 @@ def load(run: str | Path, device: str | torch.device = "cpu", checkpoint: str | 
     folder = model_folder(run, checkpoint)
     if (folder / "adapter.safetensors").is_file():
         from .lora import adapter_settings, load_adapter_run  # a feature's file format, loaded on demand
-        return load_adapter_run(folder, adapter_settings(folder) or adapter_settings(run), device)
+        return load_adapter_run(folder, run, adapter_settings(folder) or adapter_settings(run), device)
     config = read_run_config(run)
     model_config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text())["model"]
                                          if (folder / "config.json").is_file() else config["model"])

@@ -482,8 +482,8 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
 
 def encode_pair(tok: Tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
     """Prompt and completion ids, tokenized apart and then joined, so the loss mask never depends on how BPE would
-    merge across the boundary; end-of-text closes the completion."""
-    return tok.encode(prompt), tok.encode(completion) + [tok.eot_id]
+    merge across the boundary; end-of-text closes the completion (and stands for an empty prompt, as in generation)."""
+    return tok.encode(prompt) or [tok.eot_id], tok.encode(completion) + [tok.eot_id]  # "" starts after end-of-text
 
 
 def pair_arrays(tok: Tokenizer, pairs: list[tuple[str, str]], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:

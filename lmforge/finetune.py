@@ -36,31 +36,54 @@ LORA_DEFAULTS = {"lr": 1e-2, "min_lr": 1e-3}  # a low-rank update of a frozen mo
 def finetune_config(base: str | Path, data: str, out: str, overrides: dict | None = None,
                     config_file: str | None = None, lora: dict | None = None) -> TrainConfig:
     """The TrainConfig of fine-tuning base on data into out (lora: rank, alpha, targets, dropout, or None)."""
+    import tomllib
     base_cfg = read_run_config(Path(base))
     model = ModelConfig.from_dict(base_cfg["model"])
-    values = {**FINETUNE_DEFAULTS, **(LORA_DEFAULTS if lora else {})}
+    given = {}  # only what the TOML file sets: its absent fields keep the fine-tuning defaults
     if config_file:
-        values.update({k: v for k, v in TrainConfig.from_toml(config_file).to_dict().items() if k != "model"})
-    values.update(data=str(data), out=str(out), init_from=str(base), model=model.to_dict(),
-                  block_size=model.block_size, sample_prompt="")
-    if lora:
-        values.update({f"lora_{k}": v for k, v in lora.items()})
-    return TrainConfig.from_dict(values).with_overrides(overrides or {})
+        with open(config_file, "rb") as f:
+            given = {k: v for k, v in tomllib.load(f).items() if k != "model"}
+    overrides = dict(overrides or {})
+    uses_lora = bool(lora) or int(given.get("lora_rank", 0)) > 0 or int(overrides.get("lora_rank", 0) or 0) > 0
+    values = {**FINETUNE_DEFAULTS, **(LORA_DEFAULTS if uses_lora else {}), "block_size": model.block_size,
+              "sample_prompt": ""}
+    values.update({f"lora_{k}": v for k, v in (lora or {}).items()})
+    values.update(given)
+    values.update(data=str(Path(data).resolve()), out=str(out), init_from=str(Path(base).resolve()),
+                  model=model.to_dict())
+    return TrainConfig.from_dict(values).with_overrides(overrides)
 
 
 def finetune(base: str | Path, data: str, out: str, val: str | None = None, overrides: dict | None = None,
              config_file: str | None = None, lora: dict | None = None, resume: bool = False) -> dict:
     """Fine-tune base on data (a prepared folder, or a pairs .jsonl prepared here with the base's tokenizer)."""
+    from .checkpoint import complete_checkpoints
     from .train import train
     base, out = Path(base), Path(out)
     read_run_config(base)
-    if str(data).endswith(".jsonl"):
-        if out.exists() and any(out.iterdir()) and not (overrides or {}).get("overwrite") in ("true", True):
-            raise UserError(f"{out} already exists; pick another --out, or pass --overwrite=true to start over")
-        prepared = prepare(str(data), out / "data", tokenizer_from=str(base / "tokenizer.json"), val_pairs=val,
-                           force=True).path
-    elif val:
+    if out.resolve() == base.resolve() or base.resolve() in out.resolve().parents:
+        raise UserError(f"--out {out} would write into the base run {base}; pick a folder of its own")
+    if val and not str(data).endswith(".jsonl"):
         raise UserError("--val goes with a .jsonl --data; a prepared folder has its own validation split")
+    if out.exists() and any(out.iterdir()) and not resume:
+        if str((overrides or {}).get("overwrite", "false")).lower() not in ("true", "1", "yes"):
+            raise UserError(f"{out} already exists; pick another --out, or pass --overwrite=true to start over")
+        shutil.rmtree(out)  # start over: nothing of the old run (adapter or weights) may linger beside the new one
+    created = not out.exists()
+    try:
+        return _finetune(base, data, out, val, overrides, config_file, lora, resume, train)
+    except BaseException:
+        if created and out.exists() and not complete_checkpoints(out):  # a failed start leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _finetune(base: Path, data: str, out: Path, val, overrides, config_file, lora, resume: bool, train) -> dict:
+    if str(data).endswith(".jsonl"):
+        prepared = out / "data"
+        if not resume:
+            prepared = prepare(str(data), prepared, tokenizer_from=str(base / "tokenizer.json"), val_pairs=val,
+                               force=True).path
     else:
         prepared = Path(data)
     dataset = Dataset(prepared)
@@ -75,18 +98,8 @@ def finetune(base: str | Path, data: str, out: str, val: str | None = None, over
                   f"({cfg.block_size} tokens): their prompts are cut from the left")
     summary = train(cfg, resume=resume)
     summary["trainable"], summary["total"] = _parameter_counts(cfg)
-    if cfg.lora_rank:
-        _save_peft(out)
+    summary["lora"] = cfg.lora_rank > 0
     return summary
-
-
-def _save_peft(run: Path) -> None:
-    """A GPT-2-shaped LoRA run's adapter in PEFT's format too (RUN/peft), for the base exported with export_hf."""
-    from .hf import gpt2_mismatches, save_peft_adapter
-    from .lora import adapter_settings
-    model, _ = load(run)
-    if not gpt2_mismatches(model.config):
-        save_peft_adapter(model, adapter_settings(run), run / "peft")
 
 
 def _parameter_counts(cfg: TrainConfig) -> tuple[int, int]:
@@ -109,11 +122,12 @@ def merge(run: str | Path, out: str | Path, force: bool = False) -> Path:
     config = read_run_config(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
     try:
         from safetensors.torch import save_file
         save_file(weights_for_saving(model.state_dict(), model.config.tie_embeddings), str(tmp / "model.safetensors"))
         merged = run_config(model.config)
-        merged["merged_from"] = str(run)
+        merged["merged_from"] = str(run.resolve())
         if "chat_template" in config:
             merged["chat_template"] = config["chat_template"]
         write_json_atomic(tmp / "config.json", merged)
@@ -131,7 +145,8 @@ def merge(run: str | Path, out: str | Path, force: bool = False) -> Path:
 @torch.no_grad()
 def evaluate_pairs(model, tokenizer, pairs: list[tuple[str, str]], max_batch: int = 16, examples: int = 3) -> dict:
     """Exact match of greedy completions (generated through one engine, max_batch at a time), the mean loss per
-    completion token (end-of-text included), and a few examples. Prompts longer than the context keep their end."""
+    completion token (end-of-text included), and a few examples. A pair longer than the context keeps the end of its
+    prompt, as training does."""
     if not pairs:
         raise UserError("no pairs to evaluate")
     block = model.config.block_size
@@ -139,14 +154,11 @@ def evaluate_pairs(model, tokenizer, pairs: list[tuple[str, str]], max_batch: in
     prompts, wanted = [], []
     for start, p_len, total in index:
         completion = tokens[start + p_len:start + total].tolist()
-        room = max(1, block - len(completion)) if not model.config.extrapolates else None
-        prompt = tokens[start:start + p_len].tolist() or [tokenizer.eot_id]
-        prompts.append(prompt[-room:] if room else prompt)
+        room = max(1, block + 1 - len(completion))  # what training keeps of the prompt (pair_batch)
+        prompts.append(tokens[start:start + p_len].tolist()[-room:])
         wanted.append(completion)
-    longest = max(len(p) + len(w) for p, w in zip(prompts, wanted))
-    engine = Engine(model, None, max_batch=min(max_batch, len(pairs)),
-                    max_seq_len=longest if model.config.extrapolates else min(longest, block),
-                    eos_id=tokenizer.eot_id)
+    longest = max(len(p) + len(w) - 1 for p, w in zip(prompts, wanted))
+    engine = Engine(model, None, max_batch=min(max_batch, len(pairs)), max_seq_len=longest, eos_id=tokenizer.eot_id)
     outs = run_requests(engine, [Request(p, len(w), temperature=0.0) for p, w in zip(prompts, wanted)])
     hits = [out == w for out, w in zip(outs, wanted)]
     losses, counts = [], []
@@ -178,7 +190,7 @@ def finetune_cli(args) -> int:
     summary = finetune(args.run, args.data, args.out, args.val, parse_overrides(args.overrides), args.config, lora)
     print_summary(summary)
     out = Path(args.out)
-    if lora:
+    if summary["lora"]:
         size = (out / "adapter.safetensors").stat().st_size
         full = (Path(args.run) / "model.safetensors")
         full = full if full.is_file() else next(Path(args.run).rglob("model.safetensors"), None)

@@ -86,11 +86,15 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False, checkpoint:
     merge_lora(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
     try:
         save_file(to_hf_state(model.state_dict()), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer.eot_id), indent=2) + "\n")
         if isinstance(tokenizer, BPETokenizer):
-            _write_gpt2_tokenizer(tokenizer, tmp)
+            _write_gpt2_tokenizer(tokenizer, tmp, model.config.block_size)
+        else:
+            print(f"note: {run}'s character tokenizer has no Hugging Face equivalent; only the model was written "
+                  f"(its token ids follow {Path(run) / 'tokenizer.json'})")
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)
@@ -135,14 +139,14 @@ def gpt2_vocab_and_merges(tok) -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def _write_gpt2_tokenizer(tok, folder: Path) -> None:
+def _write_gpt2_tokenizer(tok, folder: Path, context: int) -> None:
     vocab, merges = gpt2_vocab_and_merges(tok)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     eot = "<|endoftext|>"
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
-         "model_max_length": 1024, "add_prefix_space": False}, indent=2) + "\n")
+         "model_max_length": context, "add_prefix_space": False}, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------- PEFT adapters
@@ -160,7 +164,7 @@ def save_peft_adapter(model, settings: dict, out: str | Path) -> Path:
     for key, tensor in lora_state(model).items():
         name, kind = key.rsplit(".", 1)
         tensors[f"base_model.model.{hf_name(name + '.weight')[:-len('.weight')]}.{kind}.weight"] = tensor.cpu()
-    targets = sorted({".".join(m.split(".")[-2:]) for m in settings["modules"]})
+    targets = sorted(hf_name(m + ".weight")[:-len(".weight")] for m in settings["modules"])  # exact module names
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings["rank"], "lora_alpha": settings["alpha"],
               "lora_dropout": settings.get("dropout", 0.0), "target_modules": targets, "fan_in_fan_out": True,
               "bias": "none", "base_model_name_or_path": None, "inference_mode": True, "modules_to_save": None,

@@ -132,6 +132,11 @@ def make_batch(data: Dataset, split: str, batch_size: int, block_size: int, seed
 # ------------------------------------------------------------------------------------------------ setup and checks
 
 def check_fits(cfg: TrainConfig, data: Dataset) -> None:
+    if data.kind == "pairs":
+        for split in ("train", "val"):
+            if len(data.index(split)) == 0:
+                raise UserError(f"{data.path} has no {split} pairs; give more pairs (the last 10% validate) or a "
+                                f"separate validation file (lmforge finetune --val)")
     if data.kind == "tokens":
         for split in ("train", "val"):
             n = len(data.tokens(split))
@@ -234,15 +239,20 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
         if cfg.fsdp and info.world > 1:
             raise TrainingError("LoRA with FSDP is not supported; use DDP (fsdp=false) or one process")
         from .lora import apply_lora
+        from .lora import base_identity
         targets = apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-        adapter = {"base": str(Path(cfg.init_from).resolve()), "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
+        adapter = {**base_identity(Path(cfg.init_from), run), "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
                    "targets": cfg.lora_targets, "dropout": cfg.lora_dropout, "modules": targets}
     state = None
     if ckpt is not None:
         if adapter is not None:
             from safetensors.torch import load_file
 
-            from .lora import load_lora_state
+            from .lora import adapter_settings, load_lora_state
+            saved = adapter_settings(ckpt) or {}
+            if saved.get("base_sha256") not in (None, adapter["base_sha256"]):
+                raise TrainingError(f"cannot resume {run}: its base {cfg.init_from} has changed since the adapter was "
+                                    f"trained on it (its weights differ); restore that base or start a new run")
             load_lora_state(model, load_file(str(ckpt / "adapter.safetensors"), device=str(device)),
                             f"the adapter in {ckpt}")
         else:
@@ -301,6 +311,9 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
                 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_state
                 save_checkpoint(run, weights_for_saving(lora_state(model), False), trainer_state, config,
                                 cfg.keep_last, is_best, ADAPTER_WEIGHTS, {ADAPTER_CONFIG: adapter})
+                from .hf import gpt2_mismatches, save_peft_adapter
+                if not gpt2_mismatches(model_cfg):  # GPT-2-shaped: PEFT's format too, kept as current
+                    save_peft_adapter(model, adapter, run / "peft")
             else:
                 save_checkpoint(run, weights_for_saving(weights, model_cfg.tie_embeddings), trainer_state, config,
                                 cfg.keep_last, is_best)

@@ -136,9 +136,32 @@ def test_an_adapter_on_another_base_says_which_shapes_differ(world, tmp_path):
                                       block_size=48, batch_size=2, eval_interval=1, eval_steps=1, progress=False,
                                       sample_tokens=0))
     settings = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**settings, "base": str(other)}))
+    moved = {**settings, "base": str(other), "base_weights": "checkpoints/step-000001/model.safetensors"}
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(moved))
     with pytest.raises(lmforge.UserError, match="made for another base: shapes differ"):
         load(tmp_path / "a")
+
+
+def test_an_adapter_is_pinned_to_its_base_and_moves_with_the_project(world, tmp_path):
+    import shutil
+    project = tmp_path / "project"
+    shutil.copytree(world / "base", project / "base")
+    finetune(project / "base", str(world / "pairs.jsonl"), str(project / "tuned"),
+             overrides={"max_steps": "2", "eval_interval": "2", "progress": "false"},
+             lora={"rank": 2, "alpha": 4, "targets": "c_attn", "dropout": 0.0})
+    x = torch.randint(0, 20, (1, 12))
+    before = load(project / "tuned")[0](x)[0]
+    project.rename(tmp_path / "moved")  # the base is found beside the run, relative to it
+    torch.testing.assert_close(load(tmp_path / "moved" / "tuned")[0](x)[0], before, atol=0, rtol=0)
+    weights = next((tmp_path / "moved" / "base" / "checkpoints").glob("step-*")) / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(weights))
+    state["wpe.weight"] = state["wpe.weight"] + 1.0  # the base changes under the adapter
+    save_file(state, str(weights))
+    with pytest.raises(lmforge.UserError, match="has changed since this adapter was trained"):
+        load(tmp_path / "moved" / "tuned")
+    with pytest.raises(lmforge.UserError, match="would write into the base run"):
+        finetune(world / "base", str(world / "pairs.jsonl"), str(world / "base"), lora=None)
 
 
 def test_exact_match_is_what_greedy_decoding_gives(world):
