@@ -215,3 +215,12 @@ def _export_args(p):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+@verb("import-hf", "hf:import_cli", "Import a Hugging Face GPT-2 checkpoint (folder or hub id) as a run.",
+      "lmforge import-hf path/to/gpt2-folder --out runs/gpt2")
+def _import_args(p):
+    p.add_argument("source", help="a folder with config.json, model.safetensors (or pytorch_model.bin) and the "
+                                  "tokenizer files, or a hub id such as gpt2 (downloaded when online)")
+    p.add_argument("--out", required=True, help="the new run's directory")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -1,7 +1,9 @@
 """Hugging Face interop for GPT-2-shaped runs: a run exported as a `GPT2LMHeadModel` folder (what transformers, vLLM
-and TGI load), and a LoRA run's adapter in PEFT's format for that folder.
+and TGI load), a GPT-2 folder (or hub id) imported as a run, and a LoRA run's adapter in PEFT's format.
 
     export_hf("runs/base", "hf/base")                 # config.json, model.safetensors, vocab.json + merges.txt
+    import_hf("hf/gpt2", "runs/gpt2")                 # the reverse: an ordinary run (generate, eval, finetune, serve)
+    model, tok = load_hf("gpt2")                      # a hub id downloads through huggingface_hub when online
     save_peft_adapter("runs/tuned", "runs/tuned/peft")   # adapter_config.json + adapter_model.safetensors
 
 GPT-2 stores its projections as Conv1D, (in, out): our (out, in) Linear weights are transposed on the way. A run GPT-2
@@ -172,6 +174,146 @@ def save_peft_adapter(model, settings: dict, out: str | Path) -> Path:
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+# ------------------------------------------------------------------------------------------------------- import
+
+HF_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "vocab.json", "merges.txt", "tokenizer.json"]
+
+
+def resolve_hf(path_or_id: str | Path) -> Path:
+    """A local folder as it is; otherwise a hub id, downloaded (cached) through huggingface_hub."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_id).startswith((".", "/")) or str(path_or_id).count("/") > 1:
+        raise UserError(f"{path_or_id} is not a folder of a Hugging Face GPT-2 checkpoint")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"{path_or_id} is no local folder, and downloading it needs huggingface_hub: "
+                        f"pip install 'lmforge[hf]', or pass a local folder") from None
+    try:
+        return Path(snapshot_download(str(path_or_id), allow_patterns=HF_FILES))
+    except Exception as e:  # offline, unknown id, gated: the hub client raises many types
+        raise UserError(f"could not download {path_or_id} from the Hugging Face hub ({type(e).__name__}); "
+                        f"offline, pass a local folder holding {', '.join(HF_FILES[:3])} and the tokenizer files") from None
+
+
+def config_from_hf(hf: dict, where: str) -> ModelConfig:
+    if hf.get("model_type") != "gpt2":
+        raise UserError(f"{where}: model_type {hf.get('model_type')!r} is not gpt2; only GPT-2 checkpoints import")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"{where}: activation {hf['activation_function']!r} differs from GPT-2's tanh GELU")
+    n_embd = hf["n_embd"]
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        raise UserError(f"{where}: n_inner={hf['n_inner']} differs from 4 * n_embd")
+    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                       n_head=hf["n_head"], n_embd=n_embd, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                       init_std=hf.get("initializer_range", 0.02), dropout=0.0)
+
+
+def from_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
+    """GPT-2's state dict in our names and layouts; every tensor's shape is checked (and named when wrong)."""
+    from .model import GPT
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
+    by_hf = {hf_name(k): k for k in shapes}
+    out = {}
+    for name, tensor in state.items():
+        name = name[len("model."):] if name.startswith("model.") else name
+        name = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # causal-mask buffers, and the output layer tied to the embedding
+        key = by_hf.get(name)
+        if key is None:
+            raise UserError(f"{where}: unexpected tensor {name}; this is not a GPT-2 checkpoint")
+        conv1d = key.endswith(".weight") and any(f".{m}." in f".{key}" for m in CONV1D)
+        want = tuple(shapes[key])[::-1] if conv1d else tuple(shapes[key])  # in GPT-2's own layout
+        if tuple(tensor.shape) != want:
+            raise UserError(f"{where}: {name} has shape {tuple(tensor.shape)}, but config.json implies {want}")
+        out[key] = (tensor.t() if conv1d else tensor).contiguous()
+    missing = sorted(set(shapes) - set(out) - {"lm_head.weight"})
+    if missing:
+        raise UserError(f"{where}: missing tensors {', '.join(hf_name(m) for m in missing[:3])}")
+    return out
+
+
+def load_hf(path_or_id: str | Path, device: str = "cpu"):
+    """(GPT, tokenizer) of a Hugging Face GPT-2 folder or hub id: model.safetensors (or pytorch_model.bin, read with
+    weights_only=True) and vocab.json + merges.txt (or tokenizer.json)."""
+    from .checkpoint import load_weights
+    from .model import GPT
+    folder = resolve_hf(path_or_id)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{folder} is not a GPT-2 checkpoint: it has no config.json")
+    cfg = config_from_hf(json.loads(config_path.read_text()), str(folder))
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+        state = load_file(str(folder / "model.safetensors"))
+    elif (folder / "pytorch_model.bin").is_file():
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin")
+    state = from_hf_state(state, cfg, str(folder))
+    with tempfile.TemporaryDirectory() as tmp:  # one weights loader for every path (tied weights, checks)
+        from safetensors.torch import save_file
+        save_file(state, f"{tmp}/model.safetensors")
+        model = GPT(cfg)
+        load_weights(model, Path(tmp) / "model.safetensors")
+    return model.to(device).eval(), _read_gpt2_tokenizer(folder)
+
+
+def _read_gpt2_tokenizer(folder: Path):
+    from .tokenizer import BPETokenizer
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return BPETokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
+    if (folder / "tokenizer.json").is_file():
+        model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+        if model.get("type") != "BPE":
+            raise UserError(f"{folder}/tokenizer.json is not a byte-level BPE tokenizer")
+        with tempfile.TemporaryDirectory() as tmp:
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+            Path(tmp, "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
+            Path(tmp, "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+            return BPETokenizer.from_gpt2_files(Path(tmp, "vocab.json"), Path(tmp, "merges.txt"))
+    raise UserError(f"{folder} has no tokenizer (vocab.json + merges.txt, or tokenizer.json)")
+
+
+def import_hf(path_or_id: str | Path, out: str | Path, force: bool = False) -> Path:
+    """A Hugging Face GPT-2 checkpoint as an ordinary run folder (config.json, model.safetensors, tokenizer.json)."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import run_config, weights_for_saving, write_json_atomic
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    model, tokenizer = load_hf(path_or_id)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{path_or_id}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
+                        f"{model.config.vocab_size}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        save_file(weights_for_saving(model.state_dict(), True), str(tmp / "model.safetensors"))
+        config = run_config(model.config)
+        config["imported_from"] = str(path_or_id)
+        write_json_atomic(tmp / "config.json", config)
+        tokenizer.save(tmp / "tokenizer.json")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def import_cli(args) -> int:
+    out = import_hf(args.source, args.out, force=args.force)
+    print(f"imported {args.source} into {out}: an ordinary run (lmforge generate {out} ...)")
+    return 0
 
 
 def export_cli(args) -> int:

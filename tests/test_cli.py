@@ -23,6 +23,7 @@ SURFACE = {
                  "--val", "run"],
     "merge": ["--force", "--out", "run"],
     "export": ["--checkpoint", "--force", "--format", "--out", "run"],
+    "import-hf": ["--force", "--out", "source"],
     "generate": ["--checkpoint", "--compile", "--device", "--interactive", "--length-penalty", "--max-new-tokens",
                  "--num-beams", "--num-samples", "--prompt", "--prompt-file", "--repetition-penalty", "--seed",
                  "--stop", "--temperature", "--top-k", "--top-p", "run"],

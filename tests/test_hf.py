@@ -75,3 +75,65 @@ def test_a_lora_adapter_in_peft_format_gives_our_logits(tmp_path):
     with torch.no_grad():
         assert not torch.allclose(ours(x)[0], base(x)[0], atol=1e-3)  # the adapter does something
         torch.testing.assert_close(hf(x).logits, ours(x)[0], atol=1e-4, rtol=0)
+
+
+def _hf_checkpoint(folder, tok, safe=True):
+    """A random GPT-2 made and saved by transformers itself, with our BPE tokenizer's files beside it."""
+    from lmforge.hf import _write_gpt2_tokenizer
+    torch.manual_seed(1)
+    cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=48, n_layer=2, n_head=4,
+                                  bos_token_id=tok.eot_id, eos_token_id=tok.eot_id)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(folder, safe_serialization=safe)
+    _write_gpt2_tokenizer(tok, folder, 64)
+    return hf
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_a_transformers_gpt2_imports_with_its_logits_and_greedy_ids(tmp_path, safe):
+    from lmforge.generation import decode_ids
+    from lmforge.hf import import_hf
+    tok = BPETokenizer.train(TEXT, 300)
+    hf = _hf_checkpoint(tmp_path / "hf", tok, safe)
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    model, loaded_tok = load(run)
+    assert loaded_tok.ranks == tok.ranks and loaded_tok.eot_id == tok.eot_id
+    x = torch.randint(0, tok.vocab_size, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], hf(x).logits, atol=1e-4, rtol=0)
+        want = hf.generate(x[:1, :8], max_new_tokens=20, do_sample=False, pad_token_id=tok.eot_id,
+                           eos_token_id=None)[0, 8:].tolist()
+    assert decode_ids(model, [x[0, :8].tolist()], 20, temperature=0)[0] == want
+
+
+def test_hf_to_lmforge_to_hf_is_bit_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    from lmforge.hf import import_hf
+    tok = BPETokenizer.train(TEXT, 300)
+    _hf_checkpoint(tmp_path / "hf", tok)
+    export_hf(import_hf(tmp_path / "hf", tmp_path / "run"), tmp_path / "back")
+    a, b = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    a = {k: v for k, v in a.items() if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "hf" / "merges.txt").read_text() == (tmp_path / "back" / "merges.txt").read_text()
+
+
+def test_bad_imports_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file, save_file
+    tok = BPETokenizer.train(TEXT, 300)
+    (tmp_path / "empty").mkdir()
+    assert main(["import-hf", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    _hf_checkpoint(tmp_path / "hf", tok)
+    capsys.readouterr()  # transformers' own progress output while saving
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    state["transformer.h.1.mlp.c_fc.weight"] = state["transformer.h.1.mlp.c_fc.weight"][:, :-1].contiguous()
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"))
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "transformer.h.1.mlp.c_fc.weight has shape" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["import-hf", "some-user/not-a-cached-model", "--out", str(tmp_path / "o")]) == 2
+    assert "pass a local folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
