@@ -177,6 +177,14 @@ def read_run_config(run: Path) -> dict:
         raise UserError(f"{path} is corrupted ({e.msg}); it must be JSON") from None
 
 
+def refuse_quantized(run: str | Path, config: dict) -> None:
+    """Training needs full-precision weights: a quantized run is refused, naming the run to use instead."""
+    spec = config.get("quantization")
+    if spec:
+        raise UserError(f"{run} is quantized ({spec['method']}) and cannot be trained; train or fine-tune the "
+                        f"full-precision run ({spec.get('source', 'the one it came from')}) and quantize the result")
+
+
 def check_device(name: str | torch.device) -> torch.device:
     """A device this process can use, or a one-line UserError naming what to pass instead."""
     try:
@@ -223,6 +231,9 @@ def load(run: str | Path, device: str | torch.device = "cpu", checkpoint: str | 
         from .lora import adapter_settings, load_adapter_run  # a feature's file format, loaded on demand
         return load_adapter_run(folder, run, adapter_settings(folder) or adapter_settings(run), device)
     config = read_run_config(run)
+    if config.get("quantization"):
+        from .quantize import load_quantized  # a feature's file format, loaded on demand
+        return load_quantized(folder, run, config, device)
     model_config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text())["model"]
                                          if (folder / "config.json").is_file() else config["model"])
     with torch.device("meta"):

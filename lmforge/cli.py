@@ -206,6 +206,26 @@ def _merge_args(p):
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
+@verb("quantize", "quantize:quantize_cli", "Quantize a run's weights to int8 or int4, behind a quality gate.",
+      "lmforge quantize runs/base --method int8 --out runs/base-int8")
+def _quantize_args(p):
+    p.add_argument("run", help="a full-precision run (a LoRA run is quantized with its adapter merged)")
+    p.add_argument("--method", required=True, choices=["int8", "int4"],
+                   help="int8: per-channel symmetric; int4: group-wise, two weights a byte")
+    p.add_argument("--out", required=True, help="the quantized run's directory")
+    p.add_argument("--group-size", type=int, default=None, help="int4 inputs sharing a scale (default 32)")
+    p.add_argument("--data", help="prepared data to measure the quantized model on (default: the run's own; its "
+                                  "val split)")
+    p.add_argument("--eval-tokens", type=int, default=16_384, help="held-out tokens to measure on (default 16,384)")
+    p.add_argument("--max-kl", type=float, default=0.05,
+                   help="refuse to write the run when the mean KL divergence from the original's next-token "
+                        "distributions exceeds this, in nats (default 0.05)")
+    p.add_argument("--force", action="store_true", help="write the run even above --max-kl")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest)")
+    p.add_argument("--device", default="cpu", help="where to quantize and measure (default cpu)")
+
+
 @verb("export", "hf:export_cli", "Export a GPT-2-shaped run as a Hugging Face GPT2LMHeadModel folder.",
       "lmforge export runs/base --format hf --out hf/base")
 def _export_args(p):

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load, read_run_config, run_config, weights_for_saving, write_json_atomic
+from .checkpoint import (load, read_run_config, refuse_quantized, run_config, weights_for_saving,
+                         write_json_atomic)
 from .config import ModelConfig, TrainConfig
 from .data import Dataset, pair_arrays, pair_batch, prepare, read_pairs
 from .engine import Engine, Request
@@ -38,6 +39,7 @@ def finetune_config(base: str | Path, data: str, out: str, overrides: dict | Non
     """The TrainConfig of fine-tuning base on data into out (lora: rank, alpha, targets, dropout, or None)."""
     import tomllib
     base_cfg = read_run_config(Path(base))
+    refuse_quantized(base, base_cfg)
     model = ModelConfig.from_dict(base_cfg["model"])
     given = {}  # only what the TOML file sets: its absent fields keep the fine-tuning defaults
     if config_file:

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import (check_device, complete_checkpoints, latest_checkpoint, load_trainer_state, load_weights,
-                         model_folder, read_run_config, run_config, save_checkpoint, weights_for_saving,
-                         write_json_atomic)
+                         model_folder, read_run_config, refuse_quantized, run_config, save_checkpoint,
+                         weights_for_saving, write_json_atomic)
 from .config import ModelConfig, TrainConfig
 from .data import Dataset, get_batch, get_pair_batch
 from .model import GPT
@@ -148,6 +148,7 @@ def check_fits(cfg: TrainConfig, data: Dataset) -> None:
 def check_resume(run: Path, model_cfg: ModelConfig, data: Dataset) -> Path:
     """The checkpoint to resume from, after checking that it fits this config and data."""
     saved = read_run_config(run)
+    refuse_quantized(run, saved)
     saved_tok = json.loads((run / "tokenizer.json").read_text())
     if saved_tok != json.loads((data.path / "tokenizer.json").read_text()):
         raise TrainingError(f"cannot resume {run}: the tokenizer of {data.path} differs from the run's; "
@@ -230,6 +231,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
     model = GPT(model_cfg).to(device)
     if cfg.init_from:
         base = model_folder(cfg.init_from)
+        refuse_quantized(cfg.init_from, read_run_config(cfg.init_from))
         if not (base / "model.safetensors").is_file():
             raise TrainingError(f"{cfg.init_from} is a LoRA run; fold its adapter in first (lmforge merge) and "
                                 f"start from that")

@@ -22,6 +22,8 @@ SURFACE = {
     "finetune": ["--config", "--data", "--lora-alpha", "--lora-dropout", "--lora-rank", "--lora-targets", "--out",
                  "--val", "run"],
     "merge": ["--force", "--out", "run"],
+    "quantize": ["--checkpoint", "--data", "--device", "--eval-tokens", "--force", "--group-size", "--max-kl",
+                 "--method", "--out", "--overwrite", "run"],
     "export": ["--checkpoint", "--force", "--format", "--out", "run"],
     "import-hf": ["--force", "--out", "source"],
     "generate": ["--checkpoint", "--compile", "--device", "--interactive", "--length-penalty", "--max-new-tokens",

@@ -1,0 +1,363 @@
+"""Weight quantization as module swaps, saved as runs, behind a quality gate.
+
+    lmforge quantize runs/base --method int8 --out runs/base-int8          # or --method int4 [--group-size 32]
+    model, tok = lmforge.load("runs/base-int8")                          # generate, eval and serve as usual
+
+Every nn.Linear of the model (the output layer included) is replaced, for good, by one of:
+- Int8Linear: per-output-channel symmetric int8 weights, W ~ scales[:, None] * weight. On CPU each call also
+  quantizes its input rows to int8 (one scale per row) and multiplies with the int8 matrix product (VNNI), as
+  llama.cpp does for q8_0; elsewhere the int8 weight is converted to the input's dtype on the fly.
+- Int4Linear: group-wise asymmetric 4-bit weights, W ~ q * scale + min for each group of group_size inputs, q in
+  0..15 packed two to a byte (a group's first half in the low nibbles, its second half in the high ones). Inside a
+  compiled graph the unpacking is fused into the product; eagerly the weight is unpacked for each call.
+A tied token embedding becomes the dequantized output matrix, so the run stores that matrix once, quantized.
+
+Before writing, quantize() compares the quantized model with the original on held-out tokens (the run's val split,
+or --data): perplexities and the mean KL divergence of their next-token distributions. Above max_kl it refuses to
+write the run (unless forced). The report goes into the run as quality.json; config.json records the method.
+A quantized run can be used, not trained: training or fine-tuning one is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UserError
+from .model import GPT
+
+METHODS = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 32  # int4 inputs per scale (llama.cpp's q4_0 block)
+DEFAULT_MAX_KL = 0.05  # nats per token; int8 is ~1e-4, int4 ~1e-2 on the models measured
+DEFAULT_EVAL_TOKENS = 16_384
+
+
+# ------------------------------------------------------------------------------------------------- the modules
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 (out, in) and one float scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach().float()
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, linear.weight.dtype)
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        q.weight.copy_(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        q.scales.copy_(scales)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach())
+        return q
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.to(self.scales.dtype) * self.scales[:, None]  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":  # int8 x int8 -> int32 (oneDNN, VNNI where the CPU has it)
+            rows = x.reshape(-1, self.in_features).float()  # (N, in)
+            x_scales = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # (N, 1)
+            x_int8 = torch.round(rows / x_scales).to(torch.int8)
+            y = torch._int_mm(x_int8, self.weight.t()).float() * (x_scales * self.scales.float())  # (N, out)
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W stored as 4-bit codes in groups of group_size inputs, each with a scale and a minimum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, device=None,
+                 dtype=torch.float32):
+        super().__init__()
+        if group_size % 2 or in_features % group_size:
+            raise UserError(f"int4 groups of {group_size} do not divide a layer's {in_features} inputs; pick a "
+                            f"--group-size that divides {in_features} (and is even)")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("mins", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+        w = linear.weight.detach().float()
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, w.device,
+                linear.weight.dtype)
+        groups = w.view(q.out_features, -1, group_size)  # (out, groups, G)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scales = ((high - low) / 15).clamp(min=1e-12)
+        codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+        half = group_size // 2
+        q.weight.copy_((codes[..., :half] | (codes[..., half:] << 4)).view(q.out_features, -1))
+        q.scales.copy_(scales)
+        q.mins.copy_(low)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach())
+        return q
+
+    def codes(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The low and high halves of every group as numbers, each (out, groups, group_size / 2)."""
+        packed = self.weight.view(self.out_features, -1, self.group_size // 2)
+        return (packed & 15).to(dtype), (packed >> 4).to(dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        low, high = self.codes(self.scales.dtype)
+        codes = torch.cat([low, high], dim=-1)  # (out, groups, G)
+        return (codes * self.scales[..., None] + self.mins[..., None]).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # sums of products that inductor fuses with the unpacking: W is never built
+            low, high = self.codes(x.dtype)  # (out, groups, G/2)
+            xg = x.reshape(-1, 1, self.in_features // self.group_size, 2, self.group_size // 2)  # (N, 1, groups, 2, G/2)
+            dots = (xg[..., 0, :] * low).sum(-1) + (xg[..., 1, :] * high).sum(-1)  # (N, out, groups)
+            sums = xg.sum((-1, -2))  # (N, 1, groups): x's sum over each group, for the minimums
+            y = (dots * self.scales.to(x.dtype) + sums * self.mins.to(x.dtype)).sum(-1)  # (N, out)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}")
+
+
+QUANTIZED = (Int8Linear, Int4Linear)
+
+
+# ----------------------------------------------------------------------------------------------- the swapping
+
+def _check_method(method: str, group_size: int | None) -> int | None:
+    if method not in METHODS:
+        raise UserError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "int8":
+        return None
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise UserError(f"--group-size {group_size!r} must be an even number of inputs (32, 64 or 128 are usual)")
+    return group_size
+
+
+def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if type(child) is nn.Linear]
+
+
+def _untie(model: GPT) -> None:
+    """Give the output layer a weight of its own, so that it can be replaced while the embedding stays."""
+    if model.lm_head.weight is model.wte.weight:
+        model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone(), requires_grad=False)
+
+
+def quantize_model(model: GPT, method: str, group_size: int | None = None) -> GPT:
+    """A quantized copy of model (eval mode, no gradients): every nn.Linear replaced by Int8Linear or Int4Linear;
+    a tied embedding becomes the dequantized output matrix. The model passed in is not changed."""
+    group_size = _check_method(method, group_size)
+    from .lora import LoRALinear, merge_lora
+    model = copy.deepcopy(model).eval().requires_grad_(False)
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        merge_lora(model)
+    if any(isinstance(m, QUANTIZED) for m in model.modules()):
+        raise UserError("this model is already quantized; quantize the full-precision run it came from")
+    tied = model.config.tie_embeddings
+    _untie(model)
+    for parent, name, linear in _linears(model):
+        new = Int8Linear.from_linear(linear) if method == "int8" else Int4Linear.from_linear(linear, group_size)
+        setattr(parent, name, new)
+    if tied:
+        model.wte.weight = nn.Parameter(model.lm_head.dequantize().to(model.wte.weight.dtype), requires_grad=False)
+    return model
+
+
+def empty_quantized(model: GPT, method: str, group_size: int | None) -> GPT:
+    """Swap model's nn.Linears (in place) for quantized modules of the same shapes, to load a quantized state into."""
+    group_size = _check_method(method, group_size)
+    _untie(model)
+    for parent, name, linear in _linears(model):
+        args = (linear.in_features, linear.out_features, linear.bias is not None)
+        kw = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        setattr(parent, name, Int8Linear(*args, **kw) if method == "int8" else Int4Linear(*args, group_size, **kw))
+    return model.requires_grad_(False)
+
+
+def quantized_state(model: GPT) -> dict[str, torch.Tensor]:
+    """What a quantized run stores: the quantized modules' buffers and the rest, the tied embedding left out."""
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("wte.weight")
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def load_quantized(folder: Path, run: Path, config: dict, device: torch.device):
+    """(model, tokenizer) of a quantized run (checkpoint.load sends these here)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from .config import ModelConfig
+    from .tokenizer import load_tokenizer
+    spec = config["quantization"]
+    model_config = ModelConfig.from_dict(config["model"])
+    with torch.device("meta"):
+        model = GPT(model_config)
+    model.to_empty(device=device)
+    model.init_weights()  # rebuilds buffers; the weights are overwritten next
+    empty_quantized(model, spec["method"], spec.get("group_size"))
+    path = folder / "model.safetensors"
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is corrupted or not a safetensors file ({e}); quantize the run again") from None
+    if model_config.tie_embeddings:
+        state["wte.weight"] = model.wte.weight  # placeholder: rebuilt from the output matrix below
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} {v.dtype} vs {tuple(expected[k].shape)} {expected[k].dtype}"
+             for k, v in state.items() if k in expected and (v.shape != expected[k].shape or v.dtype != expected[k].dtype)]
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if wrong or missing or unexpected:
+        raise UserError(f"{path} does not hold a {spec['method']} model of this configuration "
+                        f"({'; '.join(wrong[:2]) or f'missing {missing[:3]}, unexpected {unexpected[:3]}'}); "
+                        f"quantize the run again")
+    model.load_state_dict(state)
+    if model_config.tie_embeddings:
+        with torch.no_grad():
+            model.wte.weight.copy_(model.lm_head.dequantize())
+    return model.eval(), load_tokenizer(run / "tokenizer.json")
+
+
+# ---------------------------------------------------------------------------------------------- the quality gate
+
+@torch.no_grad()
+def quality_report(original: GPT, quantized: GPT, tokens: np.ndarray, max_tokens: int = DEFAULT_EVAL_TOKENS,
+                   batch_size: int = 4) -> dict:
+    """Both models on consecutive windows of held-out tokens: perplexity of each, ΔPPL in percent, and the mean
+    (and largest per-window) KL(original || quantized) of next-token distributions, in nats."""
+    T = original.config.block_size
+    windows = min((len(tokens) - 1) // T, max(1, max_tokens // T))
+    if windows < 1:
+        raise UserError(f"the held-out split has {len(tokens)} tokens, fewer than one window of {T + 1}; "
+                        f"pass --data with more held-out text")
+    device = original.wte.weight.device
+    nll_a = nll_b = kl = 0.0
+    worst, n = 0.0, 0
+    for start in range(0, windows, batch_size):
+        rows = range(start, min(start + batch_size, windows))
+        chunk = np.stack([np.asarray(tokens[r * T:(r + 1) * T + 1], dtype=np.int64) for r in rows])
+        x, y = torch.from_numpy(chunk[:, :-1]).to(device), torch.from_numpy(chunk[:, 1:]).to(device)
+        lp_a = F.log_softmax(original(x)[0].float(), dim=-1)  # (B, T, V)
+        lp_b = F.log_softmax(quantized(x)[0].float(), dim=-1)
+        nll_a += -lp_a.gather(-1, y[..., None]).sum().item()
+        nll_b += -lp_b.gather(-1, y[..., None]).sum().item()
+        per_position = (lp_a.exp() * (lp_a - lp_b)).sum(-1)  # (B, T)
+        kl += per_position.sum().item()
+        worst = max(worst, per_position.mean(-1).max().item())
+        n += y.numel()
+    ppl_a, ppl_b = math.exp(nll_a / n), math.exp(nll_b / n)
+    return {"tokens": n, "ppl": ppl_a, "ppl_quantized": ppl_b, "delta_ppl_percent": 100 * (ppl_b / ppl_a - 1),
+            "kl_mean": kl / n, "kl_worst_window": worst}
+
+
+def _held_out(run: Path, config: dict, data: str | None):
+    from .data import Dataset
+    source = data or (config.get("train") or {}).get("data")
+    if not source:
+        raise UserError(f"{run} does not name its data (an imported run); pass --data with a prepared data "
+                        f"directory to measure the quantized model on")
+    path = Path(source)
+    if not path.is_dir() and not path.is_absolute() and (run / source).is_dir():
+        path = run / source
+    if not (path / "meta.json").is_file():
+        raise UserError(f"no prepared data at {source} to measure the quantized model on; pass --data DIR "
+                        f"(a folder made by lmforge prepare with this run's tokenizer)")
+    dataset = Dataset(path)
+    tokens = dataset.tokens("val")
+    if len(tokens) == 0:
+        tokens = dataset.tokens("train")
+    return dataset, tokens
+
+
+# ------------------------------------------------------------------------------------------------------ the verb
+
+def quantize(run: str | Path, out: str | Path, method: str = "int8", group_size: int | None = None,
+             data: str | None = None, max_kl: float = DEFAULT_MAX_KL, force: bool = False,
+             eval_tokens: int = DEFAULT_EVAL_TOKENS, overwrite: bool = False, checkpoint: str | None = None,
+             device: str = "cpu") -> dict:
+    """Quantize a run into a new run folder, after the quality gate. Returns the quality report."""
+    from .checkpoint import check_device, load, read_run_config, write_json_atomic
+    run, out = Path(run), Path(out)
+    group_size = _check_method(method, group_size)
+    if not (isinstance(max_kl, (int, float)) and max_kl >= 0):
+        raise UserError(f"--max-kl {max_kl!r} must be a number >= 0")
+    if eval_tokens < 1:
+        raise UserError(f"--eval-tokens {eval_tokens} must be at least 1")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if out.resolve() == run.resolve():
+        raise UserError(f"--out {out} is the run being quantized; write the quantized run to a new folder")
+    config = read_run_config(run)
+    if config.get("quantization"):
+        raise UserError(f"{run} is already quantized ({config['quantization']['method']}); quantize the "
+                        f"full-precision run it came from")
+    device = check_device(device)
+    original, tokenizer = load(run, device=device, checkpoint=checkpoint)
+    dataset, tokens = _held_out(run, config, data)
+    if json.loads((dataset.path / "tokenizer.json").read_text()) != json.loads((run / "tokenizer.json").read_text()):
+        raise UserError(f"the data at {dataset.path} was prepared with another tokenizer than {run}'s; pass --data "
+                        f"prepared with it (lmforge prepare ... --tokenizer-from {run})")
+    model = quantize_model(original, method, group_size)
+    report = {"method": method, "group_size": group_size, "data": str(dataset.path),
+              **quality_report(original, model, tokens, eval_tokens)}
+    print(f"{method}: perplexity {report['ppl']:.4f} -> {report['ppl_quantized']:.4f} "
+          f"({report['delta_ppl_percent']:+.2f}%), mean KL {report['kl_mean']:.5f} nats/token "
+          f"over {report['tokens']:,} held-out tokens")
+    if report["kl_mean"] > max_kl and not force:
+        raise UserError(f"{method} changes the model too much: mean KL {report['kl_mean']:.4f} > --max-kl {max_kl} "
+                        f"(perplexity {report['delta_ppl_percent']:+.2f}%); nothing was written. Try int8 or a "
+                        f"smaller --group-size, or pass --force to write it anyway")
+    from safetensors.torch import save_file
+    from .data import _publish
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        save_file(quantized_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        saved = {k: v for k, v in config.items()}
+        saved["quantization"] = {"method": method, "group_size": group_size, "source": str(run)}
+        write_json_atomic(tmp / "config.json", saved)
+        write_json_atomic(tmp / "quality.json", report)
+        tokenizer.save(tmp / "tokenizer.json")
+        _publish(tmp, out, force=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = (out / "model.safetensors").stat().st_size
+    print(f"wrote {out} ({size / 1e6:.1f} MB of weights)")
+    return report
+
+
+def quantize_cli(args) -> int:
+    quantize(args.run, args.out, args.method, args.group_size, args.data, args.max_kl, args.force,
+             args.eval_tokens, args.overwrite, args.checkpoint, args.device)
+    return 0
+

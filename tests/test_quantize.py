@@ -1,0 +1,189 @@
+"""Quantization: int8 and int4 weights within half a quantization step of the original, a trained model's int8
+perplexity within 1% (the quality gate measures it and refuses above --max-kl), runs that save, load, generate,
+evaluate and serve (compiled decoding equal to eager), and refusals: training a quantized run, bad settings."""
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lmforge
+from lmforge import GPT, ModelConfig
+from lmforge.checkpoint import load
+from lmforge.cli import main
+from lmforge.data import prepare
+from lmforge.engine import Engine, Request
+from lmforge.errors import UserError
+from lmforge.generation import generate_naive
+from lmforge.quantize import Int4Linear, Int8Linear, quantize, quantize_model
+
+WORDS = "the king and queen of a castle by the sea rode out at dawn to meet their people in the green field".split()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(3000)]
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+    data = prepare(str(root / "corpus.txt"), root / "data").path
+    cfg = lmforge.TrainConfig(data=str(data), out=str(root / "base"), model={"preset": "tiny"}, max_steps=150,
+                              block_size=64, batch_size=16, eval_interval=150, eval_steps=2, progress=False,
+                              sample_tokens=0, lr=3e-3)
+    lmforge.train(cfg)
+    return root
+
+
+def _linear(out_features=48, in_features=64, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        linear.weight[3, 5] = 0.9  # an outlier: its channel (int8) or group (int4) gets a coarser step
+    return linear
+
+
+def test_int8_weights_are_within_half_a_step_and_the_product_is_close():
+    linear = _linear()
+    q = Int8Linear.from_linear(linear)
+    assert q.weight.dtype == torch.int8 and q.scales.shape == (48,)
+    err = (q.dequantize() - linear.weight).abs()
+    assert (err <= q.scales[:, None] / 2 + 1e-7).all()
+    x = torch.randn(5, 7, 64)
+    y, ref = q(x), linear(x)
+    assert y.shape == ref.shape
+    assert (y - ref).norm() / ref.norm() < 0.01  # activations quantized per row as well
+
+
+def test_int4_packs_two_weights_a_byte_within_half_a_step():
+    linear = _linear()
+    q = Int4Linear.from_linear(linear, group_size=16)
+    assert q.weight.dtype == torch.uint8 and q.weight.shape == (48, 32) and q.scales.shape == (48, 4)
+    err = (q.dequantize() - linear.weight).abs().view(48, 4, 16)
+    assert (err <= q.scales[..., None] / 2 + 1e-6).all()
+    x = torch.randn(3, 64)
+    assert torch.allclose(q(x), F.linear(x, q.dequantize(), linear.bias), atol=1e-5)
+    compiled = torch.compile(q.forward, fullgraph=True, dynamic=False)  # the fused form, never building W
+    assert torch.allclose(compiled(x), q(x), atol=1e-4)
+
+
+def test_bad_group_sizes_are_refused():
+    with pytest.raises(UserError, match="divide"):
+        Int4Linear.from_linear(_linear(), group_size=48)
+    model = GPT(ModelConfig.preset("tiny"))
+    for bad in (7, 0, True):
+        with pytest.raises(UserError, match="group-size"):
+            quantize_model(model, "int4", bad)
+    with pytest.raises(UserError, match="int8, int4"):
+        quantize_model(model, "int3")
+
+
+def test_quantizing_swaps_every_linear_and_leaves_the_model_alone():
+    model = GPT(ModelConfig.preset("tiny")).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = quantize_model(model, "int8")
+    assert not any(type(m) is nn.Linear for m in q.modules())
+    assert sum(isinstance(m, Int8Linear) for m in q.modules()) == 4 * 2 + 1  # 4 a block, and the output layer
+    assert torch.equal(q.wte.weight, q.lm_head.dequantize())  # the tied embedding is the stored output matrix
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.lm_head.weight is model.wte.weight and type(model.lm_head) is nn.Linear
+    with pytest.raises(UserError, match="already quantized"):
+        quantize_model(q, "int4")
+
+
+def test_int8_changes_a_trained_models_perplexity_by_under_one_percent(trained, capsys):
+    report = quantize(trained / "base", trained / "int8", "int8")
+    assert abs(report["delta_ppl_percent"]) < 1.0 and report["kl_mean"] < 1e-3
+    assert report["tokens"] >= 1000
+    assert "perplexity" in capsys.readouterr().out
+    assert json.loads((trained / "int8" / "quality.json").read_text())["kl_mean"] == report["kl_mean"]
+    config = json.loads((trained / "int8" / "config.json").read_text())
+    assert config["quantization"] == {"method": "int8", "group_size": None, "source": str(trained / "base")}
+    int4 = quantize(trained / "base", trained / "int4", "int4", group_size=32)
+    assert int4["kl_mean"] > report["kl_mean"] and abs(int4["delta_ppl_percent"]) < 10
+    sizes = {m: (trained / m / "model.safetensors").stat().st_size for m in ("base", "int8", "int4")}
+    assert sizes["int4"] < sizes["int8"] < sizes["base"] / 2.5
+
+
+def test_a_quantized_run_loads_to_the_model_that_was_measured(trained):
+    original, _ = load(trained / "base")
+    x = torch.randint(0, original.config.vocab_size, (2, 40))
+    for method, group in (("int8", None), ("int4", 32)):
+        loaded, tok = load(trained / method)
+        assert isinstance(loaded.lm_head, Int8Linear if method == "int8" else Int4Linear)
+        assert torch.equal(loaded(x)[0], quantize_model(original, method, group)(x)[0])
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_compiled_and_eager_decoding_of_a_quantized_run_equal_the_naive_path(trained, method):
+    model, tok = load(trained / method)
+    prompt = tok.encode("The king")
+    naive = generate_naive(model, prompt, max_new_tokens=12, temperature=0.0)
+    for compile in (False, True):
+        engine = Engine(model, max_batch=2, max_seq_len=64, compile=compile)
+        engine.add(Request(prompt, max_new_tokens=12, temperature=0.0, stop_at_eos=False))
+        engine.add(Request(tok.encode("Their people"), max_new_tokens=5, temperature=0.0, stop_at_eos=False))
+        ids = {}
+        while engine.has_work():
+            for e in engine.step():
+                ids.setdefault(e.request_id, []).append(e.token)
+        assert ids[0] == naive, compile
+
+
+def test_generate_eval_and_serve_work_on_a_quantized_run(trained, capsys):
+    assert main(["generate", str(trained / "int8"), "--prompt", "The", "--max-new-tokens", "10",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+    assert main(["eval", str(trained / "int4"), "--batches", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import create_app
+    with TestClient(create_app(trained / "int8", compile="off")) as http:
+        for _ in range(300):
+            if http.get("/health").status_code == 200:
+                break
+            import time
+            time.sleep(0.1)
+        r = http.post("/v1/completions", json={"model": "int8", "prompt": "The", "max_tokens": 4,
+                                               "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+def test_the_gate_refuses_above_max_kl_unless_forced(trained, capsys):
+    out = trained / "gated"
+    assert main(["quantize", str(trained / "base"), "--method", "int4", "--out", str(out), "--max-kl", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-kl" in err and "--force" in err and not out.exists()
+    assert main(["quantize", str(trained / "base"), "--method", "int4", "--out", str(out), "--max-kl", "0",
+                 "--force"]) == 0
+    assert (out / "quality.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "int4", "--group-size", "7"], "group-size"),
+    (["--method", "int8", "--data", "nowhere"], "no prepared data"),
+    (["--method", "int8", "--eval-tokens", "0"], "eval-tokens"),
+])
+def test_bad_quantize_inputs_are_one_line_errors(trained, capsys, args, message):
+    out = trained / "bad"
+    assert main(["quantize", str(trained / "base"), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not out.exists()
+
+
+def test_quantized_runs_are_not_trained_or_quantized_again(trained, capsys):
+    assert main(["quantize", str(trained / "int8"), "--method", "int4", "--out", str(trained / "again")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert main(["quantize", str(trained / "base"), "--method", "int8", "--out", str(trained / "int8")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    (trained / "pairs.jsonl").write_text('{"prompt": "The king ", "completion": "rode out."}\n' * 20)
+    assert main(["finetune", str(trained / "int8"), "--data", str(trained / "pairs.jsonl"),
+                 "--out", str(trained / "tuned")]) == 2
+    assert "cannot be trained" in capsys.readouterr().err
+    data = json.loads((trained / "base" / "config.json").read_text())["train"]["data"]
+    assert main(["train", f"--data={data}", f"--out={trained / 'tuned2'}", f"--init_from={trained / 'int8'}",
+                 "--model=tiny", "--max_steps=1", "--progress=false"]) == 2
+    assert "cannot be trained" in capsys.readouterr().err
