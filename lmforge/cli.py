@@ -226,13 +226,15 @@ def _quantize_args(p):
     p.add_argument("--device", default="cpu", help="where to quantize and measure (default cpu)")
 
 
-@verb("export", "hf:export_cli", "Export a GPT-2-shaped run as a Hugging Face GPT2LMHeadModel folder.",
-      "lmforge export runs/base --format hf --out hf/base")
+@verb("export", "hf:export_cli", "Export a run for other tools: Hugging Face, ONNX (with a KV cache) or GGUF.",
+      "lmforge export runs/base --format onnx --out onnx/base")
 def _export_args(p):
     p.add_argument("run", help="run directory (a LoRA run exports with its adapter merged)")
-    p.add_argument("--format", required=True, choices=["hf"], help="hf: config.json, model.safetensors and GPT-2 "
-                                                                    "tokenizer files")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", required=True, choices=["hf", "onnx", "gguf"],
+                   help="hf: a GPT2LMHeadModel folder (GPT-2-shaped runs); onnx: prefill and decode graphs with the "
+                        "KV cache in and out; gguf: one file for llama.cpp (GPT-2-shaped runs with a BPE tokenizer)")
+    p.add_argument("--out", required=True, help="output folder (a file for gguf)")
+    p.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"], help="GGUF weight type (default f32)")
     p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 

@@ -256,6 +256,9 @@ def generate_cli(args) -> int:
             raise UserError(f"{args.prompt_file} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     else:
         prompt = args.prompt
+    from .onnx import is_onnx_dir
+    if is_onnx_dir(args.run):
+        return _generate_onnx(args, prompt)
     model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint)
     cfg = model.config
     compile = args.compile and args.num_beams == 1  # beam search decodes eagerly
@@ -303,3 +306,28 @@ def generate_cli(args) -> int:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
 
+
+
+def _generate_onnx(args, prompt: str) -> int:
+    """`lmforge generate ONNX_DIR`: the exported graphs in onnxruntime, sampled as the engine samples."""
+    from .onnx import OnnxModel
+    unsupported = [flag for flag, on in (("--num-beams", args.num_beams != 1), ("--interactive", args.interactive),
+                                         ("--repetition-penalty", args.repetition_penalty != 1.0),
+                                         ("--compile", args.compile), ("--checkpoint", args.checkpoint),
+                                         ("--device", args.device != "cpu")) if on]
+    if unsupported:
+        raise UserError(f"{args.run} is an ONNX export, which generates with temperature, top-k, top-p, seeds and "
+                        f"stop strings; drop {', '.join(unsupported)} or generate from the run itself")
+    model = OnnxModel(args.run)
+    ids = model.tokenizer.encode(prompt) or [model.eos_id if model.eos_id is not None else 0]
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        new = model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                             None if args.seed is None else args.seed + i)
+        if new and new[-1] == model.eos_id:
+            new = new[:-1]
+        text = model.tokenizer.decode(new)
+        cuts = [text.find(s) for s in args.stop if s and s in text]
+        print(prompt + (text[:min(cuts)] if cuts else text), flush=True)
+    return 0

@@ -317,6 +317,20 @@ def import_cli(args) -> int:
 
 
 def export_cli(args) -> int:
-    out = export_hf(args.run, args.out, force=args.force, checkpoint=args.checkpoint)
-    print(f"exported {args.run} to {out} (GPT2LMHeadModel; load it with transformers' from_pretrained)")
+    """`lmforge export`: every format's exporter is imported only when asked for."""
+    if args.type is not None and args.format != "gguf":
+        raise UserError(f"--type is for --format gguf (f32, f16, q8_0 or q4_0); --format {args.format} writes fp32")
+    if args.format == "hf":
+        out = export_hf(args.run, args.out, force=args.force, checkpoint=args.checkpoint)
+        print(f"exported {args.run} to {out} (GPT2LMHeadModel; load it with transformers' from_pretrained)")
+    elif args.format == "onnx":
+        from .onnx import export_onnx
+        out = export_onnx(args.run, args.out, checkpoint=args.checkpoint, force=args.force)
+        print(f"exported {args.run} to {out} (prefill.onnx, decode.onnx, onnx.json; run it with "
+              f"lmforge generate {out})")
+    else:
+        from .gguf_export import export_gguf
+        out = export_gguf(args.run, args.out, args.type or "f32", checkpoint=args.checkpoint, force=args.force)
+        print(f"exported {args.run} to {out} ({args.type or 'f32'} GGUF for llama.cpp, "
+              f"{out.stat().st_size / 1e6:.1f} MB)")
     return 0

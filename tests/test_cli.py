@@ -24,7 +24,7 @@ SURFACE = {
     "merge": ["--force", "--out", "run"],
     "quantize": ["--checkpoint", "--data", "--device", "--eval-tokens", "--force", "--group-size", "--max-kl",
                  "--method", "--out", "--overwrite", "run"],
-    "export": ["--checkpoint", "--force", "--format", "--out", "run"],
+    "export": ["--checkpoint", "--force", "--format", "--out", "--type", "run"],
     "import-hf": ["--force", "--out", "source"],
     "generate": ["--checkpoint", "--compile", "--device", "--interactive", "--length-penalty", "--max-new-tokens",
                  "--num-beams", "--num-samples", "--prompt", "--prompt-file", "--repetition-penalty", "--seed",
