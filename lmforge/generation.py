@@ -104,10 +104,17 @@ def generate_naive(model: GPT, prompt: list[int], max_new_tokens: int, temperatu
 
 @torch.no_grad()
 def beam_search(model: GPT, prompt: list[int], max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
-                eos_id: int | None = None, early_stopping: bool = True) -> list[int]:
+                eos_id: int | None = None, early_stopping: bool | str = "exact") -> list[int]:
     """Keep the num_beams best partial sequences by summed log-probability; a hypothesis that ends (end-of-text, or
     max_new_tokens) is scored as sum / length ** length_penalty, length counting generated tokens. Returns the best
-    finished hypothesis's generated ids."""
+    finished hypothesis's generated ids.
+
+    early_stopping="exact" stops only when no live hypothesis can beat the num_beams best finished ones (the result
+    of searching to the end). True, False and "never" are Hugging Face's rules, for the same results as its
+    generate(num_beams=..., early_stopping=...): only end-of-text among the top num_beams candidates finishes, at
+    most num_beams finished hypotheses are kept, and True stops as soon as there are num_beams of them."""
+    if early_stopping != "exact":
+        return _beam_search_hf(model, prompt, max_new_tokens, num_beams, length_penalty, eos_id, early_stopping)
     cfg = model.config
     device = model.wte.weight.device
     if not cfg.extrapolates and len(prompt) + max_new_tokens > cfg.block_size:
@@ -146,7 +153,7 @@ def beam_search(model: GPT, prompt: list[int], max_new_tokens: int, num_beams: i
                 break
         if not next_beams:
             break
-        if early_stopping and len(finished) >= num_beams:
+        if len(finished) >= num_beams:
             # sums of log-probs only fall, so a live beam's best final score is its sum divided by the longest
             # length (length_penalty > 0) or by the shortest one it can still have (otherwise)
             longest, shortest = max_new_tokens, step + 2
@@ -165,6 +172,62 @@ def beam_search(model: GPT, prompt: list[int], max_new_tokens: int, num_beams: i
                           kv_len=len(prompt) + step + 1)
     return max(finished, key=lambda f: f[0])[1] if finished else beams[0]
 
+
+def _start_beams(model: GPT, prompt: list[int], max_new_tokens: int, num_beams: int):
+    cfg = model.config
+    if not cfg.extrapolates and len(prompt) + max_new_tokens > cfg.block_size:
+        raise UserError(f"beam search keeps every hypothesis in the cache: prompt + max_new_tokens must fit "
+                        f"block_size={cfg.block_size} with position={cfg.position!r}")
+    if not prompt:
+        raise UserError("beam search needs at least one prompt token")
+    cache = model.make_kv_cache(num_beams, len(prompt) + max_new_tokens)
+    logits, _ = model(torch.tensor([prompt] * num_beams, device=model.wte.weight.device), kv_cache=cache,
+                      last_only=True)
+    return cache, logits
+
+
+@torch.no_grad()
+def _beam_search_hf(model: GPT, prompt: list[int], max_new_tokens: int, num_beams: int, length_penalty: float,
+                    eos_id: int | None, early_stopping: bool | str) -> list[int]:
+    """Hugging Face's beam search (transformers' _beam_search), step for step: the top 2 * num_beams candidates;
+    those among the first num_beams that end join the finished set, which keeps its num_beams best; the best
+    num_beams that do not end live on."""
+    if max_new_tokens == 0:
+        return []
+    device = model.wte.weight.device
+    cache, logits = _start_beams(model, prompt, max_new_tokens, num_beams)
+    scores = torch.full((num_beams,), -1e9, device=device)
+    scores[0] = 0.0  # all beams start identical: expand only the first
+    beams: list[list[int]] = [[] for _ in range(num_beams)]
+    finished: list[tuple[float, list[int]]] = []  # the num_beams best, best first
+    improvable = True
+    for step in range(max_new_tokens):
+        candidates = (scores[:, None] + logits[:, -1].float().log_softmax(dim=-1)).view(-1)  # (nb * V,)
+        top_scores, top_idx = candidates.topk(2 * num_beams)
+        V = logits.size(-1)
+        ranked = [(sc, *divmod(i, V)) for sc, i in zip(top_scores.tolist(), top_idx.tolist())]
+        ends = [token == eos_id or step == max_new_tokens - 1 for _, _, token in ranked]
+        full = len(finished) == num_beams and early_stopping is True
+        if improvable and not full:
+            for rank, (score, beam, token) in enumerate(ranked[:num_beams]):
+                if ends[rank]:
+                    finished.append((score / (step + 1) ** length_penalty, beams[beam] + [token]))
+            finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
+        live = sorted(range(len(ranked)), key=lambda r: (ends[r], -ranked[r][0]))[:num_beams]  # ended ones last
+        if all(ends):
+            break
+        beams = [beams[ranked[r][1]] + [ranked[r][2]] for r in live]
+        scores = torch.tensor([ranked[r][0] - 1e9 * ends[r] for r in live], device=device)
+        best_possible = scores.max().item() / (step + 1 if early_stopping != "never" or length_penalty <= 0
+                                               else max_new_tokens) ** length_penalty
+        improvable = improvable and (len(finished) < num_beams or best_possible > finished[-1][0])
+        if (len(finished) == num_beams and early_stopping is True) or not improvable:
+            break
+        cache.reorder(torch.tensor([ranked[r][1] for r in live], device=device))
+        tokens = torch.tensor([[ranked[r][2]] for r in live], device=device)
+        logits, _ = model(tokens, kv_cache=cache, positions=torch.tensor([[len(prompt) + step]], device=device),
+                          kv_len=len(prompt) + step + 1)
+    return finished[0][1]
 
 # ------------------------------------------------------------------------------------------------------ text API
 

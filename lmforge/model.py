@@ -4,7 +4,7 @@
     -> Block -> GPT
 
 Every option of ModelConfig maps to one small named piece here. The model imports only torch: it knows nothing about
-tokenizers, files or training. One forward path serves training (no cache), prefill and decoding: the inference
+tokenizers, files or training (GPT.from_pretrained hands over to hf.py, imported only when called). One forward path serves training (no cache), prefill and decoding: the inference
 engine owns a static KV cache and passes it to forward() with the position of every new token, so training never
 depends on cache state and decoding never changes a shape from one step to the next.
 """
@@ -310,6 +310,13 @@ class GPT(nn.Module):
         self.sparse_embedding_grad = cfg.tie_embeddings
         self.tie_weights()
         self.init_weights()
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str) -> GPT:
+        """A Hugging Face GPT-2 checkpoint (a folder, or a hub id when online) as a GPT, in eval mode. Its tokenizer
+        comes with lmforge.hf.load_hf(path_or_id), which this calls: the conversion lives there, not here."""
+        from .hf import load_hf
+        return load_hf(path_or_id)[0]
 
     def tie_weights(self):
         if self.config.tie_embeddings:

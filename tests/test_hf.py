@@ -137,3 +137,47 @@ def test_bad_imports_are_one_line_errors(tmp_path, capsys, monkeypatch):
     assert main(["import-hf", "some-user/not-a-cached-model", "--out", str(tmp_path / "o")]) == 2
     assert "pass a local folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("length_penalty", [0.5, 1.0, 2.0])
+def test_beam_search_equals_transformers_generate_with_early_stopping(tmp_path, length_penalty):
+    from lmforge.generation import beam_search
+    from lmforge.hf import import_hf
+    tok = BPETokenizer.train(TEXT, 300)
+    hf = _hf_checkpoint(tmp_path / "hf", tok)
+    with torch.no_grad():  # sharper, and end-of-text likely: hypotheses end at different lengths and beams prune
+        hf.transformer.wte.weight.mul_(8)
+        hf.transformer.wte.weight[tok.eot_id] *= 6
+    hf.save_pretrained(tmp_path / "hf")
+    model = GPT.from_pretrained(str(tmp_path / "hf"))
+    assert load(import_hf(tmp_path / "hf", tmp_path / "run"))[0].state_dict().keys() == model.state_dict().keys()
+    g = torch.Generator().manual_seed(0)
+    ended = 0
+    for _ in range(6):
+        prompt = torch.randint(0, tok.vocab_size, (1, 5), generator=g)
+        with torch.no_grad():
+            want = hf.generate(prompt, num_beams=4, early_stopping=True, length_penalty=length_penalty,
+                               max_new_tokens=10, do_sample=False, eos_token_id=tok.eot_id,
+                               pad_token_id=tok.eot_id)[0, 5:].tolist()
+        if tok.eot_id in want:
+            want, ended = want[:want.index(tok.eot_id) + 1], ended + 1
+        got = beam_search(model, prompt[0].tolist(), 10, 4, length_penalty, tok.eot_id, early_stopping=True)
+        assert got == want
+    assert ended >= 2  # the comparison covers hypotheses that end early, not only full-length ones
+
+
+def test_the_full_gpt2_shape_imports_with_transformers_logits(tmp_path):
+    """GPT-2 124M's exact shape (random weights made by transformers): logits and the tied output layer."""
+    from lmforge.hf import import_hf
+    tok = BPETokenizer.train(TEXT, 300)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()  # vocab 50257, 12 x 768, 1024 positions
+    hf.save_pretrained(tmp_path / "hf")
+    from lmforge.hf import _write_gpt2_tokenizer
+    _write_gpt2_tokenizer(tok, tmp_path / "hf", 1024)
+    model, _ = load(import_hf(tmp_path / "hf", tmp_path / "run"))
+    assert model.config.n_layer == 12 and model.config.n_embd == 768 and model.config.vocab_size == 50257
+    assert model.num_params() == sum(p.numel() for p in hf.parameters())
+    x = torch.randint(0, 50257, (1, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], hf(x).logits, atol=1e-4, rtol=0)
