@@ -4,12 +4,13 @@
     model, tok = lmforge.load("runs/base-int8")                          # generate, eval and serve as usual
 
 Every nn.Linear of the model (the output layer included) is replaced, for good, by one of:
-- Int8Linear: per-output-channel symmetric int8 weights, W ~ scales[:, None] * weight. On CPU each call also
-  quantizes its input rows to int8 (one scale per row) and multiplies with the int8 matrix product (VNNI), as
-  llama.cpp does for q8_0; elsewhere the int8 weight is converted to the input's dtype on the fly.
+- Int8Linear: per-output-channel symmetric int8 weights, W ~ scales[:, None] * weight.
 - Int4Linear: group-wise asymmetric 4-bit weights, W ~ q * scale + min for each group of group_size inputs, q in
-  0..15 packed two to a byte (a group's first half in the low nibbles, its second half in the high ones). Inside a
-  compiled graph the unpacking is fused into the product; eagerly the weight is unpacked for each call.
+  0..15 packed two to a byte (a group's first half in the low nibbles, its second half in the high ones).
+On CPU both also round each input row to int8 steps (one scale per row) and take integer dot products, as llama.cpp
+does for q8_0 and q4_0: in one call of the kernels of csrc/quant_cpu.cpp (AVX-512 VNNI, built for the machine on
+first use by kernels.py), or where those cannot be built, the same computation in PyTorch operators. Elsewhere
+(CUDA) the weight is dequantized on the fly into the input's dtype.
 A tied token embedding becomes the dequantized output matrix, so the run stores that matrix once, quantized.
 
 Before writing, quantize() compares the quantized model with the original on held-out tokens (the run's val split,
@@ -33,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .kernels import cpu_kernels
 from .model import GPT
 
 METHODS = ("int8", "int4")
@@ -53,6 +55,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
+        cpu_kernels()  # built (once) now, never inside a forward
 
     @classmethod
     @torch.no_grad()
@@ -70,15 +73,19 @@ class Int8Linear(nn.Module):
         return self.weight.to(self.scales.dtype) * self.scales[:, None]  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":  # int8 x int8 -> int32 (oneDNN, VNNI where the CPU has it)
-            rows = x.reshape(-1, self.in_features).float()  # (N, in)
-            x_scales = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # (N, 1)
-            x_int8 = torch.round(rows / x_scales).to(torch.int8)
-            y = torch._int_mm(x_int8, self.weight.t()).float() * (x_scales * self.scales.float())  # (N, out)
-            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        else:
+        if x.device.type != "cpu":
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        rows = x.reshape(-1, self.in_features).float().contiguous()  # (N, in)
+        ops = cpu_kernels()
+        if ops is not None and self.scales.dtype == torch.float32:  # the same computation, in one call
+            bias = None if self.bias is None else self.bias.float()
+            return ops.int8_linear(rows, self.weight, self.scales, bias).to(x.dtype).view(*x.shape[:-1], -1)
+        x_scales = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # (N, 1)
+        x_int8 = torch.round(rows / x_scales).to(torch.int8)
+        y = torch._int_mm(x_int8, self.weight.t()).float() * (x_scales * self.scales.float())  # (N, out)
+        y = y if self.bias is None else y + self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -100,6 +107,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("mins", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
+        cpu_kernels()  # built (once) now, never inside a forward
 
     @classmethod
     @torch.no_grad()
@@ -130,16 +138,18 @@ class Int4Linear(nn.Module):
         return (codes * self.scales[..., None] + self.mins[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # sums of products that inductor fuses with the unpacking: W is never built
-            low, high = self.codes(x.dtype)  # (out, groups, G/2)
-            xg = x.reshape(-1, 1, self.in_features // self.group_size, 2, self.group_size // 2)  # (N, 1, groups, 2, G/2)
-            dots = (xg[..., 0, :] * low).sum(-1) + (xg[..., 1, :] * high).sum(-1)  # (N, out, groups)
-            sums = xg.sum((-1, -2))  # (N, 1, groups): x's sum over each group, for the minimums
-            y = (dots * self.scales.to(x.dtype) + sums * self.mins.to(x.dtype)).sum(-1)  # (N, out)
-            y = y.view(*x.shape[:-1], self.out_features)
-        else:
+        if x.device.type != "cpu":
             y = F.linear(x, self.dequantize().to(x.dtype))
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        rows = x.reshape(-1, self.in_features).float().contiguous()  # (N, in)
+        ops = cpu_kernels()
+        bias = None if self.bias is None else self.bias.float()
+        if ops is not None and self.scales.dtype == torch.float32:  # the same computation, in one call
+            y = ops.int4_linear(rows, self.weight, self.scales, self.mins, bias, self.group_size)
+        else:  # the input rounded to int8 steps as the kernel does, then the dequantized weight
+            x_scales = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # (N, 1)
+            y = F.linear(torch.round(rows / x_scales) * x_scales, self.dequantize().float(), bias)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

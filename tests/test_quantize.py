@@ -34,6 +34,8 @@ def trained(tmp_path_factory):
                               block_size=64, batch_size=16, eval_interval=150, eval_steps=2, progress=False,
                               sample_tokens=0, lr=3e-3)
     lmforge.train(cfg)
+    for method in ("int8", "int4"):  # the reports: quality.json
+        quantize(root / "base", root / method, method, group_size=32 if method == "int4" else None)
     return root
 
 
@@ -64,9 +66,36 @@ def test_int4_packs_two_weights_a_byte_within_half_a_step():
     err = (q.dequantize() - linear.weight).abs().view(48, 4, 16)
     assert (err <= q.scales[..., None] / 2 + 1e-6).all()
     x = torch.randn(3, 64)
-    assert torch.allclose(q(x), F.linear(x, q.dequantize(), linear.bias), atol=1e-5)
-    compiled = torch.compile(q.forward, fullgraph=True, dynamic=False)  # the fused form, never building W
-    assert torch.allclose(compiled(x), q(x), atol=1e-4)
+    steps = x.abs().amax(-1, keepdim=True) / 127  # the input is rounded to int8 steps, as llama.cpp's q4_0 does
+    torch.testing.assert_close(q(x), F.linear(torch.round(x / steps) * steps, q.dequantize(), linear.bias),
+                               atol=1e-5, rtol=1e-5)
+    assert (q(x) - linear(x)).norm() / linear(x).norm() < 0.1
+    compiled = torch.compile(q.forward, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x), q(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(300, 768, 1), (301, 768, 3), (7, 96, 17), (33, 200, 2), (16, 3072, 4)])
+def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, monkeypatch):
+    """int8: bit for bit (integer dot products, the same float steps); int4: to float rounding, for group sizes the
+    vector path takes (multiples of 32) and those it leaves to plain loops."""
+    from lmforge import kernels
+    ops = kernels.cpu_kernels()
+    if ops is None:
+        pytest.skip("the quantized CPU kernels cannot be built here (no C++ compiler or ninja)")
+    N, K, M = shape
+    linear = nn.Linear(K, N)
+    x = torch.randn(M, K)
+    q8 = Int8Linear.from_linear(linear)
+    fast = q8(x)
+    monkeypatch.setitem(kernels._state, "ops", None)  # the PyTorch path
+    assert torch.equal(fast, q8(x))
+    for group in (32, 64, 8):
+        if K % group == 0:
+            q4 = Int4Linear.from_linear(linear, group)
+            monkeypatch.setitem(kernels._state, "ops", ops)
+            fast = q4(x)
+            monkeypatch.setitem(kernels._state, "ops", None)
+            torch.testing.assert_close(fast, q4(x), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_group_sizes_are_refused():
@@ -94,15 +123,16 @@ def test_quantizing_swaps_every_linear_and_leaves_the_model_alone():
 
 
 def test_int8_changes_a_trained_models_perplexity_by_under_one_percent(trained, capsys):
-    report = quantize(trained / "base", trained / "int8", "int8")
+    report = json.loads((trained / "int8" / "quality.json").read_text())
     assert abs(report["delta_ppl_percent"]) < 1.0 and report["kl_mean"] < 1e-3
     assert report["tokens"] >= 1000
-    assert "perplexity" in capsys.readouterr().out
-    assert json.loads((trained / "int8" / "quality.json").read_text())["kl_mean"] == report["kl_mean"]
     config = json.loads((trained / "int8" / "config.json").read_text())
     assert config["quantization"] == {"method": "int8", "group_size": None, "source": str(trained / "base")}
-    int4 = quantize(trained / "base", trained / "int4", "int4", group_size=32)
+    int4 = json.loads((trained / "int4" / "quality.json").read_text())
     assert int4["kl_mean"] > report["kl_mean"] and abs(int4["delta_ppl_percent"]) < 10
+    quantize(trained / "base", trained / "int8-again", "int8", eval_tokens=640)
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "640 held-out tokens" in out
     sizes = {m: (trained / m / "model.safetensors").stat().st_size for m in ("base", "int8", "int4")}
     assert sizes["int4"] < sizes["int8"] < sizes["base"] / 2.5
 

@@ -1,0 +1,213 @@
+// Weight-only quantized linears for CPU, with the input quantized to int8 per row (as llama.cpp's q8_0 and q4_0
+// dot products do): int8 x int8 and int4 x int8 dot products with AVX-512 VNNI where the CPU has it, plain loops
+// elsewhere. Built on first use by lmforge/kernels.py; the operators are lmforge_quant::int8_linear
+// and lmforge_quant::int4_linear, and lmforge/quantize.py holds the same computation in PyTorch (the tests compare them).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define LMFORGE_VNNI 1
+#endif
+
+namespace {
+
+// Each row of x (M, K) as int8 with one scale: q = round(x / s), s = max|x| / 127 (round half to even, as
+// torch.round). Also the sum of each group of `group` codes (for int4's minimums).
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* scales) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+    float s = std::max(amax, 1e-12f) / 127.f;
+    scales[m] = s;
+    for (int64_t k = 0; k < K; ++k) q[m * K + k] = (int8_t)std::nearbyint(row[k] / s);
+  }
+}
+
+// sum_k a[k] * b[k] for int8 a and each of R rows b[r] of length K (R <= 4).
+template <int R>
+inline void dot_i8(const int8_t* a, const int8_t* const* b, int64_t K, int32_t* out) {
+  int64_t k = 0;
+  int32_t acc[R] = {0};
+#ifdef LMFORGE_VNNI
+  // VNNI multiplies unsigned by signed bytes: |a| by b carrying a's sign (llama.cpp's trick); a's part is shared.
+  __m256i sum[R], sum2[R];  // two chains, so one dot product's latency does not wait on the other's
+  for (int r = 0; r < R; ++r) sum[r] = sum2[r] = _mm256_setzero_si256();
+  for (; k + 64 <= K; k += 64) {
+    __m256i va = _mm256_loadu_si256((const __m256i*)(a + k)), vb = _mm256_loadu_si256((const __m256i*)(a + k + 32));
+    __m256i ua = _mm256_sign_epi8(va, va), ub = _mm256_sign_epi8(vb, vb);
+    for (int r = 0; r < R; ++r) {
+      sum[r] = _mm256_dpbusd_epi32(sum[r], ua, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(b[r] + k)), va));
+      sum2[r] = _mm256_dpbusd_epi32(sum2[r], ub,
+                                    _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(b[r] + k + 32)), vb));
+    }
+  }
+  for (; k + 32 <= K; k += 32) {
+    __m256i va = _mm256_loadu_si256((const __m256i*)(a + k));
+    for (int r = 0; r < R; ++r)
+      sum[r] = _mm256_dpbusd_epi32(sum[r], _mm256_sign_epi8(va, va),
+                                   _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(b[r] + k)), va));
+  }
+  for (int r = 0; r < R; ++r) {
+    sum[r] = _mm256_add_epi32(sum[r], sum2[r]);
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum[r]), _mm256_extracti128_si256(sum[r], 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    acc[r] = _mm_cvtsi128_si32(s);
+  }
+#endif
+  for (; k < K; ++k)
+    for (int r = 0; r < R; ++r) acc[r] += (int32_t)a[k] * (int32_t)b[r][k];
+  for (int r = 0; r < R; ++r) out[r] = acc[r];
+}
+
+}  // namespace
+
+// y (M, N) = (x quantized per row) @ w^T * scales, + bias; w int8 (N, K), scales (N,), x float32 (M, K).
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) == x.size(1),
+              "w: contiguous int8 (N, K)");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M);
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xs.data());
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* rows[1] = {wp + n * K};
+      for (int64_t m = 0; m < M; ++m) {
+        int32_t dot;
+        dot_i8<1>(xq.data() + m * K, rows, K, &dot);
+        float v = (float)dot * (xs[m] * sp[n]);
+        yp[m * N + n] = bp ? v + bp[n] : v;
+      }
+    }
+  });
+  return y;
+}
+
+// y (M, N) = x @ W^T (+ bias) with W[n, g*G + j] = code * scales[n, g] + mins[n, g], codes in 0..15 packed two a
+// byte: in each group's G/2 bytes the low nibbles hold its first half, the high nibbles its second half. x is
+// quantized per row: y = s_x * sum_g (scales[n, g] * (codes . q) + mins[n, g] * sum(q)) over the group.
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& mins,
+                       const std::optional<at::Tensor>& bias, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = group, groups = K / group;
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 2 == K && K % G == 0 && G % 2 == 0,
+              "w: contiguous uint8 (N, K / 2) in groups of an even size dividing K");
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M);
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xs.data());
+  // Each group's sum of codes; and for the vector path (G a multiple of 32) x's codes rearranged to the packed
+  // order: for packed byte j of a group, elements j and G/2 + j go 16 apart in blocks of 32, so 16 packed bytes
+  // meet 32 consecutive codes of xa.
+#ifdef LMFORGE_VNNI
+  const bool vector = G % 32 == 0;
+#else
+  const bool vector = false;
+#endif
+  std::vector<int8_t> xa(vector ? M * K : 0);
+  std::vector<float> xsum(M * groups);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* src = xq.data() + m * K + g * G;
+      int32_t total = 0;
+      for (int64_t j = 0; j < G / 2; ++j) {
+        total += src[j] + src[G / 2 + j];
+        if (vector) {  // packed byte p = 16 c + i (chunk c): each chunk meets 32 codes [its lows, its highs]
+          int64_t p = g * (G / 2) + j, base = m * K + (p / 16) * 32 + p % 16;
+          xa[base] = src[j];
+          xa[base + 16] = src[G / 2 + j];
+        }
+      }
+      xsum[m * groups + g] = (float)total;
+    }
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* mp = mins.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* wrow = wp + n * (K / 2);
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* qrow = xq.data() + m * K;
+        float total = 0.f;
+        int64_t g = 0;
+#ifdef LMFORGE_VNNI
+        if (vector) {  // chunks of 16 packed bytes (32 weights of one group), two accumulation chains
+          const int8_t* xrow = xa.data() + m * K;
+          const __m128i low4 = _mm_set1_epi8(0x0F);
+          __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // two chains: even and odd groups
+          const float* srow = sp + n * groups;
+          auto group_dots = [&](int64_t g2) {  // the group's 8 partial int dot products, as floats
+            __m256i dots = _mm256_setzero_si256();
+            for (int64_t c = g2 * (G / 32); c < (g2 + 1) * (G / 32); ++c) {
+              __m128i p = _mm_loadu_si128((const __m128i*)(wrow + c * 16));
+              __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), low4), _mm_and_si128(p, low4));
+              dots = _mm256_dpbusd_epi32(dots, codes, _mm256_loadu_si256((const __m256i*)(xrow + c * 32)));
+            }
+            return _mm256_cvtepi32_ps(dots);
+          };
+          int64_t g2 = 0;
+          for (; g2 + 2 <= groups; g2 += 2) {
+            acc0 = _mm256_fmadd_ps(group_dots(g2), _mm256_set1_ps(srow[g2]), acc0);
+            acc1 = _mm256_fmadd_ps(group_dots(g2 + 1), _mm256_set1_ps(srow[g2 + 1]), acc1);
+          }
+          if (g2 < groups) acc0 = _mm256_fmadd_ps(group_dots(g2), _mm256_set1_ps(srow[g2]), acc0);
+          __m256 both = _mm256_add_ps(acc0, acc1);
+          __m128 s = _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1));
+          s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+          s = _mm_add_ss(s, _mm_movehdup_ps(s));
+          total = _mm_cvtss_f32(s);
+          g = groups;
+        }
+#endif
+        for (; g < groups; ++g) {
+          int32_t dot = 0;
+          for (int64_t j = 0; j < G / 2; ++j) {
+            uint8_t p = wrow[g * (G / 2) + j];
+            dot += (int32_t)(p & 15) * qrow[g * G + j] + (int32_t)(p >> 4) * qrow[g * G + G / 2 + j];
+          }
+          total += (float)dot * sp[n * groups + g];
+        }
+        float offset = 0.f;  // sum_g mins[n, g] * xsum[m, g]
+        int64_t g3 = 0;
+#ifdef LMFORGE_VNNI
+        __m256 off = _mm256_setzero_ps();
+        for (; g3 + 8 <= groups; g3 += 8)
+          off = _mm256_fmadd_ps(_mm256_loadu_ps(mp + n * groups + g3), _mm256_loadu_ps(xsum.data() + m * groups + g3), off);
+        __m128 o = _mm_add_ps(_mm256_castps256_ps128(off), _mm256_extractf128_ps(off, 1));
+        o = _mm_add_ps(o, _mm_movehl_ps(o, o));
+        offset = _mm_cvtss_f32(_mm_add_ss(o, _mm_movehdup_ps(o)));
+#endif
+        for (; g3 < groups; ++g3) offset += mp[n * groups + g3] * xsum[m * groups + g3];
+        float v = (total + offset) * xs[m];
+        yp[m * N + n] = bp ? v + bp[n] : v;
+      }
+    }
+  });
+  return y;
+}
+
+TORCH_LIBRARY(lmforge_quant, m) {
+  m.def("int8_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor mins, Tensor? bias, int group) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lmforge_quant, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int4_linear", &int4_linear);
+}

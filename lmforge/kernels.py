@@ -1,0 +1,71 @@
+"""The quantized linears' CPU kernels (csrc/quant_cpu.cpp), compiled for this machine on first use and cached.
+
+    ops = cpu_kernels()          # torch.ops.lmforge_quant, or None where they cannot be built (no C++ compiler)
+    y = ops.int8_linear(x, w, scales, bias)
+
+They are built with the machine's own instruction set (-march=native, AVX-512 VNNI where present) into
+~/.cache/lmforge/kernels (or $LMFORGE_CACHE), keyed by the source, the PyTorch version and the CPU, so a cache shared
+between machines never hands one another's code. Where they cannot be built, quantize.py computes the same thing
+with PyTorch operators, and says so once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "quant_cpu.cpp"
+_state: dict = {}
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge")) / "kernels" / key
+    root.mkdir(parents=True, exist_ok=True)
+    load(name="lmforge_quant_cpu", sources=[str(SOURCE)], build_directory=str(root), is_python_module=False,
+         extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=False)
+    return torch.ops.lmforge_quant
+
+
+def cpu_kernels():
+    """torch.ops.lmforge_quant once built and loaded; None (with one warning) where building fails."""
+    if "ops" not in _state:
+        if os.environ.get("LMFORGE_NO_KERNELS"):
+            _state["ops"] = None
+            return None
+        try:
+            _state["ops"] = _build()
+        except Exception as e:  # no compiler, no ninja, a failed build: every one means the PyTorch path
+            warnings.warn(f"the quantized CPU kernels could not be built ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); quantized layers "
+                          f"compute the same thing with PyTorch operators, more slowly", RuntimeWarning, stacklevel=3)
+            _state["ops"] = None
+        else:
+            _register_fakes()
+    return _state["ops"]
+
+
+def _register_fakes():
+    """Shapes for torch.compile: the kernels are opaque calls inside a compiled graph."""
+    @torch.library.register_fake("lmforge_quant::int8_linear")
+    def _(x, w, scales, bias):
+        return x.new_empty(x.size(0), w.size(0))
+
+    @torch.library.register_fake("lmforge_quant::int4_linear")
+    def _(x, w, scales, mins, bias, group):
+        return x.new_empty(x.size(0), w.size(0))
