@@ -4,15 +4,17 @@
     lmforge Engine, eager             Engine(model, max_batch=1)
     lmforge Engine, compiled          Engine(model, max_batch=1, compile=True)
     HF transformers                   GPT2LMHeadModel.generate(use_cache=True), the same weights
-    llama.cpp                         llama-cpp-python, an f32 GGUF of the same weights (written here with `gguf`),
+    llama.cpp                         llama-cpp-python, an f32 GGUF of the same weights (from lmforge's exporter),
                                       driven token by token through Llama.eval (no sampler: greedy is an argmax)
 
 All four hold the same (random) weights, so their greedy ids must agree: the benchmark checks that first. It also
 measures the machine's memory read bandwidth: decoding one token reads every weight once, so bandwidth / weight bytes
 is the ceiling for tokens/s, and we print the fraction of it each side reaches. Then continuous batching: 8 requests
-decoded together by one compiled engine (max_batch=8), aggregate tokens/s against one request alone.
+decoded together by one compiled engine (max_batch=8), aggregate tokens/s against one request alone. Last, the same
+weights quantized: our int8 and int4 (lmforge.quantize) against HF with torch's dynamic int8 quantization and
+llama.cpp's q8_0 and q4_0, with file sizes and how long each keeps the fp32 model's greedy tokens.
 
-    python benchmarks/generate.py [--new 256] [--prompt 128] [--repeat 3] [--no-llama]
+    python benchmarks/generate.py [--new 256] [--prompt 128] [--repeat 3] [--no-llama] [--no-quantized]
 """
 
 import argparse
@@ -25,7 +27,9 @@ import numpy as np
 import torch
 
 from lmforge import GPT, Engine, ModelConfig, Request
-from lmforge.hf import byte_symbols, merge_of, to_hf_state
+from lmforge.gguf_export import write_gguf
+from lmforge.hf import to_hf_state
+from lmforge.quantize import quantize_model, quantized_state
 
 
 def read_bandwidth_gbs(size_mb=1024, repeat=9) -> float:
@@ -54,56 +58,6 @@ def hf_twin(model: GPT):
     return hf.eval()
 
 
-# ------------------------------------------------------------------------------------------------ llama.cpp's file
-
-def write_gguf(model: GPT, tok, path: Path) -> None:
-    """An f32 GGUF (llama.cpp's 'gpt2' architecture) of a GPT-2-shaped model, with GPT-2's tokenizer inside."""
-    import gguf
-    c = model.config
-    w = gguf.GGUFWriter(str(path), "gpt2")
-    w.add_context_length(c.block_size)
-    w.add_embedding_length(c.n_embd)
-    w.add_feed_forward_length(c.hidden_dim)
-    w.add_block_count(c.n_layer)
-    w.add_head_count(c.n_head)
-    w.add_layer_norm_eps(c.norm_eps)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    symbols = byte_symbols()
-    by_id = {i: t for t, i in tok.ranks.items()}
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    specials = {i: s for s, i in tok.special_tokens.items()}
-    names = [specials[i] if i in specials else "".join(symbols[b] for b in by_id[i]) for i in range(tok.vocab_size)]
-    w.add_token_list(names)
-    w.add_token_types([gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL
-                       for i in range(tok.vocab_size)])
-    merges = []
-    for token, _ in sorted(((t, i) for t, i in tok.ranks.items() if len(t) > 1), key=lambda x: x[1]):
-        a, b = merge_of(tok.ranks, token)
-        merges.append("".join(symbols[x] for x in a) + " " + "".join(symbols[x] for x in b))
-    w.add_token_merges(merges)
-    w.add_bos_token_id(tok.eot_id)
-    w.add_eos_token_id(tok.eot_id)
-    rename = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
-              "norm_f.weight": "output_norm.weight", "norm_f.bias": "output_norm.bias"}
-    parts = {"norm_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "norm_2": "ffn_norm",
-             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and c.tie_embeddings:
-            continue  # llama.cpp reuses token_embd when there is no output.weight
-        if name.startswith("blocks."):
-            _, i, rest = name.split(".", 2)
-            module, kind = rest.rsplit(".", 1)
-            name = f"blk.{i}.{parts[module]}.{kind}"
-        else:
-            name = rename.get(name, "output.weight" if name == "lm_head.weight" else name)
-        w.add_tensor(name, tensor.detach().float().numpy())  # nn.Linear's (out, in) is ggml's {in, out}
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 # ---------------------------------------------------------------------------------------------------- the runs
 
 def main():
@@ -114,6 +68,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8, help="concurrent requests for the continuous-batching run")
     ap.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
+    ap.add_argument("--no-quantized", action="store_true", help="leave out the int8/int4 comparison")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -163,21 +118,8 @@ def main():
         llm = Llama(model_path=str(gguf_path), n_ctx=max_len, n_batch=args.prompt, n_threads=args.threads,
                     n_threads_batch=args.threads, verbose=False)
 
-    def llama_next() -> int:  # greedy: the argmax of the last position's logits, read in place
-        import llama_cpp
-        logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
-
     def llama():
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        out = [llama_next()]
-        t1 = time.perf_counter()
-        for _ in range(args.new - 1):
-            llm.eval([out[-1]])
-            out.append(llama_next())
-        return out, t1 - t0, time.perf_counter() - t1
+        return _llama(llm, ids, args.new)
 
     sides = {"eager": lambda: _one(engine_run(eager, [ids])), "compiled": lambda: _one(engine_run(compiled, [ids])),
              "hf": theirs}
@@ -228,6 +170,105 @@ def main():
     print(f"| aggregate, decode phase | {agg_decode:.1f} | {agg_decode / one:.2f}x |")
     print(f"| one request alone in the {args.batch}-slot engine | {(args.new - 1) / alone[2]:.1f} | "
           f"{(args.new - 1) / alone[2] / one:.2f}x |")
+    if not args.no_quantized:
+        quantized_table(args, model, hf, prompt, engine_run, lambda nbytes: bandwidth * 1e9 / nbytes)
+
+
+def quantized_table(args, model, hf, prompt, engine_run, ceiling_of):
+    """int8 and int4: our engine (compiled and eager) against HF + torch's dynamic int8 quantization and llama.cpp's
+    q8_0 and q4_0 on GGUF files of the same weights from our exporter; greedy agreement with the fp32 model's ids."""
+    from torch.ao.quantization import quantize_dynamic
+    from transformers.pytorch_utils import Conv1D
+    ids = prompt[0].tolist()
+    max_len = args.prompt + args.new
+    folder = Path(tempfile.mkdtemp())
+    sizes, sides = {}, {}
+    reference = _one(engine_run(Engine(model, max_batch=1, max_seq_len=max_len), [ids]))[0]
+    for method in ("int8", "int4"):
+        q = quantize_model(model, method)
+        from safetensors.torch import save_file
+        save_file(quantized_state(q), str(folder / f"{method}.safetensors"))
+        sizes[f"ours-{method}"] = (folder / f"{method}.safetensors").stat().st_size
+        compiled = Engine(q, max_batch=1, max_seq_len=max_len, compile=True)
+        eager = Engine(q, max_batch=1, max_seq_len=max_len)
+        sides[f"ours-{method}"] = lambda e=compiled: _one(engine_run(e, [ids]))
+        sides[f"ours-{method}-eager"] = lambda e=eager: _one(engine_run(e, [ids]))
+        sizes[f"ours-{method}-eager"] = sizes[f"ours-{method}"]
+    # HF with its Conv1D swapped for nn.Linear (which quantize_dynamic knows), then torch's dynamic int8
+    twin = hf_twin(model)
+    for parent in list(twin.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1])
+                linear.weight.data, linear.bias.data = child.weight.data.t().contiguous(), child.bias.data
+                setattr(parent, name, linear)
+    hf_q = quantize_dynamic(twin, {torch.nn.Linear}, dtype=torch.qint8)
+    torch.save(hf_q.state_dict(), folder / "hf-int8.pt")
+    sizes["hf-int8"] = (folder / "hf-int8.pt").stat().st_size
+
+    @torch.no_grad()
+    def hf_run():
+        kw = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+        t0 = time.perf_counter()
+        hf_q.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        out = hf_q.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, **kw)
+        t2 = time.perf_counter()
+        return out[0, args.prompt:].tolist(), t1 - t0, (t2 - t1) - (t1 - t0)
+    sides["hf-int8"] = hf_run
+    if not args.no_llama:
+        from llama_cpp import Llama
+
+        from lmforge import BPETokenizer
+        for kind in ("q8_0", "q4_0"):
+            path = write_gguf(model, BPETokenizer.gpt2(), folder / f"gpt2-random-{kind}.gguf", kind)
+            sizes[f"llama.cpp-{kind}"] = path.stat().st_size
+            llm = Llama(model_path=str(path), n_ctx=max_len, n_batch=args.prompt, n_threads=args.threads,
+                        n_threads_batch=args.threads, verbose=False)
+            sides[f"llama.cpp-{kind}"] = lambda llm=llm: _llama(llm, ids, args.new)
+    for run in sides.values():  # warm up
+        run()
+    runs = {name: [] for name in sides}
+    for _ in range(args.repeat):  # interleaved, so noise hits all
+        for name, run in sides.items():
+            runs[name].append(run())
+    labels = {"ours-int8": "lmforge int8, compile=True", "ours-int8-eager": "lmforge int8, eager",
+              "ours-int4": "lmforge int4 (group 32), compile=True", "ours-int4-eager": "lmforge int4, eager",
+              "hf-int8": "HF + torch quantize_dynamic int8", "llama.cpp-q8_0": "llama.cpp q8_0 (our GGUF export)",
+              "llama.cpp-q4_0": "llama.cpp q4_0 (our GGUF export)"}
+    print(f"\nquantized, same weights and settings; 'agrees' = greedy tokens equal to the fp32 model's before the "
+          f"first difference (of {args.new}):")
+    print("| | file MB | prefill tok/s | decode tok/s (median, range) | of its bandwidth ceiling | agrees |\n"
+          "|---|---|---|---|---|---|")
+    med = {}
+    for name, rs in runs.items():
+        prefill = statistics.median(args.prompt / r[1] for r in rs)
+        decodes = [(args.new - 1) / r[2] for r in rs]
+        med[name] = statistics.median(decodes)
+        same = next((i for i, (a, b) in enumerate(zip(rs[0][0], reference)) if a != b), len(reference))
+        print(f"| {labels[name]} | {sizes[name] / 1e6:.0f} | {prefill:,.0f} | {med[name]:.1f} "
+              f"({min(decodes):.1f}-{max(decodes):.1f}) | {med[name] / ceiling_of(sizes[name]):.0%} | {same} |")
+    for ours, theirs in (("ours-int8", "llama.cpp-q8_0"), ("ours-int4", "llama.cpp-q4_0"), ("ours-int8", "hf-int8")):
+        if theirs in med:
+            print(f"| ratio {ours} / {theirs} | | | {med[ours] / med[theirs]:.2f}x | | |")
+
+
+def _llama(llm, ids, new):
+    """Greedy through llama.cpp, token by token: (ids, prefill seconds, decode seconds)."""
+    import llama_cpp
+
+    def next_id() -> int:  # the argmax of the last position's logits, read in place
+        logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    out = [next_id()]
+    t1 = time.perf_counter()
+    for _ in range(new - 1):
+        llm.eval([out[-1]])
+        out.append(next_id())
+    return out, t1 - t0, time.perf_counter() - t1
 
 
 def _one(result):
