@@ -148,3 +148,16 @@ def test_quantized_runs_are_not_exported_to_onnx_or_gguf(tmp_path, capsys):
         assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "quantized (int8)" in err and "runs/base" in err
+
+
+def test_without_the_export_extra_the_error_names_it(tmp_path, capsys, monkeypatch):
+    import sys
+    run = make_run(tmp_path / "run", CharTokenizer.train(TEXT))
+    bpe, _ = _bpe_run(tmp_path)
+    for module, argv in (("onnxscript", [str(run), "--format", "onnx", "--out", str(tmp_path / "o")]),
+                         ("gguf", [str(bpe), "--format", "gguf", "--out", str(tmp_path / "g.gguf")])):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
+        assert main(["export", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "pip install 'lmforge[export]'" in err
+        monkeypatch.delitem(sys.modules, module)
