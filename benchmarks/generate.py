@@ -99,15 +99,8 @@ def main():
     compiled = Engine(model, max_batch=1, max_seq_len=max_len, compile=True)
     compile_s = time.perf_counter() - t
 
-    @torch.no_grad()
     def theirs():
-        kw = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
-        t0 = time.perf_counter()
-        hf.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw)
-        t1 = time.perf_counter()
-        out = hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, **kw)
-        t2 = time.perf_counter()
-        return out[0, args.prompt:].tolist(), t1 - t0, (t2 - t1) - (t1 - t0)
+        return _hf_generate(hf, prompt, args.new)
 
     llm = None
     if not args.no_llama:
@@ -205,17 +198,7 @@ def quantized_table(args, model, hf, prompt, engine_run, ceiling_of):
     hf_q = quantize_dynamic(twin, {torch.nn.Linear}, dtype=torch.qint8)
     torch.save(hf_q.state_dict(), folder / "hf-int8.pt")
     sizes["hf-int8"] = (folder / "hf-int8.pt").stat().st_size
-
-    @torch.no_grad()
-    def hf_run():
-        kw = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
-        t0 = time.perf_counter()
-        hf_q.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw)
-        t1 = time.perf_counter()
-        out = hf_q.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, **kw)
-        t2 = time.perf_counter()
-        return out[0, args.prompt:].tolist(), t1 - t0, (t2 - t1) - (t1 - t0)
-    sides["hf-int8"] = hf_run
+    sides["hf-int8"] = lambda: _hf_generate(hf_q, prompt, args.new)
     if not args.no_llama:
         from llama_cpp import Llama
 
@@ -251,6 +234,18 @@ def quantized_table(args, model, hf, prompt, engine_run, ceiling_of):
     for ours, theirs in (("ours-int8", "llama.cpp-q8_0"), ("ours-int4", "llama.cpp-q4_0"), ("ours-int8", "hf-int8")):
         if theirs in med:
             print(f"| ratio {ours} / {theirs} | | | {med[ours] / med[theirs]:.2f}x | | |")
+
+
+@torch.no_grad()
+def _hf_generate(hf, prompt, new):
+    """Greedy through transformers' generate: (ids, prefill seconds, decode seconds); prefill is a 1-token call."""
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+    t0 = time.perf_counter()
+    hf.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw)
+    t1 = time.perf_counter()
+    out = hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, **kw)
+    t2 = time.perf_counter()
+    return out[0, prompt.size(1):].tolist(), t1 - t0, (t2 - t1) - (t1 - t0)
 
 
 def _llama(llm, ids, new):
