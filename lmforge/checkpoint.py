@@ -177,6 +177,30 @@ def read_run_config(run: Path) -> dict:
         raise UserError(f"{path} is corrupted ({e.msg}); it must be JSON") from None
 
 
+def check_output(run: str | Path, out: str | Path, replace: bool, flag: str = "--force") -> Path:
+    """Where a verb may write what it makes of a run: not the run, not a folder holding it (replacing that would
+    delete the run), not inside it; an existing one only when asked (flag). Returns out, resolved."""
+    run, out = Path(run).resolve(), Path(out).resolve()
+    if out == run or out in run.parents:
+        raise UserError(f"--out {out} is or holds the run {run}; replacing it would delete the run: pick a new folder")
+    if run in out.parents:
+        raise UserError(f"--out {out} is inside the run {run}; write it next to the run instead")
+    if out == Path.cwd() or out in Path.cwd().parents:
+        raise UserError(f"--out {out} is or holds the current folder; pick a new folder")
+    if out.exists() and not replace:
+        raise UserError(f"{out} already exists; pass {flag} to replace it")
+    return out
+
+
+def refuse_exporting_quantized(run: str | Path, config: dict, fmt: str) -> None:
+    """Exports take full-precision weights: a quantized run is refused, naming the run to export instead."""
+    spec = config.get("quantization")
+    if spec:
+        source = spec.get("source", "the run it came from")
+        raise UserError(f"{run} is quantized ({spec['method']}); {fmt} export takes full-precision runs (GGUF "
+                        f"quantizes on its own with --type q8_0 or q4_0): export {source} instead")
+
+
 def refuse_quantized(run: str | Path, config: dict) -> None:
     """Training needs full-precision weights: a quantized run is refused, naming the run to use instead."""
     spec = config.get("quantization")

@@ -194,6 +194,9 @@ def _beam_search_hf(model: GPT, prompt: list[int], max_new_tokens: int, num_beam
     num_beams that do not end live on."""
     if max_new_tokens == 0:
         return []
+    if num_beams == 1:  # transformers decodes greedily then, whatever the length penalty
+        _start_beams(model, prompt, max_new_tokens, 1)  # the same checks
+        return generate_naive(model, prompt, max_new_tokens, temperature=0.0, eos_id=eos_id)
     device = model.wte.weight.device
     cache, logits = _start_beams(model, prompt, max_new_tokens, num_beams)
     scores = torch.full((num_beams,), -1e9, device=device)

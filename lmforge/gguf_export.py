@@ -51,7 +51,7 @@ def write_gguf(model, tokenizer, path: str | Path, type: str = "f32") -> Path:
     if type not in TYPES:
         raise UserError(f"unknown GGUF type {type!r}; use one of {', '.join(TYPES)}")
     c = model.config
-    check_gpt2_shaped(c, "this run")
+    check_gpt2_shaped(c, "this run", "llama.cpp's gpt2 architecture")
     if not isinstance(tokenizer, BPETokenizer):
         raise UserError("GGUF files carry a byte-level BPE tokenizer, and this run's is character-level; train on "
                         "data prepared with --tokenizer bpe:N or gpt2 to export it")
@@ -116,16 +116,13 @@ def _add_tokenizer(w, gguf, tok, symbols, merge_of) -> None:
 
 def export_gguf(run: str | Path, out: str | Path, type: str = "f32", checkpoint: str | None = None,
                 force: bool = False) -> Path:
-    from .checkpoint import load, read_run_config
+    from .checkpoint import check_output, load, read_run_config, refuse_exporting_quantized
     from .lora import merge_lora
-    run, out = Path(run), Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
-    if out.is_dir():
-        raise UserError(f"{out} is a folder; GGUF export writes one file (e.g. --out {out / (run.name + '.gguf')})")
-    spec = read_run_config(run).get("quantization")
-    if spec:
-        raise UserError(f"{run} is quantized ({spec['method']}); GGUF export quantizes on its own (--type q8_0 or "
-                        f"q4_0): export {spec.get('source', 'the full-precision run')} instead")
+    run = Path(run)
+    refuse_exporting_quantized(run, read_run_config(run), "GGUF")
+    if Path(out).is_dir():
+        raise UserError(f"{out} is a folder; GGUF export writes one file (e.g. --out "
+                        f"{Path(out) / (run.name + '.gguf')})")
+    out = check_output(run, out, force)
     model, tokenizer = load(run, checkpoint=checkpoint)
     return write_gguf(merge_lora(model), tokenizer, out, type)

@@ -38,10 +38,10 @@ def gpt2_mismatches(cfg: ModelConfig) -> list[str]:
     return out
 
 
-def check_gpt2_shaped(cfg: ModelConfig, what: str = "this run") -> None:
+def check_gpt2_shaped(cfg: ModelConfig, what: str = "this run", fmt: str = "the Hugging Face GPT-2 format") -> None:
     bad = gpt2_mismatches(cfg)
     if bad:
-        raise UserError(f"{what} is not GPT-2-shaped, so the Hugging Face GPT-2 format cannot hold it: {', '.join(bad)}")
+        raise UserError(f"{what} is not GPT-2-shaped, so {fmt} cannot hold it: {', '.join(bad)}")
 
 
 def hf_name(name: str) -> str:
@@ -77,12 +77,11 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False, checkpoint:
     """A run as a GPT2LMHeadModel folder (a LoRA run exports with its adapter merged). Written atomically."""
     from safetensors.torch import save_file
 
-    from .checkpoint import load
+    from .checkpoint import check_output, load, read_run_config, refuse_exporting_quantized
     from .lora import merge_lora
     from .tokenizer import BPETokenizer
-    out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
+    refuse_exporting_quantized(run, read_run_config(run), "Hugging Face")
+    out = check_output(run, out, force)
     model, tokenizer = load(run, checkpoint=checkpoint)
     check_gpt2_shaped(model.config, str(run))
     merge_lora(model)

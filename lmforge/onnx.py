@@ -70,7 +70,8 @@ class _Decoder(nn.Module):
         B, T = input_ids.shape
         past_len = past[0].size(2) if self.with_past else 0
         positions = (torch.arange(T, device=input_ids.device) + past_len).unsqueeze(0)  # (1, T)
-        caches = [_ConcatCache(*past[2 * i:2 * i + 2]) if self.with_past else _ConcatCache() for i in range(len(m.blocks))]
+        caches = [_ConcatCache(*past[2 * i:2 * i + 2]) if self.with_past else _ConcatCache()
+                  for i in range(len(m.blocks))]
         x = m.embed(input_ids, positions)
         rope = m.rotary(positions) if m.rotary is not None else None
         mask = attention_bias(positions, past_len + T, None, m.alibi)
@@ -119,17 +120,13 @@ def _export_graph(model: GPT, path: Path, with_past: bool) -> dict:
 
 def export_onnx(run: str | Path, out: str | Path, checkpoint: str | None = None, force: bool = False) -> Path:
     """Write prefill.onnx, decode.onnx, onnx.json and tokenizer.json for a run (fp32, CPU)."""
-    from .checkpoint import load, read_run_config
-    from .lora import merge_lora
+    from .checkpoint import check_output, load, read_run_config, refuse_exporting_quantized
     from .data import _publish
+    from .lora import merge_lora
     _need("onnx"), _need("onnxscript")
-    run, out = Path(run), Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
-    spec = read_run_config(run).get("quantization")
-    if spec:
-        raise UserError(f"{run} is quantized ({spec['method']}); ONNX export takes full-precision runs: export "
-                        f"{spec.get('source', 'the run it came from')} instead")
+    run = Path(run)
+    refuse_exporting_quantized(run, read_run_config(run), "ONNX")
+    out = check_output(run, out, force)
     model, tokenizer = load(run, checkpoint=checkpoint)
     model = merge_lora(model).float().eval()
     model.sparse_embedding_grad = False

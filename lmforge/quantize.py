@@ -243,13 +243,13 @@ def load_quantized(folder: Path, run: Path, config: dict, device: torch.device):
     if model_config.tie_embeddings:
         state["wte.weight"] = model.wte.weight  # placeholder: rebuilt from the output matrix below
     expected = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} {v.dtype} vs {tuple(expected[k].shape)} {expected[k].dtype}"
-             for k, v in state.items() if k in expected and (v.shape != expected[k].shape or v.dtype != expected[k].dtype)]
+    wrong = [f"{k} {tuple(v.shape)} {v.dtype} vs {tuple(expected[k].shape)} {expected[k].dtype}" for k, v in state.items()
+             if k in expected and (v.shape != expected[k].shape or v.dtype != expected[k].dtype)]
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if wrong or missing or unexpected:
-        raise UserError(f"{path} does not hold a {spec['method']} model of this configuration "
-                        f"({'; '.join(wrong[:2]) or f'missing {missing[:3]}, unexpected {unexpected[:3]}'}); "
-                        f"quantize the run again")
+        fix = "quantize the run again" if folder == run else f"{folder} is not one of {run}'s folders: drop --checkpoint"
+        raise UserError(f"{path} does not hold the {spec['method']} model of this configuration "
+                        f"({'; '.join(wrong[:2]) or f'missing {missing[:3]}, unexpected {unexpected[:3]}'}); {fix}")
     model.load_state_dict(state)
     if model_config.tie_embeddings:
         with torch.no_grad():
@@ -315,18 +315,17 @@ def quantize(run: str | Path, out: str | Path, method: str = "int8", group_size:
              eval_tokens: int = DEFAULT_EVAL_TOKENS, overwrite: bool = False, checkpoint: str | None = None,
              device: str = "cpu") -> dict:
     """Quantize a run into a new run folder, after the quality gate. Returns the quality report."""
-    from .checkpoint import check_device, load, read_run_config, write_json_atomic
-    run, out = Path(run), Path(out)
+    from .checkpoint import check_device, check_output, load, read_run_config, write_json_atomic
+    run = Path(run)
+    if method == "int8" and group_size is not None:
+        raise UserError("--group-size is for int4 (int8 has one scale per output channel); drop it")
     group_size = _check_method(method, group_size)
     if not (isinstance(max_kl, (int, float)) and max_kl >= 0):
         raise UserError(f"--max-kl {max_kl!r} must be a number >= 0")
     if eval_tokens < 1:
         raise UserError(f"--eval-tokens {eval_tokens} must be at least 1")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    if out.resolve() == run.resolve():
-        raise UserError(f"--out {out} is the run being quantized; write the quantized run to a new folder")
     config = read_run_config(run)
+    out = check_output(run, out, overwrite, "--overwrite")
     if config.get("quantization"):
         raise UserError(f"{run} is already quantized ({config['quantization']['method']}); quantize the "
                         f"full-precision run it came from")

@@ -92,7 +92,7 @@ def _bpe_run(tmp_path, **model):
     return make_run(tmp_path / "bpe", tok, **model), tok
 
 
-@pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("kind", ["f32", "f16", "q8_0", "q4_0"])
 def test_gguf_reads_back_with_names_shapes_types_and_tokenizer(tmp_path, kind):
     import gguf
 
@@ -114,15 +114,15 @@ def test_gguf_reads_back_with_names_shapes_types_and_tokenizer(tmp_path, kind):
     tensors = {t.name: t for t in reader.tensors}
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     assert set(tensors) == {gguf_name(k) for k in state}
-    quant = {"f32": gguf.GGMLQuantizationType.F32, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-             "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
+    quant = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
     for name, value in state.items():
         t = tensors[gguf_name(name)]
         assert tuple(int(d) for d in t.shape) == tuple(reversed(value.shape))  # ggml lists the fastest axis first
         matrix = value.dim() == 2 and value.shape[1] % 32 == 0
         assert t.tensor_type == (quant if matrix else gguf.GGMLQuantizationType.F32)
         data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(value.shape)
-        step = {"f32": 0, "q8_0": 1 / 127, "q4_0": 1 / 7}[kind] * value.abs().max().item()
+        step = {"f32": 0, "f16": 2 ** -10, "q8_0": 1 / 127, "q4_0": 1 / 7}[kind] * value.abs().max().item()
         np.testing.assert_allclose(data, value.numpy(), atol=step + 1e-7, rtol=0)
 
 
@@ -130,7 +130,7 @@ def test_exports_refuse_what_they_cannot_hold(tmp_path, capsys):
     run, _ = _bpe_run(tmp_path, position="rope")
     assert main(["export", str(run), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "position='rope' (GPT-2: 'learned')" in err
+    assert err.count("\n") == 1 and "position='rope' (GPT-2: 'learned')" in err and "llama.cpp" in err
     char = make_run(tmp_path / "char", CharTokenizer.train(TEXT))
     assert main(["export", str(char), "--format", "gguf", "--out", str(tmp_path / "c.gguf")]) == 2
     assert "character-level" in capsys.readouterr().err
@@ -144,7 +144,7 @@ def test_quantized_runs_are_not_exported_to_onnx_or_gguf(tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     config["quantization"] = {"method": "int8", "group_size": None, "source": "runs/base"}
     (run / "config.json").write_text(json.dumps(config))
-    for fmt, out in (("onnx", "o"), ("gguf", "g.gguf")):
+    for fmt, out in (("onnx", "o"), ("gguf", "g.gguf"), ("hf", "h")):
         assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "quantized (int8)" in err and "runs/base" in err

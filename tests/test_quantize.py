@@ -160,6 +160,7 @@ def test_compiled_and_eager_decoding_of_a_quantized_run_equal_the_naive_path(tra
             for e in engine.step():
                 ids.setdefault(e.request_id, []).append(e.token)
         assert ids[0] == naive, compile
+        assert ids[1] == generate_naive(model, tok.encode("Their people"), max_new_tokens=5, temperature=0.0)
 
 
 def test_generate_eval_and_serve_work_on_a_quantized_run(trained, capsys):
@@ -196,6 +197,7 @@ def test_the_gate_refuses_above_max_kl_unless_forced(trained, capsys):
     (["--method", "int4", "--group-size", "7"], "group-size"),
     (["--method", "int8", "--data", "nowhere"], "no prepared data"),
     (["--method", "int8", "--eval-tokens", "0"], "eval-tokens"),
+    (["--method", "int8", "--group-size", "64"], "--group-size is for int4"),
 ])
 def test_bad_quantize_inputs_are_one_line_errors(trained, capsys, args, message):
     out = trained / "bad"
@@ -217,3 +219,16 @@ def test_quantized_runs_are_not_trained_or_quantized_again(trained, capsys):
     assert main(["train", f"--data={data}", f"--out={trained / 'tuned2'}", f"--init_from={trained / 'int8'}",
                  "--model=tiny", "--max_steps=1", "--progress=false"]) == 2
     assert "cannot be trained" in capsys.readouterr().err
+
+
+def test_outputs_that_would_replace_the_run_or_the_current_folder_are_refused(trained, capsys, monkeypatch):
+    before = sorted(p.name for p in trained.iterdir())
+    for out in (trained, trained / "base", trained / "base" / "inner"):
+        assert main(["quantize", str(trained / "base"), "--method", "int8", "--out", str(out), "--overwrite"]) == 2
+        assert "--out" in capsys.readouterr().err
+        assert main(["export", str(trained / "base"), "--format", "onnx", "--out", str(out), "--force"]) == 2
+        assert "--out" in capsys.readouterr().err
+    monkeypatch.chdir(trained / "int4")
+    assert main(["quantize", str(trained / "base"), "--method", "int8", "--out", ".", "--overwrite"]) == 2
+    assert "current folder" in capsys.readouterr().err
+    assert sorted(p.name for p in trained.iterdir()) == before and (trained / "base" / "model.safetensors").is_file()

@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -17,16 +18,25 @@
 namespace {
 
 // Each row of x (M, K) as int8 with one scale: q = round(x / s), s = max|x| / 127 (round half to even, as
-// torch.round). Also the sum of each group of `group` codes (for int4's minimums).
+// torch.round). A row holding NaN or infinity gets a NaN scale (and zero codes), so its outputs are NaN.
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* scales) {
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
     float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-    float s = std::max(amax, 1e-12f) / 127.f;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      finite = finite && std::isfinite(row[k]);
+      amax = std::max(amax, std::fabs(row[k]));
+    }
+    float s = finite ? std::max(amax, 1e-12f) / 127.f : std::numeric_limits<float>::quiet_NaN();
     scales[m] = s;
-    for (int64_t k = 0; k < K; ++k) q[m * K + k] = (int8_t)std::nearbyint(row[k] / s);
+    for (int64_t k = 0; k < K; ++k) q[m * K + k] = finite ? (int8_t)std::nearbyint(row[k] / s) : 0;
   }
+}
+
+void check_vector(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, name, ": contiguous float32 of ",
+              n, " values");
 }
 
 // sum_k a[k] * b[k] for int8 a and each of R rows b[r] of length K (R <= 4).
@@ -75,6 +85,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) == x.size(1),
               "w: contiguous int8 (N, K)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  check_vector(scales, N, "scales");
+  if (bias.has_value()) check_vector(*bias, N, "bias");
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M);
   quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xs.data());
@@ -103,9 +115,13 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& mins,
                        const std::optional<at::Tensor>& bias, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(group > 0 && group % 2 == 0 && x.size(1) % group == 0, "group: an even size dividing K");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = group, groups = K / group;
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 2 == K && K % G == 0 && G % 2 == 0,
-              "w: contiguous uint8 (N, K / 2) in groups of an even size dividing K");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 2 == K,
+              "w: contiguous uint8 (N, K / 2)");
+  check_vector(scales, N * groups, "scales");
+  check_vector(mins, N * groups, "mins");
+  if (bias.has_value()) check_vector(*bias, N, "bias");
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M);
   quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xs.data());
