@@ -129,9 +129,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   // order: for packed byte j of a group, elements j and G/2 + j go 16 apart in blocks of 32, so 16 packed bytes
   // meet 32 consecutive codes of xa.
 #ifdef LMFORGE_VNNI
-  const bool vector = G % 32 == 0;
+  const bool vector = G % 32 == 0, pairs = G == 32 && K % 64 == 0;
 #else
-  const bool vector = false;
+  const bool vector = false, pairs = false;
 #endif
   std::vector<int8_t> xa(vector ? M * K : 0);
   std::vector<float> xsum(M * groups);
@@ -141,7 +141,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       int32_t total = 0;
       for (int64_t j = 0; j < G / 2; ++j) {
         total += src[j] + src[G / 2 + j];
-        if (vector) {  // packed byte p = 16 c + i (chunk c): each chunk meets 32 codes [its lows, its highs]
+        if (pairs) {  // packed byte p = 16 c + i: two chunks meet 64 codes [c lows, c+1 lows, c highs, c+1 highs]
+          int64_t p = g * (G / 2) + j, c = p / 16, base = m * K + (c / 2) * 64 + (c % 2) * 16 + p % 16;
+          xa[base] = src[j];
+          xa[base + 32] = src[G / 2 + j];
+        } else if (vector) {  // packed byte p = 16 c + i (chunk c): each chunk meets 32 codes [its lows, its highs]
           int64_t p = g * (G / 2) + j, base = m * K + (p / 16) * 32 + p % 16;
           xa[base] = src[j];
           xa[base + 16] = src[G / 2 + j];
@@ -163,7 +167,31 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
         float total = 0.f;
         int64_t g = 0;
 #ifdef LMFORGE_VNNI
-        if (vector) {  // chunks of 16 packed bytes (32 weights of one group), two accumulation chains
+        if (pairs) {  // groups of 32 two at a time: 32 packed bytes against 64 codes of x
+          const int8_t* xrow = xa.data() + m * K;
+          const float* srow = sp + n * groups;
+          const __m256i low4 = _mm256_set1_epi8(0x0F);
+          const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+          __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+          auto pair = [&](int64_t g2) {  // groups g2 and g2 + 1, scaled: lanes [g2 x4, g2+1 x4, g2 x4, g2+1 x4]
+            __m256i p = _mm256_loadu_si256((const __m256i*)(wrow + g2 * 16));
+            __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(p, low4)),
+                                               _mm256_and_si256(_mm256_srli_epi16(p, 4), low4), 1);
+            __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes,
+                                               _mm512_loadu_si512((const void*)(xrow + g2 * 32)));
+            __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
+                _mm_castpd_ps(_mm_load_sd((const double*)(srow + g2)))));
+            return _mm512_mul_ps(_mm512_cvtepi32_ps(dots), scale);
+          };
+          int64_t g2 = 0;
+          for (; g2 + 4 <= groups; g2 += 4) {
+            acc0 = _mm512_add_ps(acc0, pair(g2));
+            acc1 = _mm512_add_ps(acc1, pair(g2 + 2));
+          }
+          for (; g2 < groups; g2 += 2) acc0 = _mm512_add_ps(acc0, pair(g2));
+          total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+          g = groups;
+        } else if (vector) {  // chunks of 16 packed bytes (32 weights of one group), two accumulation chains
           const int8_t* xrow = xa.data() + m * K;
           const __m128i low4 = _mm_set1_epi8(0x0F);
           __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // two chains: even and odd groups
