@@ -22,7 +22,8 @@ TYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK_PARTS = {"norm_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "norm_2": "ffn_norm",
                "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
 TOP_LEVEL = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
-             "norm_f.weight": "output_norm.weight", "norm_f.bias": "output_norm.bias", "lm_head.weight": "output.weight"}
+             "norm_f.weight": "output_norm.weight", "norm_f.bias": "output_norm.bias",
+             "lm_head.weight": "output.weight"}
 
 
 def gguf_name(name: str) -> str:

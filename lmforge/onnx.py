@@ -2,10 +2,11 @@
 runs them in onnxruntime.
 
     lmforge export runs/base --format onnx --out onnx/base
-    onnx/base/prefill.onnx    input_ids (batch, sequence)
-                              -> logits (batch, sequence, vocab), present.{i}.key|value (batch, kv_heads, sequence, head_dim)
-    onnx/base/decode.onnx     input_ids (batch, sequence), past_key_values.{i}.key|value (batch, kv_heads, past, head_dim)
-                              -> logits, present.{i}.key|value (batch, kv_heads, past + sequence, head_dim)
+    onnx/base/prefill.onnx    input_ids (batch, sequence) -> logits (batch, sequence, vocab),
+                              present.{i}.key|value (batch, kv_heads, sequence, head_dim)
+    onnx/base/decode.onnx     input_ids (batch, sequence),
+                              past_key_values.{i}.key|value (batch, kv_heads, past, head_dim) -> logits,
+                              present.{i}.key|value (batch, kv_heads, past + sequence, head_dim)
     onnx/base/onnx.json       every input and output with its axes, the model config, and the end-of-text id
     onnx/base/tokenizer.json
 

@@ -6,7 +6,8 @@
 Every nn.Linear of the model (the output layer included) is replaced, for good, by one of:
 - Int8Linear: per-output-channel symmetric int8 weights, W ~ scales[:, None] * weight.
 - Int4Linear: group-wise asymmetric 4-bit weights, W ~ q * scale + min for each group of group_size inputs, q in
-  0..15 packed two to a byte (a group's first half in the low nibbles, its second half in the high ones).
+  0..15 packed two to a byte (a group's first half in the low nibbles, its second half in the high ones), scales and
+  minimums in float16.
 On CPU both also round each input row to int8 steps (one scale per row) and take integer dot products, as llama.cpp
 does for q8_0 and q4_0: in one call of the kernels of csrc/quant_cpu.cpp (AVX-512 VNNI, built for the machine on
 first use by kernels.py), or where those cannot be built, the same computation in PyTorch operators. Elsewhere
@@ -103,8 +104,9 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = in_features // group_size
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
-        self.register_buffer("mins", torch.empty(out_features, groups, dtype=dtype, device=device))
+        # float16, as llama.cpp's q4_0 keeps its scales: 5 bits a weight in all, where float32 would make it 6
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16, device=device))
+        self.register_buffer("mins", torch.empty(out_features, groups, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
         cpu_kernels()  # built (once) now, never inside a forward
@@ -117,8 +119,9 @@ class Int4Linear(nn.Module):
                 linear.weight.dtype)
         groups = w.view(q.out_features, -1, group_size)  # (out, groups, G)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-        scales = ((high - low) / 15).clamp(min=1e-12)
-        codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+        scales = ((high - low) / 15).clamp(min=2 ** -24).half()  # the smallest float16 above 0
+        low = low.half()
+        codes = torch.round((groups - low.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
         half = group_size // 2
         q.weight.copy_((codes[..., :half] | (codes[..., half:] << 4)).view(q.out_features, -1))
         q.scales.copy_(scales)
@@ -133,9 +136,11 @@ class Int4Linear(nn.Module):
         return (packed & 15).to(dtype), (packed >> 4).to(dtype)
 
     def dequantize(self) -> torch.Tensor:
-        low, high = self.codes(self.scales.dtype)
+        """W as float32 (out, in)."""
+        low, high = self.codes(torch.float32)
         codes = torch.cat([low, high], dim=-1)  # (out, groups, G)
-        return (codes * self.scales[..., None] + self.mins[..., None]).view(self.out_features, self.in_features)
+        return (codes * self.scales.float()[..., None] + self.mins.float()[..., None]).view(self.out_features,
+                                                                                            self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -144,11 +149,11 @@ class Int4Linear(nn.Module):
         rows = x.reshape(-1, self.in_features).float().contiguous()  # (N, in)
         ops = cpu_kernels()
         bias = None if self.bias is None else self.bias.float()
-        if ops is not None and self.scales.dtype == torch.float32:  # the same computation, in one call
+        if ops is not None:  # the same computation, in one call
             y = ops.int4_linear(rows, self.weight, self.scales, self.mins, bias, self.group_size)
         else:  # the input rounded to int8 steps as the kernel does, then the dequantized weight
             x_scales = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # (N, 1)
-            y = F.linear(torch.round(rows / x_scales) * x_scales, self.dequantize().float(), bias)
+            y = F.linear(torch.round(rows / x_scales) * x_scales, self.dequantize(), bias)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -243,11 +248,13 @@ def load_quantized(folder: Path, run: Path, config: dict, device: torch.device):
     if model_config.tie_embeddings:
         state["wte.weight"] = model.wte.weight  # placeholder: rebuilt from the output matrix below
     expected = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} {v.dtype} vs {tuple(expected[k].shape)} {expected[k].dtype}" for k, v in state.items()
+    wrong = [f"{k} {tuple(v.shape)} {v.dtype} vs {tuple(expected[k].shape)} {expected[k].dtype}"
+             for k, v in state.items()
              if k in expected and (v.shape != expected[k].shape or v.dtype != expected[k].dtype)]
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if wrong or missing or unexpected:
-        fix = "quantize the run again" if folder == run else f"{folder} is not one of {run}'s folders: drop --checkpoint"
+        fix = ("quantize the run again" if folder == run
+               else f"{folder} is not one of {run}'s folders: drop --checkpoint")
         raise UserError(f"{path} does not hold the {spec['method']} model of this configuration "
                         f"({'; '.join(wrong[:2]) or f'missing {missing[:3]}, unexpected {unexpected[:3]}'}); {fix}")
     model.load_state_dict(state)

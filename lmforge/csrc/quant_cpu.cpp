@@ -1,13 +1,15 @@
 // Weight-only quantized linears for CPU, with the input quantized to int8 per row (as llama.cpp's q8_0 and q4_0
 // dot products do): int8 x int8 and int4 x int8 dot products with AVX-512 VNNI where the CPU has it, plain loops
 // elsewhere. Built on first use by lmforge/kernels.py; the operators are lmforge_quant::int8_linear
-// and lmforge_quant::int4_linear, and lmforge/quantize.py holds the same computation in PyTorch (the tests compare them).
+// and lmforge_quant::int4_linear, and lmforge/quantize.py holds the same computation in PyTorch (the tests compare
+// them).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -34,9 +36,9 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* scale
   }
 }
 
-void check_vector(const at::Tensor& t, int64_t n, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, name, ": contiguous float32 of ",
-              n, " values");
+void check_vector(const at::Tensor& t, int64_t n, const char* name, at::ScalarType type = at::kFloat) {
+  TORCH_CHECK(t.scalar_type() == type && t.is_contiguous() && t.numel() == n, name, ": contiguous ", type, " of ", n,
+              " values");
 }
 
 // sum_k a[k] * b[k] for int8 a and each of R rows b[r] of length K (R <= 4).
@@ -119,8 +121,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = group, groups = K / group;
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 2 == K,
               "w: contiguous uint8 (N, K / 2)");
-  check_vector(scales, N * groups, "scales");
-  check_vector(mins, N * groups, "mins");
+  check_vector(scales, N * groups, "scales", at::kHalf);
+  check_vector(mins, N * groups, "mins", at::kHalf);
   if (bias.has_value()) check_vector(*bias, N, "bias");
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M);
@@ -155,8 +157,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     }
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* mp = mins.data_ptr<float>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::Half* mp = mins.data_ptr<at::Half>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
@@ -169,7 +171,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 #ifdef LMFORGE_VNNI
         if (pairs) {  // groups of 32 two at a time: 32 packed bytes against 64 codes of x
           const int8_t* xrow = xa.data() + m * K;
-          const float* srow = sp + n * groups;
+          const at::Half* srow = sp + n * groups;
           const __m256i low4 = _mm256_set1_epi8(0x0F);
           const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
           __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -179,8 +181,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                                                _mm256_and_si256(_mm256_srli_epi16(p, 4), low4), 1);
             __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes,
                                                _mm512_loadu_si512((const void*)(xrow + g2 * 32)));
-            __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
-                _mm_castpd_ps(_mm_load_sd((const double*)(srow + g2)))));
+            int32_t two;  // the two groups' float16 scales
+            std::memcpy(&two, srow + g2, 4);
+            __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(two))));
             return _mm512_mul_ps(_mm512_cvtepi32_ps(dots), scale);
           };
           int64_t g2 = 0;
@@ -195,7 +198,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
           const int8_t* xrow = xa.data() + m * K;
           const __m128i low4 = _mm_set1_epi8(0x0F);
           __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // two chains: even and odd groups
-          const float* srow = sp + n * groups;
+          const at::Half* srow = sp + n * groups;
           auto group_dots = [&](int64_t g2) {  // the group's 8 partial int dot products, as floats
             __m256i dots = _mm256_setzero_si256();
             for (int64_t c = g2 * (G / 32); c < (g2 + 1) * (G / 32); ++c) {
@@ -207,10 +210,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
           };
           int64_t g2 = 0;
           for (; g2 + 2 <= groups; g2 += 2) {
-            acc0 = _mm256_fmadd_ps(group_dots(g2), _mm256_set1_ps(srow[g2]), acc0);
-            acc1 = _mm256_fmadd_ps(group_dots(g2 + 1), _mm256_set1_ps(srow[g2 + 1]), acc1);
+            acc0 = _mm256_fmadd_ps(group_dots(g2), _mm256_set1_ps(static_cast<float>(srow[g2])), acc0);
+            acc1 = _mm256_fmadd_ps(group_dots(g2 + 1), _mm256_set1_ps(static_cast<float>(srow[g2 + 1])), acc1);
           }
-          if (g2 < groups) acc0 = _mm256_fmadd_ps(group_dots(g2), _mm256_set1_ps(srow[g2]), acc0);
+          if (g2 < groups)
+            acc0 = _mm256_fmadd_ps(group_dots(g2), _mm256_set1_ps(static_cast<float>(srow[g2])), acc0);
           __m256 both = _mm256_add_ps(acc0, acc1);
           __m128 s = _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1));
           s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -225,19 +229,20 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
             uint8_t p = wrow[g * (G / 2) + j];
             dot += (int32_t)(p & 15) * qrow[g * G + j] + (int32_t)(p >> 4) * qrow[g * G + G / 2 + j];
           }
-          total += (float)dot * sp[n * groups + g];
+          total += (float)dot * static_cast<float>(sp[n * groups + g]);
         }
         float offset = 0.f;  // sum_g mins[n, g] * xsum[m, g]
         int64_t g3 = 0;
 #ifdef LMFORGE_VNNI
         __m256 off = _mm256_setzero_ps();
         for (; g3 + 8 <= groups; g3 += 8)
-          off = _mm256_fmadd_ps(_mm256_loadu_ps(mp + n * groups + g3), _mm256_loadu_ps(xsum.data() + m * groups + g3), off);
+          off = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mp + n * groups + g3))),
+                                _mm256_loadu_ps(xsum.data() + m * groups + g3), off);
         __m128 o = _mm_add_ps(_mm256_castps256_ps128(off), _mm256_extractf128_ps(off, 1));
         o = _mm_add_ps(o, _mm_movehl_ps(o, o));
         offset = _mm_cvtss_f32(_mm_add_ss(o, _mm_movehdup_ps(o)));
 #endif
-        for (; g3 < groups; ++g3) offset += mp[n * groups + g3] * xsum[m * groups + g3];
+        for (; g3 < groups; ++g3) offset += static_cast<float>(mp[n * groups + g3]) * xsum[m * groups + g3];
         float v = (total + offset) * xs[m];
         yp[m * N + n] = bp ? v + bp[n] : v;
       }
