@@ -381,7 +381,9 @@ except MemoryError:
 meta = lmforge.data.prepare({str(corpus)!r}, {str(tmp_path / "out")!r}, workers=1).meta
 print(meta["train_tokens"] + meta["val_tokens"])
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # one malloc arena: each extra one reserves 64 MB of address space, counted against the cap though never used
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(proc.stdout.strip()) == corpus.stat().st_size + 1
 
