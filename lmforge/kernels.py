@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -37,8 +38,13 @@ def _build():
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
     root = Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge")) / "kernels" / key
     root.mkdir(parents=True, exist_ok=True)
-    load(name="lmforge_quant_cpu", sources=[str(SOURCE)], build_directory=str(root), is_python_module=False,
-         extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=False)
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])  # the ninja pip installed here
+    try:
+        load(name="lmforge_quant_cpu", sources=[str(SOURCE)], build_directory=str(root), is_python_module=False,
+             extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=False)
+    finally:
+        os.environ["PATH"] = path
     return torch.ops.lmforge_quant
 
 
