@@ -121,6 +121,9 @@ class Int4Linear(nn.Module):
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scales = ((high - low) / 15).clamp(min=2 ** -24).half()  # the smallest float16 above 0
         low = low.half()
+        if not (scales.isfinite().all() and low.isfinite().all()):
+            raise UserError(f"a layer's weights reach {w.abs().max().item():.3g}, past what int4's float16 scales "
+                            f"hold (65504); quantize this model with int8")
         codes = torch.round((groups - low.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
         half = group_size // 2
         q.weight.copy_((codes[..., :half] | (codes[..., half:] << 4)).view(q.out_features, -1))

@@ -100,6 +100,15 @@ def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, monkeypat
             torch.testing.assert_close(fast, q4(x), atol=1e-5, rtol=1e-5)
 
 
+def test_weights_past_float16_are_refused_for_int4():
+    linear = _linear()
+    with torch.no_grad():
+        linear.weight[0, 0] = 1e6
+    with pytest.raises(UserError, match="int8"):
+        Int4Linear.from_linear(linear, 16)
+    assert Int8Linear.from_linear(linear).dequantize()[0, 0] == pytest.approx(1e6, rel=1e-6)
+
+
 def test_bad_group_sizes_are_refused():
     with pytest.raises(UserError, match="divide"):
         Int4Linear.from_linear(_linear(), group_size=48)
