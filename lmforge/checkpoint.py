@@ -177,14 +177,21 @@ def read_run_config(run: Path) -> dict:
         raise UserError(f"{path} is corrupted ({e.msg}); it must be JSON") from None
 
 
-def check_output(run: str | Path, out: str | Path, replace: bool, flag: str = "--force") -> Path:
-    """Where a verb may write what it makes of a run: not the run, not a folder holding it (replacing that would
-    delete the run), not inside it; an existing one only when asked (flag). Returns out, resolved."""
+def check_output(run: str | Path, out: str | Path, replace: bool, flag: str = "--force",
+                 checkpoint: str | Path | None = None, folder: bool = True) -> Path:
+    """Where a verb may write what it makes of a run (a folder, or a file when folder=False): not the run or the
+    checkpoint read, not a folder holding either (replacing that would delete it), not inside the run; an existing
+    one only when asked (flag). Returns out, resolved."""
     run, out = Path(run).resolve(), Path(out).resolve()
-    if out == run or out in run.parents:
-        raise UserError(f"--out {out} is or holds the run {run}; replacing it would delete the run: pick a new folder")
+    for source in [run] + ([Path(checkpoint).resolve()] if checkpoint else []):
+        if out == source or out in source.parents:
+            raise UserError(f"--out {out} is or holds {source}, which this reads; replacing it would delete it: "
+                            f"pick a new {'folder' if folder else 'file'}")
     if run in out.parents:
         raise UserError(f"--out {out} is inside the run {run}; write it next to the run instead")
+    if out.exists() and folder != out.is_dir():
+        raise UserError(f"--out {out} is a {'file' if folder else 'folder'}; this writes a "
+                        f"{'folder' if folder else 'file'}: pick another path")
     if out == Path.cwd() or out in Path.cwd().parents:
         raise UserError(f"--out {out} is or holds the current folder; pick a new folder")
     if out.exists() and not replace:

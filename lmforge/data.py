@@ -93,13 +93,13 @@ class Prepared:
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move a finished temp folder into place; an old one is replaced only when asked."""
+    """Move a finished temp folder into place; an old one is replaced only when asked (moved aside under a fresh
+    name first, so that nothing else is ever in the way)."""
     if out.exists():
         if not force:
             raise UserError(f"{out} already exists; pass --force to replace it")
-        trash = out.with_name(out.name + ".old")
-        shutil.rmtree(trash, ignore_errors=True)
-        out.replace(trash)
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.replace(trash / out.name)
         tmp.replace(out)
         shutil.rmtree(trash, ignore_errors=True)
     else:

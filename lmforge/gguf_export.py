@@ -121,9 +121,6 @@ def export_gguf(run: str | Path, out: str | Path, type: str = "f32", checkpoint:
     from .lora import merge_lora
     run = Path(run)
     refuse_exporting_quantized(run, read_run_config(run), "GGUF")
-    if Path(out).is_dir():
-        raise UserError(f"{out} is a folder; GGUF export writes one file (e.g. --out "
-                        f"{Path(out) / (run.name + '.gguf')})")
-    out = check_output(run, out, force)
+    out = check_output(run, out, force, checkpoint=checkpoint, folder=False)
     model, tokenizer = load(run, checkpoint=checkpoint)
     return write_gguf(merge_lora(model), tokenizer, out, type)

@@ -81,7 +81,7 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False, checkpoint:
     from .lora import merge_lora
     from .tokenizer import BPETokenizer
     refuse_exporting_quantized(run, read_run_config(run), "Hugging Face")
-    out = check_output(run, out, force)
+    out = check_output(run, out, force, checkpoint=checkpoint)
     model, tokenizer = load(run, checkpoint=checkpoint)
     check_gpt2_shaped(model.config, str(run))
     merge_lora(model)

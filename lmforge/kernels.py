@@ -5,8 +5,8 @@
 
 They are built with the machine's own instruction set (-march=native, AVX-512 VNNI where present) into
 ~/.cache/lmforge/kernels (or $LMFORGE_CACHE), keyed by the source, the PyTorch version and the CPU, so a cache shared
-between machines never hands one another's code. Where they cannot be built, quantize.py computes the same thing
-with PyTorch operators, and says so once.
+between machines never hands one another's code. Where they cannot be built (or with LMFORGE_NO_KERNELS=1 set),
+quantize.py computes the same thing with PyTorch operators, and says so once.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import os
 import platform
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "quant_cpu.cpp"
 _state: dict = {}
+_lock = threading.Lock()  # one build at a time in a process (the build folder has its own lock across processes)
 
 
 def _cpu_id() -> str:
@@ -38,18 +40,29 @@ def _build():
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
     root = Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge")) / "kernels" / key
     root.mkdir(parents=True, exist_ok=True)
-    path = os.environ.get("PATH", "")
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])  # the ninja pip installed here
+    path = os.environ.get("PATH")
+    if sys.executable:  # the ninja that pip installed beside this Python, found even when the venv is not active
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent)] + ([path] if path else []))
     try:
         load(name="lmforge_quant_cpu", sources=[str(SOURCE)], build_directory=str(root), is_python_module=False,
              extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=False)
     finally:
-        os.environ["PATH"] = path
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
     return torch.ops.lmforge_quant
 
 
 def cpu_kernels():
     """torch.ops.lmforge_quant once built and loaded; None (with one warning) where building fails."""
+    if "ops" in _state:  # (the path taken inside compiled code: a dictionary lookup)
+        return _state["ops"]
+    with _lock:
+        return _load()
+
+
+def _load():
     if "ops" not in _state:
         if os.environ.get("LMFORGE_NO_KERNELS"):
             _state["ops"] = None
@@ -59,7 +72,7 @@ def cpu_kernels():
         except Exception as e:  # no compiler, no ninja, a failed build: every one means the PyTorch path
             warnings.warn(f"the quantized CPU kernels could not be built ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); quantized layers "
-                          f"compute the same thing with PyTorch operators, more slowly", RuntimeWarning, stacklevel=3)
+                          f"compute the same thing with PyTorch operators, more slowly", RuntimeWarning, stacklevel=4)
             _state["ops"] = None
         else:
             _register_fakes()

@@ -127,7 +127,7 @@ def export_onnx(run: str | Path, out: str | Path, checkpoint: str | None = None,
     _need("onnx"), _need("onnxscript")
     run = Path(run)
     refuse_exporting_quantized(run, read_run_config(run), "ONNX")
-    out = check_output(run, out, force)
+    out = check_output(run, out, force, checkpoint=checkpoint)
     model, tokenizer = load(run, checkpoint=checkpoint)
     model = merge_lora(model).float().eval()
     model.sparse_embedding_grad = False

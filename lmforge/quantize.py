@@ -115,12 +115,13 @@ class Int4Linear(nn.Module):
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
         w = linear.weight.detach().float()
+        if not w.isfinite().all():
+            raise UserError("a layer's weights hold NaN or infinity: the model is broken; quantize a healthy checkpoint")
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, w.device,
                 linear.weight.dtype)
         groups = w.view(q.out_features, -1, group_size)  # (out, groups, G)
-        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-        scales = ((high - low) / 15).clamp(min=2 ** -24).half()  # the smallest float16 above 0
-        low = low.half()
+        low, high = groups.amin(dim=-1).half(), groups.amax(dim=-1)  # the minimum as stored, then the step from it
+        scales = ((high - low.float()) / 15).clamp(min=2 ** -24).half()  # (the smallest float16 above 0)
         if not (scales.isfinite().all() and low.isfinite().all()):
             raise UserError(f"a layer's weights reach {w.abs().max().item():.3g}, past what int4's float16 scales "
                             f"hold (65504); quantize this model with int8")
@@ -139,11 +140,11 @@ class Int4Linear(nn.Module):
         return (packed & 15).to(dtype), (packed >> 4).to(dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """W as float32 (out, in)."""
+        """W as float32 (out, in), from the scales as stored (float16, even if the module was cast since)."""
         low, high = self.codes(torch.float32)
         codes = torch.cat([low, high], dim=-1)  # (out, groups, G)
-        return (codes * self.scales.float()[..., None] + self.mins.float()[..., None]).view(self.out_features,
-                                                                                            self.in_features)
+        scales, mins = self.scales.to(torch.float16).float(), self.mins.to(torch.float16).float()
+        return (codes * scales[..., None] + mins[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -152,8 +153,9 @@ class Int4Linear(nn.Module):
         rows = x.reshape(-1, self.in_features).float().contiguous()  # (N, in)
         ops = cpu_kernels()
         bias = None if self.bias is None else self.bias.float()
-        if ops is not None:  # the same computation, in one call
-            y = ops.int4_linear(rows, self.weight, self.scales, self.mins, bias, self.group_size)
+        if ops is not None:  # the same computation, in one call (scales read as stored, float16)
+            y = ops.int4_linear(rows, self.weight, self.scales.to(torch.float16), self.mins.to(torch.float16), bias,
+                                self.group_size)
         else:  # the input rounded to int8 steps as the kernel does, then the dequantized weight
             x_scales = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # (N, 1)
             y = F.linear(torch.round(rows / x_scales) * x_scales, self.dequantize(), bias)
@@ -335,7 +337,7 @@ def quantize(run: str | Path, out: str | Path, method: str = "int8", group_size:
     if eval_tokens < 1:
         raise UserError(f"--eval-tokens {eval_tokens} must be at least 1")
     config = read_run_config(run)
-    out = check_output(run, out, overwrite, "--overwrite")
+    out = check_output(run, out, overwrite, "--overwrite", checkpoint=checkpoint)
     if config.get("quantization"):
         raise UserError(f"{run} is already quantized ({config['quantization']['method']}); quantize the "
                         f"full-precision run it came from")

@@ -161,3 +161,15 @@ def test_without_the_export_extra_the_error_names_it(tmp_path, capsys, monkeypat
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "pip install 'lmforge[export]'" in err
         monkeypatch.delitem(sys.modules, module)
+
+
+def test_force_replaces_the_output_and_never_a_run_named_like_its_backup(tmp_path):
+    from lmforge.onnx import export_onnx
+    tok = CharTokenizer.train(TEXT)
+    run = make_run(tmp_path / "m.old", tok)  # the name a careless replace would move the old output to
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "stale.txt").write_text("old output")
+    export_onnx(run, tmp_path / "m", force=True)
+    assert (tmp_path / "m" / "decode.onnx").is_file() and not (tmp_path / "m" / "stale.txt").exists()
+    assert (run / "config.json").is_file() and load(run)[0] is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.old"]

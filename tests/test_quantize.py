@@ -76,8 +76,10 @@ def test_int4_packs_two_weights_a_byte_within_half_a_step():
     torch.testing.assert_close(compiled(x), q(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(300, 768, 1), (301, 768, 3), (7, 96, 17), (33, 200, 2), (16, 3072, 4)])
-def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, monkeypatch):
+@pytest.mark.parametrize("shape", [(300, 768, 1), (301, 768, 3), (7, 96, 17), (33, 200, 2), (16, 3072, 4),
+                                   (5, 64, 2), (9, 192, 1)])  # 2 and 6 groups of 32: the paired path's tail
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, monkeypatch):
     """int8: bit for bit (integer dot products, the same float steps); int4: to float rounding, for group sizes the
     vector path takes (multiples of 32) and those it leaves to plain loops."""
     from lmforge import kernels
@@ -85,7 +87,7 @@ def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, monkeypat
     if ops is None:
         pytest.skip("the quantized CPU kernels cannot be built here (no C++ compiler or ninja)")
     N, K, M = shape
-    linear = nn.Linear(K, N)
+    linear = nn.Linear(K, N, bias=bias)
     x = torch.randn(M, K)
     q8 = Int8Linear.from_linear(linear)
     fast = q8(x)
@@ -98,6 +100,14 @@ def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, monkeypat
             fast = q4(x)
             monkeypatch.setitem(kernels._state, "ops", None)
             torch.testing.assert_close(fast, q4(x), atol=1e-5, rtol=1e-5)
+
+
+def test_an_int4_layer_cast_to_another_dtype_still_computes_from_its_float16_scales():
+    q = Int4Linear.from_linear(_linear(), 32)
+    x = torch.randn(3, 64)
+    before = q(x)
+    q.float()  # what model.float() does to every buffer
+    assert q.scales.dtype == torch.float32 and torch.equal(q(x), before)
 
 
 def test_weights_past_float16_are_refused_for_int4():
@@ -239,6 +249,14 @@ def test_outputs_that_would_replace_the_run_or_the_current_folder_are_refused(tr
         assert "--out" in capsys.readouterr().err
         assert main(["export", str(trained / "base"), "--format", "onnx", "--out", str(out), "--force"]) == 2
         assert "--out" in capsys.readouterr().err
+    for out in (trained / "base", trained):  # nor a checkpoint read, nor for GGUF and Hugging Face folders
+        assert main(["export", str(trained / "int8"), "--format", "hf", "--out", str(out), "--force"]) == 2
+        assert main(["export", str(trained / "int4"), "--format", "gguf", "--out", str(out), "--force"]) == 2
+        capsys.readouterr()
+    checkpoint = next((trained / "base" / "checkpoints").iterdir())
+    assert main(["export", str(trained / "base"), "--format", "onnx", "--checkpoint", str(checkpoint),
+                 "--out", str(checkpoint), "--force"]) == 2
+    assert "which this reads" in capsys.readouterr().err
     monkeypatch.chdir(trained / "int4")
     assert main(["quantize", str(trained / "base"), "--method", "int8", "--out", ".", "--overwrite"]) == 2
     assert "current folder" in capsys.readouterr().err
