@@ -149,6 +149,9 @@ def _generate_args(p):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--early-stopping", default="exact", choices=["exact", "true", "false", "never"],
+                   help="beam search's stopping rule: exact (stop when nothing can still win), or transformers' "
+                        "true / false / never, for the same results as its generate()")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)

@@ -255,7 +255,8 @@ def _stream(engine: Engine, request: Request) -> Iterator[str]:
 def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 100, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              num_beams: int = 1, length_penalty: float = 1.0, stop: str | list[str] | None = None,
-             seed: int | None = None, stream: bool = False, compile: bool = False):
+             seed: int | None = None, stream: bool = False, compile: bool = False,
+             early_stopping: bool | str = "exact"):
     """Continue prompt(s); return the continuation only (a list for a list of prompts), or with stream=True an
     iterator of text pieces. Stops at end-of-text, at any stop string (not returned), or after max_new_tokens.
 
@@ -263,7 +264,10 @@ def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 10
     engine sized for it; compile=True then compiles its decode step first (tens of seconds on a small CPU), which
     pays for long generations; for many calls build one Engine(model, tokenizer, compile=True) and pass it.
     A list of prompts is decoded together (continuous batching); the request of prompt i is seeded with seed + i.
+    early_stopping: beam search's rule (see beam_search): "exact", or transformers' True, False or "never".
     """
+    if early_stopping not in ("exact", True, False, "never"):
+        raise UserError(f"early_stopping={early_stopping!r}: use 'exact', True, False or 'never'")
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams, seed, length_penalty)
     stop = check_stop(stop)
     many = isinstance(prompt, (list, tuple))
@@ -275,7 +279,8 @@ def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 10
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     if num_beams > 1:
         inference = model.model if isinstance(model, Engine) else inference_copy(unwrap(model))
-        outs = [beam_search(inference, p, max_new_tokens, num_beams, length_penalty, tokenizer.eot_id) for p in ids]
+        outs = [beam_search(inference, p, max_new_tokens, num_beams, length_penalty, tokenizer.eot_id, early_stopping)
+                for p in ids]
         return _texts(tokenizer, outs, stop, many)
     engine = _engine_for(model, tokenizer, ids, max_new_tokens, compile)
     if seed is None:
@@ -310,7 +315,8 @@ def generate_cli(args) -> int:
         raise UserError(f"--num-samples {args.num_samples} must be at least 1")
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
-                   length_penalty=args.length_penalty, stop=args.stop)
+                   length_penalty=args.length_penalty, stop=args.stop,
+                   early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping))
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                    args.num_beams, args.seed, args.length_penalty)
     if args.seed is not None and args.seed + args.num_samples > 2**63:

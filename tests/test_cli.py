@@ -26,9 +26,9 @@ SURFACE = {
                  "--method", "--out", "--overwrite", "run"],
     "export": ["--checkpoint", "--force", "--format", "--out", "--type", "run"],
     "import-hf": ["--force", "--out", "source"],
-    "generate": ["--checkpoint", "--compile", "--device", "--interactive", "--length-penalty", "--max-new-tokens",
-                 "--num-beams", "--num-samples", "--prompt", "--prompt-file", "--repetition-penalty", "--seed",
-                 "--stop", "--temperature", "--top-k", "--top-p", "run"],
+    "generate": ["--checkpoint", "--compile", "--device", "--early-stopping", "--interactive", "--length-penalty",
+                 "--max-new-tokens", "--num-beams", "--num-samples", "--prompt", "--prompt-file",
+                 "--repetition-penalty", "--seed", "--stop", "--temperature", "--top-k", "--top-p", "run"],
     "serve": ["--api-key", "--checkpoint", "--compile", "--device", "--host", "--log-level", "--max-batch",
               "--max-body-bytes", "--max-queue", "--max-seq-len", "--max-tokens-limit", "--model-name", "--port", "run"],
 }

@@ -154,7 +154,8 @@ def test_beam_search_equals_transformers_generate_with_early_stopping(tmp_path, 
     model = GPT.from_pretrained(str(tmp_path / "hf"))
     assert load(import_hf(tmp_path / "hf", tmp_path / "run"))[0].state_dict().keys() == model.state_dict().keys()
     g = torch.Generator().manual_seed(0)
-    ended = 0
+    ended, checked_cli = 0, False
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     for _ in range(6):
         prompt = torch.randint(0, tok.vocab_size, (1, 5), generator=g)
         with torch.no_grad():
@@ -166,8 +167,20 @@ def test_beam_search_equals_transformers_generate_with_early_stopping(tmp_path, 
         got = beam_search(model, prompt[0].tolist(), 10, num_beams, length_penalty, tok.eot_id,
                           early_stopping=early_stopping)
         assert got == want
+        prompt_text = hf_tok.decode(prompt[0].tolist())
+        if num_beams > 1 and not checked_cli and hf_tok.encode(prompt_text) == prompt[0].tolist():
+            checked_cli = True  # the same through lmforge generate, once per setting (a prompt whose text encodes
+            import contextlib   # back to its ids)
+            import io
+            text = io.StringIO()
+            with contextlib.redirect_stdout(text):
+                assert main(["generate", str(tmp_path / "run"), "--prompt", prompt_text, "--num-beams",
+                             str(num_beams), "--length-penalty", str(length_penalty), "--max-new-tokens", "10",
+                             "--early-stopping", str(early_stopping).lower()]) == 0
+            assert text.getvalue() == prompt_text + hf_tok.decode([t for t in want if t != tok.eot_id]) + "\n"
     if early_stopping is True:  # the comparison covers hypotheses that end early, not only full-length ones
         assert ended >= 2
+    assert checked_cli or num_beams == 1
 
 
 def test_the_full_gpt2_shape_imports_with_transformers_logits(tmp_path):
