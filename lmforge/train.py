@@ -8,6 +8,7 @@ the step and the RNG states. Under torchrun it trains with DDP (or FSDP2 when as
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -210,6 +211,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             dist.destroy_process_group()
         raise
     if info.owns_group:  # leave together: a process exiting with live gloo/NCCL threads aborts
+        gc.collect()  # and free what still holds communication work (FSDP's) while the interpreter is whole
         dist.barrier()
         dist.destroy_process_group()
     return summary
