@@ -470,7 +470,11 @@ def test_the_playground_streams_text_with_alternatives_on_hover(server):
         ActionChains(browser).move_to_element(tokens[0]).perform()
         tip = browser.find_element(By.ID, "tip")
         wait.until(lambda b: tip.is_displayed())
-        assert "%" in tip.text and len(tip.find_elements(By.TAG_NAME, "tr")) == 5
+        rows = [r.text for r in tip.find_elements(By.TAG_NAME, "tr")]
+        assert "%" in tip.text and len(rows) in (5, 6), rows
+        if len(rows) == 6:  # a sampled token outside the top 5 is listed too, as OpenAI's top_logprobs list it
+            chosen = tip.text.split('"')[1]
+            assert any(r.startswith(f'"{chosen}"') for r in rows), (chosen, rows)
         assert "tiny" in browser.find_element(By.ID, "model").text
     finally:
         browser.quit()
