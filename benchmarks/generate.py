@@ -118,12 +118,7 @@ def main():
              "hf": theirs}
     if llm is not None:
         sides["llama.cpp"] = llama
-    for run in sides.values():  # warm up
-        run()
-    runs = {name: [] for name in sides}
-    for _ in range(args.repeat):  # interleaved, so noise hits all
-        for name, run in sides.items():
-            runs[name].append(run())
+    runs = _interleaved(sides, args.repeat)
     for name in sides:
         assert runs[name][0][0] == runs["hf"][0][0], f"{name}: greedy ids differ from HF's on the same weights"
     print(f"greedy ids identical across {', '.join(sides)} ({args.new} tokens); read bandwidth {bandwidth:.1f} GB/s, "
@@ -209,12 +204,7 @@ def quantized_table(args, model, hf, prompt, engine_run, ceiling_of):
             llm = Llama(model_path=str(path), n_ctx=max_len, n_batch=args.prompt, n_threads=args.threads,
                         n_threads_batch=args.threads, verbose=False)
             sides[f"llama.cpp-{kind}"] = lambda llm=llm: _llama(llm, ids, args.new)
-    for run in sides.values():  # warm up
-        run()
-    runs = {name: [] for name in sides}
-    for _ in range(args.repeat):  # interleaved, so noise hits all
-        for name, run in sides.items():
-            runs[name].append(run())
+    runs = _interleaved(sides, args.repeat)
     labels = {"ours-int8": "lmforge int8, compile=True", "ours-int8-eager": "lmforge int8, eager",
               "ours-int4": "lmforge int4 (group 32), compile=True", "ours-int4-eager": "lmforge int4, eager",
               "hf-int8": "HF + torch quantize_dynamic int8", "llama.cpp-q8_0": "llama.cpp q8_0 (our GGUF export)",
@@ -234,6 +224,17 @@ def quantized_table(args, model, hf, prompt, engine_run, ceiling_of):
     for ours, theirs in (("ours-int8", "llama.cpp-q8_0"), ("ours-int4", "llama.cpp-q4_0"), ("ours-int8", "hf-int8")):
         if theirs in med:
             print(f"| ratio {ours} / {theirs} | | | {med[ours] / med[theirs]:.2f}x | | |")
+
+
+def _interleaved(sides: dict, repeat: int) -> dict:
+    """Each side once to warm up, then `repeat` rounds of all sides in turn, so the machine's drift hits all."""
+    for run in sides.values():
+        run()
+    runs = {name: [] for name in sides}
+    for _ in range(repeat):
+        for name, run in sides.items():
+            runs[name].append(run())
+    return runs
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ loaded with weights_only=True.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,6 +60,32 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     tmp.replace(dst)
+
+
+def publish_folder(tmp: Path, out: Path) -> None:
+    """Move a finished folder into place; an old out is first moved aside under a fresh name (so nothing else is
+    ever in the way), then removed."""
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.replace(trash / out.name)
+        tmp.replace(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.replace(out)
+
+
+@contextlib.contextmanager
+def new_folder(out: Path):
+    """A temporary folder beside out, published as out (replacing it) when the block ends without an error; on an
+    error (or Ctrl-C) nothing is left behind and out is untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        publish_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_config(model_config: ModelConfig, train_config=None) -> dict:

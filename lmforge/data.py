@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import publish_folder
 from .download import sha256_file
 from .errors import MissingFileError, UserError
 from .sources import Corpus, open_corpus, shakespeare_documents  # noqa: F401 (part of this module's API)
@@ -93,17 +94,10 @@ class Prepared:
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move a finished temp folder into place; an old one is replaced only when asked (moved aside under a fresh
-    name first, so that nothing else is ever in the way)."""
-    if out.exists():
-        if not force:
-            raise UserError(f"{out} already exists; pass --force to replace it")
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.replace(trash / out.name)
-        tmp.replace(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.replace(out)
+    """Move a finished temp folder into place; an old one is replaced only when asked."""
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    publish_folder(tmp, out)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .checkpoint import (load, read_run_config, refuse_quantized, run_config, weights_for_saving,
-                         write_json_atomic)
+from .checkpoint import (check_output, load, new_folder, read_run_config, refuse_quantized, run_config,
+                         weights_for_saving, write_json_atomic)
 from .config import ModelConfig, TrainConfig
 from .data import Dataset, pair_arrays, pair_batch, prepare, read_pairs
 from .engine import Engine, Request
@@ -117,16 +116,12 @@ def merge(run: str | Path, out: str | Path, force: bool = False) -> Path:
     run, out = Path(run), Path(out)
     if adapter_settings(run) is None:
         raise UserError(f"{run} has no LoRA adapter (adapter_config.json); only a LoRA run can be merged")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
+    out = check_output(run, out, force)
     model, tokenizer = load(run)
     merge_lora(model)
     config = read_run_config(run)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
+    with new_folder(out) as tmp:
         save_file(weights_for_saving(model.state_dict(), model.config.tie_embeddings), str(tmp / "model.safetensors"))
         merged = run_config(model.config)
         merged["merged_from"] = str(run.resolve())
@@ -134,11 +129,6 @@ def merge(run: str | Path, out: str | Path, force: bool = False) -> Path:
             merged["chat_template"] = config["chat_template"]
         write_json_atomic(tmp / "config.json", merged)
         tokenizer.save(tmp / "tokenizer.json")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

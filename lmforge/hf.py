@@ -14,7 +14,6 @@ safetensors and JSON are written; transformers is needed to read the folder back
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False, checkpoint:
     """A run as a GPT2LMHeadModel folder (a LoRA run exports with its adapter merged). Written atomically."""
     from safetensors.torch import save_file
 
-    from .checkpoint import check_output, load, read_run_config, refuse_exporting_quantized
+    from .checkpoint import check_output, load, new_folder, read_run_config, refuse_exporting_quantized
     from .lora import merge_lora
     from .tokenizer import BPETokenizer
     refuse_exporting_quantized(run, read_run_config(run), "Hugging Face")
@@ -85,10 +84,7 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False, checkpoint:
     model, tokenizer = load(run, checkpoint=checkpoint)
     check_gpt2_shaped(model.config, str(run))
     merge_lora(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with new_folder(out) as tmp:
         save_file(to_hf_state(model.state_dict()), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer.eot_id), indent=2) + "\n")
         if isinstance(tokenizer, BPETokenizer):
@@ -96,11 +92,6 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False, checkpoint:
         else:
             print(f"note: {run}'s character tokenizer has no Hugging Face equivalent; only the model was written "
                   f"(its token ids follow {Path(run) / 'tokenizer.json'})")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -284,7 +275,7 @@ def import_hf(path_or_id: str | Path, out: str | Path, force: bool = False) -> P
     """A Hugging Face GPT-2 checkpoint as an ordinary run folder (config.json, model.safetensors, tokenizer.json)."""
     from safetensors.torch import save_file
 
-    from .checkpoint import run_config, weights_for_saving, write_json_atomic
+    from .checkpoint import new_folder, run_config, weights_for_saving, write_json_atomic
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
@@ -292,20 +283,12 @@ def import_hf(path_or_id: str | Path, out: str | Path, force: bool = False) -> P
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"{path_or_id}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
                         f"{model.config.vocab_size}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with new_folder(out) as tmp:
         save_file(weights_for_saving(model.state_dict(), True), str(tmp / "model.safetensors"))
         config = run_config(model.config)
         config["imported_from"] = str(path_or_id)
         write_json_atomic(tmp / "config.json", config)
         tokenizer.save(tmp / "tokenizer.json")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -121,8 +119,7 @@ def _export_graph(model: GPT, path: Path, with_past: bool) -> dict:
 
 def export_onnx(run: str | Path, out: str | Path, checkpoint: str | None = None, force: bool = False) -> Path:
     """Write prefill.onnx, decode.onnx, onnx.json and tokenizer.json for a run (fp32, CPU)."""
-    from .checkpoint import check_output, load, read_run_config, refuse_exporting_quantized
-    from .data import _publish
+    from .checkpoint import check_output, load, new_folder, read_run_config, refuse_exporting_quantized
     from .lora import merge_lora
     _need("onnx"), _need("onnxscript")
     run = Path(run)
@@ -131,22 +128,15 @@ def export_onnx(run: str | Path, out: str | Path, checkpoint: str | None = None,
     model, tokenizer = load(run, checkpoint=checkpoint)
     model = merge_lora(model).float().eval()
     model.sparse_embedding_grad = False
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        with torch.no_grad():
-            graphs = {"prefill": _export_graph(model, tmp / "prefill.onnx", False),
-                      "decode": _export_graph(model, tmp / "decode.onnx", True)}
+    with new_folder(out) as tmp, torch.no_grad():
+        graphs = {"prefill": _export_graph(model, tmp / "prefill.onnx", False),
+                  "decode": _export_graph(model, tmp / "decode.onnx", True)}
         meta = {"format": FORMAT, "opset": OPSET, "graphs": graphs, "model": model.config.to_dict(),
                 "n_layer": model.config.n_layer, "eos_id": getattr(tokenizer, "eot_id", None),
                 "positions": "the new tokens sit at past_sequence, past_sequence + 1, ...; rows share a length",
                 "source": str(run)}
         (tmp / "onnx.json").write_text(json.dumps(meta, indent=2) + "\n")
         tokenizer.save(tmp / "tokenizer.json")
-        _publish(tmp, out, force=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

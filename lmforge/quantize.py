@@ -25,8 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -327,7 +325,7 @@ def quantize(run: str | Path, out: str | Path, method: str = "int8", group_size:
              eval_tokens: int = DEFAULT_EVAL_TOKENS, overwrite: bool = False, checkpoint: str | None = None,
              device: str = "cpu") -> dict:
     """Quantize a run into a new run folder, after the quality gate. Returns the quality report."""
-    from .checkpoint import check_device, check_output, load, read_run_config, write_json_atomic
+    from .checkpoint import check_device, check_output, load, new_folder, read_run_config, write_json_atomic
     run = Path(run)
     if method == "int8" and group_size is not None:
         raise UserError("--group-size is for int4 (int8 has one scale per output channel); drop it")
@@ -358,20 +356,12 @@ def quantize(run: str | Path, out: str | Path, method: str = "int8", group_size:
                         f"(perplexity {report['delta_ppl_percent']:+.2f}%); nothing was written. Try int8 or a "
                         f"smaller --group-size, or pass --force to write it anyway")
     from safetensors.torch import save_file
-    from .data import _publish
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with new_folder(out) as tmp:
         save_file(quantized_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        saved = {k: v for k, v in config.items()}
-        saved["quantization"] = {"method": method, "group_size": group_size, "source": str(run)}
+        saved = {**config, "quantization": {"method": method, "group_size": group_size, "source": str(run)}}
         write_json_atomic(tmp / "config.json", saved)
         write_json_atomic(tmp / "quality.json", report)
         tokenizer.save(tmp / "tokenizer.json")
-        _publish(tmp, out, force=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = (out / "model.safetensors").stat().st_size
     print(f"wrote {out} ({size / 1e6:.1f} MB of weights)")
     return report
