@@ -14,7 +14,8 @@ It owns, and builds explicitly:
 - the decode step: one forward of one token per row, for a single running request on its own row of the cache,
   else for the first 4, 16, ... or all slots, whichever is the smallest that holds every running request; when
   asked, each of these is compiled at construction (a warm-up), and never recompiled silently: if a later step
-  would need a new graph, the engine warns and decodes eagerly from then on;
+  would need a new graph, the engine warns and decodes eagerly from then on; on CUDA each compiled step is also
+  captured as a CUDA graph at construction and replayed (one launch a token instead of hundreds);
 - continuous batching: add() queues a request, step() first decodes one token for every running request, then
   prefills waiting ones into free slots (each gives its first token), and a request leaves as soon as it ends;
   cancel() frees a slot at once.
@@ -265,6 +266,32 @@ def _guards_off_the_model(entries) -> list[bool]:
     return [re.match(r"^(\w+\()*model\b", entry.name) is None for entry in entries]
 
 
+class CapturedStep:
+    """One compiled decode step on one view of the cache, captured as a CUDA graph: replay() runs every kernel of the
+    step in one launch, reading tokens and positions from its own input tensors and writing the logits to its own
+    output tensor, which the next replay overwrites. The graph holds the addresses of the weights and the cache: an
+    in-place change to them (an optimizer step, load_state_dict) is seen, a new tensor is not (Engine.refresh())."""
+
+    def __init__(self, step, model: GPT, cache, pool):
+        device = cache.layers[0].k.device
+        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros_like(self.tokens)
+        side = torch.cuda.Stream(device)  # the compiled code runs once off the capture first (CUDA's rule)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            step(model, cache, self.tokens, self.positions)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = step(model, cache, self.tokens, self.positions)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits
+
+
 def _fresh_function(fn):
     """A copy of fn with its own code object. Dynamo keeps compiled graphs on the code object, up to a recompile limit
     shared by everything compiled from it: with its own, each engine's graph neither evicts nor counts against
@@ -326,6 +353,8 @@ class Engine:
                                        options={"guard_filter_fn": _guards_off_the_model})
             with torch.no_grad():
                 self._warm_up()
+        self._graphs: dict[int, CapturedStep] = {}  # id(cache view) -> its captured step (CUDA, compiled)
+        self._capture()
 
     # --- the public API
     def add(self, request: Request) -> int:
@@ -405,10 +434,12 @@ class Engine:
 
     @torch.no_grad()
     def refresh(self):
-        """Remake what the engine derived from the weights (the packed copies): call it after they change."""
+        """Remake what the engine derived from the weights (the packed copies on CPU, the CUDA graphs, which hold the
+        weights' addresses): call it after they change."""
         for module in self.model.modules():
             if isinstance(module, DecodeLinear):
                 module.repack()
+        self._capture()
 
     @torch.no_grad()
     def step(self) -> list[Event]:
@@ -487,6 +518,8 @@ class Engine:
         eagerly reading only the first kv_len slots."""
         if self._step is None:
             return self.model(tokens, kv_cache=cache, positions=positions, kv_len=kv_len)[0][:, -1]
+        if self._graphs:
+            return self._graphs[id(cache)](tokens, positions)
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
                 return self._step(self.model, cache, tokens, positions)
@@ -504,6 +537,23 @@ class Engine:
         for cache in self._rows[:1] + list(self._views.values()):
             tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=self.device)
             self._step(self.model, cache, tokens, tokens.clone())
+
+    @torch.no_grad()
+    def _capture(self):
+        """On CUDA, capture the compiled step on every view of the cache it runs on (each slot's row, each bucket) as
+        CUDA graphs sharing one memory pool; they run one at a time and keep their outputs, so sharing is safe. Each
+        capture first runs the step once, which writes a throwaway key and value at position 0 of every row: what
+        running requests hold there is put back."""
+        if self._step is None or self.device.type != "cuda":
+            return
+        held = [(layer.k[:, :, 0].clone(), layer.v[:, :, 0].clone()) for layer in self.cache.layers]
+        self._graphs.clear()
+        pool = torch.cuda.graph_pool_handle()
+        with torch.compiler.set_stance("fail_on_recompile"):  # the graphs compiled at warm-up, nothing new
+            for cache in self._rows + list(self._views.values()):
+                self._graphs[id(cache)] = CapturedStep(self._step, self.model, cache, pool)
+        for layer, (k, v) in zip(self.cache.layers, held):
+            layer.k[:, :, 0], layer.v[:, :, 0] = k, v
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Event:
         """Sample the request's next token from its logits (V,) and report it; end the request if it is done."""

@@ -11,7 +11,8 @@ Every nn.Linear of the model (the output layer included) is replaced, for good, 
 On CPU both also round each input row to int8 steps (one scale per row) and take integer dot products, as llama.cpp
 does for q8_0 and q4_0: in one call of the kernels of csrc/quant_cpu.cpp (AVX-512 VNNI, built for the machine on
 first use by kernels.py), or where those cannot be built, the same computation in PyTorch operators. Elsewhere
-(CUDA) the weight is dequantized on the fly into the input's dtype.
+(CUDA) the weight is dequantized on the fly into the input's dtype; inside a compiled step, one input row is
+written as sums of products of the stored codes, which inductor fuses into kernels that read the codes once.
 A tied token embedding becomes the dequantized output matrix, so the run stores that matrix once, quantized.
 
 Before writing, quantize() compares the quantized model with the original on held-out tokens (the run's val split,
@@ -73,7 +74,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+            w = self.weight.to(x.dtype)
+            if torch.compiler.is_compiling() and x.numel() == x.size(-1):  # one row, compiled: Int4Linear._one_row
+                y = (x.unsqueeze(-2) * w).sum(-1) * self.scales.to(x.dtype)
+            else:
+                y = F.linear(x, w) * self.scales.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         rows = x.reshape(-1, self.in_features).float().contiguous()  # (N, in)
         ops = cpu_kernels()
@@ -132,32 +137,53 @@ class Int4Linear(nn.Module):
             q.bias.copy_(linear.bias.detach())
         return q
 
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) casts the bias; the scales and minimums stay float16 as stored (bfloat16 would round them,
+        float32 would only take more room), while a move to another device moves them."""
+        kept = {name: getattr(self, name) for name in ("scales", "mins")}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            if getattr(self, name).dtype != old.dtype:
+                setattr(self, name, old.to(getattr(self, name).device))
+        return self
+
     def codes(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The low and high halves of every group as numbers, each (out, groups, group_size / 2)."""
         packed = self.weight.view(self.out_features, -1, self.group_size // 2)
         return (packed & 15).to(dtype), (packed >> 4).to(dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """W as float32 (out, in), from the scales as stored (float16, even if the module was cast since)."""
+        """W as float32 (out, in)."""
         low, high = self.codes(torch.float32)
         codes = torch.cat([low, high], dim=-1)  # (out, groups, G)
-        scales, mins = self.scales.to(torch.float16).float(), self.mins.to(torch.float16).float()
+        scales, mins = self.scales.float(), self.mins.float()
         return (codes * scales[..., None] + mins[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
-            y = F.linear(x, self.dequantize().to(x.dtype))
+            if torch.compiler.is_compiling() and x.numel() == x.size(-1):  # one row, compiled: see _one_row
+                y = self._one_row(x.reshape(-1, self.group_size)).view(*x.shape[:-1], self.out_features)
+            else:
+                y = F.linear(x, self.dequantize().to(x.dtype))
             return y if self.bias is None else y + self.bias.to(x.dtype)
         rows = x.reshape(-1, self.in_features).float().contiguous()  # (N, in)
         ops = cpu_kernels()
         bias = None if self.bias is None else self.bias.float()
-        if ops is not None:  # the same computation, in one call (scales read as stored, float16)
-            y = ops.int4_linear(rows, self.weight, self.scales.to(torch.float16), self.mins.to(torch.float16), bias,
-                                self.group_size)
+        if ops is not None:  # the same computation, in one call
+            y = ops.int4_linear(rows, self.weight, self.scales, self.mins, bias, self.group_size)
         else:  # the input rounded to int8 steps as the kernel does, then the dequantized weight
             x_scales = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # (N, 1)
             y = F.linear(torch.round(rows / x_scales) * x_scales, self.dequantize(), bias)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
+        """One input row as its groups (groups, G) -> (out,), written as sums of products of the codes, which inductor
+        compiles into reductions that read the packed bytes once; a matrix product would first write the whole
+        dequantized weight out (the same goes for Int8Linear's one-row form)."""
+        low, high = self.codes(x.dtype)  # (out, groups, G/2) each
+        half = self.group_size // 2
+        dots = (low * x[:, :half] + high * x[:, half:]).sum(-1)  # (out, groups): code . input, per group
+        return (dots * self.scales.to(x.dtype) + self.mins.to(x.dtype) * x.sum(-1)).sum(-1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

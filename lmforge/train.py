@@ -86,6 +86,11 @@ def init_distributed(device_pref: str) -> Dist:
         return Dist()
     info = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    if use_cuda and info.local_rank >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UserError(f"process {info.local_rank} of this machine has no CUDA device of its own (there are {n}): "
+                        f"start at most {n} per machine (torchrun --nproc_per_node={n}), or train on CPU with "
+                        f"--device=cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         info.owns_group = True
@@ -165,10 +170,13 @@ def _wrap(model: GPT, cfg: TrainConfig, info: Dist, device: torch.device):
     """DDP or FSDP2 under torchrun, then torch.compile when asked. The raw model stays the one we save."""
     wrapped = model
     if info.world > 1 and cfg.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+        # the mesh names the training device: left out, FSDP takes CUDA wherever it exists, also under --device=cpu
+        mesh = init_device_mesh(device.type, (info.world,))
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     elif info.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -331,7 +331,7 @@ def test_samples_written_during_training_equal_the_naive_path(tmp_path):
     data = prepare(str(src), tmp_path / "data", tokenizer="char").path
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model={"preset": "tiny"}, max_steps=9,
                       batch_size=4, block_size=32, eval_interval=3, eval_steps=1, keep_last=5, sample_tokens=24,
-                      sample_prompt="To", progress=False, lr=1e-2, seed=4)
+                      sample_prompt="To", progress=False, lr=1e-2, seed=4, device="cpu")
     lmforge.train(cfg)
     samples = (tmp_path / "run" / "samples.txt").read_text().split("=== step ")[1:]
     assert len(samples) == 3

@@ -102,12 +102,16 @@ def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, mon
             torch.testing.assert_close(fast, q4(x), atol=1e-5, rtol=1e-5)
 
 
-def test_an_int4_layer_cast_to_another_dtype_still_computes_from_its_float16_scales():
+def test_an_int4_layer_cast_to_another_dtype_keeps_its_float16_scales():
     q = Int4Linear.from_linear(_linear(), 32)
     x = torch.randn(3, 64)
-    before = q(x)
+    before, scales = q(x), q.scales.clone()
     q.float()  # what model.float() does to every buffer
-    assert q.scales.dtype == torch.float32 and torch.equal(q(x), before)
+    assert torch.equal(q(x), before)
+    for dtype in (torch.float32, torch.bfloat16):
+        q.to(dtype)
+        assert q.scales.dtype == q.mins.dtype == torch.float16 and torch.equal(q.scales, scales)
+        assert q.bias.dtype == dtype
 
 
 def test_weights_past_float16_are_refused_for_int4():

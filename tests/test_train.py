@@ -38,7 +38,7 @@ def prepare_once(out: Path, tokenizer: str) -> Path:
 def config(data, out, **kw) -> TrainConfig:
     base = dict(data=data, out=str(out), model={"preset": "tiny", "dropout": 0.1}, max_steps=12, batch_size=4,
                 block_size=32, eval_interval=4, eval_steps=2, log_interval=1, sample_tokens=0, progress=False,
-                warmup_steps=3, lr=3e-3)
+                warmup_steps=3, lr=3e-3, device="cpu")  # CPU runs are bit-exact (test_cuda.py covers CUDA)
     return TrainConfig(**{**base, **kw})
 
 
@@ -259,7 +259,7 @@ def _torchrun(n: int, args: list[str]) -> None:
 def test_two_processes_equal_one_process_with_two_accumulation_steps(data_dir, tmp_path, fsdp):
     common = ["--data", data_dir, "--model=tiny", "--model.dropout=0", "--max_steps=6", "--eval_interval=3",
               "--eval_steps=2", "--batch_size=4", "--block_size=32", "--sample_tokens=0", "--progress=false",
-              "--log_interval=1", "--warmup_steps=2"]
+              "--log_interval=1", "--warmup_steps=2", "--device=cpu"]
     _torchrun(2, common + ["--out", str(tmp_path / "two"), "--grad_accum=1", f"--fsdp={fsdp}"])
     assert main(["train", *common, "--out", str(tmp_path / "one"), "--grad_accum=2"]) == 0
     a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
@@ -281,3 +281,15 @@ def test_resume_survives_a_metrics_line_cut_short(data_dir, tmp_path):
         f.write('{"step": 6, "lo')
     train(config(data_dir, run, stop_at=0), resume=True)
     assert losses(run) == losses(tmp_path / "full")
+
+
+def test_more_processes_than_cuda_devices_is_a_one_line_error(monkeypatch):
+    """Seen on a one-GPU machine: torchrun --nproc_per_node=2 ended in CUDA's 'invalid device ordinal' traceback."""
+    from lmforge.errors import UserError
+    from lmforge.train import init_distributed
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"--nproc_per_node=1\), or train on CPU with --device=cpu"):
+        init_distributed("auto")
