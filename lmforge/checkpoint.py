@@ -279,10 +279,29 @@ def model_folder(run: str | Path, checkpoint: str | Path | None = None) -> Path:
     return run
 
 
-def load(run: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None):
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A dtype to run a model in, by name or as a torch.dtype; a UserError for anything else."""
+    if dtype in INFERENCE_DTYPES.values():
+        return dtype
+    if dtype not in INFERENCE_DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(INFERENCE_DTYPES)}")
+    return INFERENCE_DTYPES[dtype]
+
+
+def load(run: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
+         dtype: str | torch.dtype = "float32"):
     """(model, tokenizer) of a run: its latest checkpoint (or the one given, e.g. runs/NAME/best), in eval mode.
-    A LoRA run loads its base run and applies its adapter."""
-    device = check_device(device)
+    A LoRA run loads its base run and applies its adapter. dtype: what the weights are cast to after loading;
+    bfloat16 halves the memory and, on a GPU, about halves the time a token takes (int4's scales stay float16)."""
+    dtype = check_dtype(dtype)
+    model, tokenizer = _load(run, check_device(device), checkpoint)
+    return (model if dtype == torch.float32 else model.to(dtype)), tokenizer
+
+
+def _load(run: str | Path, device: torch.device, checkpoint: str | Path | None):
     run = Path(run)
     folder = model_folder(run, checkpoint)
     if (folder / "adapter.safetensors").is_file():

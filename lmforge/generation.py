@@ -331,7 +331,7 @@ def generate_cli(args) -> int:
     from .onnx import is_onnx_dir
     if is_onnx_dir(args.run):
         return _generate_onnx(args, prompt)
-    model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint)
+    model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint, dtype=args.dtype)
     cfg = model.config
     compile = args.compile and args.num_beams == 1  # beam search decodes eagerly
     # one engine for every sample and every interactive line, so --compile compiles once; a model that goes past
@@ -386,7 +386,8 @@ def _generate_onnx(args, prompt: str) -> int:
     unsupported = [flag for flag, on in (("--num-beams", args.num_beams != 1), ("--interactive", args.interactive),
                                          ("--repetition-penalty", args.repetition_penalty != 1.0),
                                          ("--compile", args.compile), ("--checkpoint", args.checkpoint),
-                                         ("--device", args.device != "cpu")) if on]
+                                         ("--device", args.device != "cpu"), ("--dtype", args.dtype != "float32"))
+                   if on]
     if unsupported:
         raise UserError(f"{args.run} is an ONNX export, which generates with temperature, top-k, top-p, seeds and "
                         f"stop strings; drop {', '.join(unsupported)} or generate from the run itself")

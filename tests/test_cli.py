@@ -26,10 +26,10 @@ SURFACE = {
                  "--method", "--out", "--overwrite", "run"],
     "export": ["--checkpoint", "--force", "--format", "--out", "--type", "run"],
     "import-hf": ["--force", "--out", "source"],
-    "generate": ["--checkpoint", "--compile", "--device", "--early-stopping", "--interactive", "--length-penalty",
+    "generate": ["--checkpoint", "--compile", "--device", "--dtype", "--early-stopping", "--interactive", "--length-penalty",
                  "--max-new-tokens", "--num-beams", "--num-samples", "--prompt", "--prompt-file",
                  "--repetition-penalty", "--seed", "--stop", "--temperature", "--top-k", "--top-p", "run"],
-    "serve": ["--api-key", "--checkpoint", "--compile", "--device", "--host", "--log-level", "--max-batch",
+    "serve": ["--api-key", "--checkpoint", "--compile", "--device", "--dtype", "--host", "--log-level", "--max-batch",
               "--max-body-bytes", "--max-queue", "--max-seq-len", "--max-tokens-limit", "--model-name", "--port", "run"],
 }
 
@@ -95,6 +95,7 @@ BAD = [
     (["generate"], "run"),
     (["generate", "{root}/nothing"], "no run directory"),
     (["generate", "{run}", "--device", "foo"], "unknown device"),
+    (["generate", "{run}", "--dtype", "int8"], "invalid choice"),
     (["generate", "{run}", "--device", "cuda:0" if NO_CUDA else "cuda:99"], "cuda"),
     (["generate", "{run}", "--top-p", "2"], "top_p"),
     (["generate", "{run}", "--top-k", "0"], "top_k"),

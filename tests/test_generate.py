@@ -265,16 +265,22 @@ def _eof_at_end(next_line):
         raise EOFError from None
 
 
-def test_generate_cli(tmp_path, capsys, monkeypatch):
+def saved_run(folder):
+    """A run folder holding an untrained tiny RoPE model and a char tokenizer: (run, tokenizer)."""
     from lmforge.checkpoint import run_config, save_checkpoint, weights_for_saving, write_json_atomic
     tok = CharTokenizer.train(TEXT)
     cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, position="rope")
     model = GPT(cfg)
-    run = tmp_path / "run"
+    run = folder / "run"
     run.mkdir()
     write_json_atomic(run / "config.json", run_config(cfg))
     tok.save(run / "tokenizer.json")
     save_checkpoint(run, weights_for_saving(model.state_dict(), True), {"step": 1}, run_config(cfg))
+    return run, tok
+
+
+def test_generate_cli(tmp_path, capsys, monkeypatch):
+    run, tok = saved_run(tmp_path)
     assert main(["generate", str(run), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     assert out == "To be" + generate(lmforge.load(run)[0], tok, "To be", max_new_tokens=12, temperature=0) + "\n"
@@ -301,6 +307,21 @@ def test_generate_cli(tmp_path, capsys, monkeypatch):
     assert main(["generate", str(run), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0",
                  "--compile"]) == 0
     assert capsys.readouterr().out == out
+
+
+def test_a_run_decodes_in_bfloat16(tmp_path, capsys):
+    run, tok = saved_run(tmp_path)
+    full, _ = lmforge.load(run)
+    half, _ = lmforge.load(run, dtype="bfloat16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    x = torch.tensor([tok.encode("To be, or not")])
+    with torch.no_grad():
+        torch.testing.assert_close(half(x)[0].float(), full(x)[0], atol=0.05, rtol=0.05)  # bf16's rounding
+    assert main(["generate", str(run), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0",
+                 "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out == "To be" + generate(half, tok, "To be", max_new_tokens=12, temperature=0) + "\n"
+    with pytest.raises(lmforge.UserError, match="dtype 'int8' is not one of float32, bfloat16, float16"):
+        lmforge.load(run, dtype="int8")
 
 
 NO_ONEDNN = not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))

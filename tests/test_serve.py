@@ -418,6 +418,22 @@ def test_health_is_503_until_the_engine_is_warm(run):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
+def test_a_bfloat16_server_serves_the_bfloat16_model(run):
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import create_app
+    model, tok = lmforge.load(run, dtype="bfloat16")
+    want = lmforge.generate(model, tok, "To", max_new_tokens=12, temperature=0)
+    with TestClient(create_app(run, dtype="bfloat16")) as http:
+        deadline = time.monotonic() + 30
+        while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "To", "max_tokens": 12, "temperature": 0})
+        assert r.json()["choices"][0]["text"] == want
+    with pytest.raises(lmforge.UserError, match="dtype 'int8'"):
+        create_app(run, dtype="int8")
+
+
 def test_a_run_that_fails_to_load_reports_it_and_the_cli_exits(tmp_path):
     run = make_run(tmp_path / "broken")
     for f in run.rglob("model.safetensors"):

@@ -43,7 +43,8 @@ def serve_cli(args) -> int:
         if "server" in holder:
             holder["server"].should_exit = True
 
-    app = create_app(args.run, max_body_bytes=args.max_body_bytes, device=args.device, checkpoint=args.checkpoint,
+    app = create_app(args.run, max_body_bytes=args.max_body_bytes, device=args.device, dtype=args.dtype,
+                     checkpoint=args.checkpoint,
                      max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_tokens_limit=args.max_tokens_limit,
                      max_queue=args.max_queue, api_key=api_key, compile=args.compile, model_name=args.model_name,
                      on_failure=failed)

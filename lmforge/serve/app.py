@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..checkpoint import read_run_config
+from ..checkpoint import check_dtype, read_run_config
 from ..engine import MAX_LOGPROBS, Engine, Logprob, Request
 from ..errors import UserError
 from .loop import Busy, EngineLoop, Job, Metrics
@@ -121,8 +121,9 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 class Server:
     """What the routes share: the engine's thread, the limits, the served model's name and its chat template."""
 
-    def __init__(self, run: str | Path, device: str = "cpu", checkpoint: str | None = None, max_batch: int = 8,
-                 max_seq_len: int | None = None, max_tokens_limit: int | None = None, max_queue: int = 64,
+    def __init__(self, run: str | Path, device: str = "cpu", dtype: str = "float32", checkpoint: str | None = None,
+                 max_batch: int = 8, max_seq_len: int | None = None, max_tokens_limit: int | None = None,
+                 max_queue: int = 64,
                  api_key: str | None = None, compile: str = "auto", model_name: str | None = None,
                  on_failure: Callable[[BaseException], None] = lambda e: None):
         from ..config import ModelConfig
@@ -137,6 +138,7 @@ class Server:
             raise UserError(f"--max-tokens-limit={max_tokens_limit} must be at least 1")
         if compile not in ("auto", "on", "off"):
             raise UserError(f"--compile={compile!r} must be auto, on or off")
+        check_dtype(dtype)
         block_size = ModelConfig.from_dict(config["model"]).block_size
         self.max_seq_len = max_seq_len or block_size
         self.max_tokens_limit = min(max_tokens_limit or self.max_seq_len, self.max_seq_len)
@@ -150,7 +152,7 @@ class Server:
 
         def build() -> Engine:
             from ..checkpoint import load
-            model, tokenizer = load(run, device=device, checkpoint=checkpoint)
+            model, tokenizer = load(run, device=device, checkpoint=checkpoint, dtype=dtype)
             engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=self.max_seq_len,
                             compile=_should_compile(compile, model))
             warm = engine.add(Request([tokenizer.eot_id], max_new_tokens=2, temperature=0.0, stop_at_eos=False))
