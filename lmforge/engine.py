@@ -267,28 +267,31 @@ def _guards_off_the_model(entries) -> list[bool]:
 
 
 class CapturedStep:
-    """One compiled decode step on one view of the cache, captured as a CUDA graph: replay() runs every kernel of the
+    """One compiled decode step on one view of the cache, captured as a CUDA graph: a call runs every kernel of the
     step in one launch, reading tokens and positions from its own input tensors and writing the logits to its own
-    output tensor, which the next replay overwrites. The graph holds the addresses of the weights and the cache: an
-    in-place change to them (an optimizer step, load_state_dict) is seen, a new tensor is not (Engine.refresh())."""
+    output tensor, which the next replay of any of the engine's graphs may overwrite (they share one memory pool):
+    use them before the next step. The graph holds the addresses of the weights and the cache, so in-place changes
+    (an optimizer step, load_state_dict) are seen; the engine recaptures when a weight moves to new memory."""
 
     def __init__(self, step, model: GPT, cache, pool):
-        device = cache.layers[0].k.device
-        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros_like(self.tokens)
-        side = torch.cuda.Stream(device)  # the compiled code runs once off the capture first (CUDA's rule)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            step(model, cache, self.tokens, self.positions)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = step(model, cache, self.tokens, self.positions)
+        self.device = cache.layers[0].k.device
+        with torch.cuda.device(self.device):  # streams and the capture on the model's GPU, whichever is current
+            self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=self.device)
+            self.positions = torch.zeros_like(self.tokens)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # the compiled code runs once outside the capture first (CUDA's rule)
+                step(model, cache, self.tokens, self.positions)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool, stream=side):
+                self.logits = step(model, cache, self.tokens, self.positions)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.tokens.copy_(tokens)
+            self.positions.copy_(positions)
+            self.graph.replay()
         return self.logits
 
 
@@ -354,6 +357,8 @@ class Engine:
             with torch.no_grad():
                 self._warm_up()
         self._graphs: dict[int, CapturedStep] = {}  # id(cache view) -> its captured step (CUDA, compiled)
+        self._weights: list[torch.Tensor] = []  # what the graphs read, and the addresses they read it at
+        self._captured_at: tuple[int, ...] = ()
         self._capture()
 
     # --- the public API
@@ -434,12 +439,11 @@ class Engine:
 
     @torch.no_grad()
     def refresh(self):
-        """Remake what the engine derived from the weights (the packed copies on CPU, the CUDA graphs, which hold the
-        weights' addresses): call it after they change."""
+        """Remake what the engine derived from the weights (the packed copies on CPU): call it after they change.
+        (The CUDA graphs need no call: they read the weights in place, and are recaptured when one moves.)"""
         for module in self.model.modules():
             if isinstance(module, DecodeLinear):
                 module.repack()
-        self._capture()
 
     @torch.no_grad()
     def step(self) -> list[Event]:
@@ -519,6 +523,9 @@ class Engine:
         if self._step is None:
             return self.model(tokens, kv_cache=cache, positions=positions, kv_len=kv_len)[0][:, -1]
         if self._graphs:
+            if self._weight_addresses() != self._captured_at:  # a weight was given new memory (p.data = ...)
+                self._capture()
+        if self._graphs:
             return self._graphs[id(cache)](tokens, positions)
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
@@ -541,19 +548,32 @@ class Engine:
     @torch.no_grad()
     def _capture(self):
         """On CUDA, capture the compiled step on every view of the cache it runs on (each slot's row, each bucket) as
-        CUDA graphs sharing one memory pool; they run one at a time and keep their outputs, so sharing is safe. Each
-        capture first runs the step once, which writes a throwaway key and value at position 0 of every row: what
-        running requests hold there is put back."""
+        CUDA graphs sharing one memory pool. Each capture first runs the step once, which writes a throwaway key and
+        value at position 0 of every row: what running requests hold there is put back. Should capturing fail (out
+        of memory, say), the engine warns and goes on with the compiled step alone."""
+        self._graphs = {}
         if self._step is None or self.device.type != "cuda":
             return
         held = [(layer.k[:, :, 0].clone(), layer.v[:, :, 0].clone()) for layer in self.cache.layers]
-        self._graphs.clear()
-        pool = torch.cuda.graph_pool_handle()
-        with torch.compiler.set_stance("fail_on_recompile"):  # the graphs compiled at warm-up, nothing new
-            for cache in self._rows + list(self._views.values()):
-                self._graphs[id(cache)] = CapturedStep(self._step, self.model, cache, pool)
-        for layer, (k, v) in zip(self.cache.layers, held):
-            layer.k[:, :, 0], layer.v[:, :, 0] = k, v
+        graphs = {}
+        try:
+            with torch.cuda.device(self.device), torch.compiler.set_stance("fail_on_recompile"):
+                pool = torch.cuda.graph_pool_handle()
+                for cache in self._rows + list(self._views.values()):  # (compiled at warm-up: nothing new)
+                    graphs[id(cache)] = CapturedStep(self._step, self.model, cache, pool)
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            warnings.warn(f"the compiled decode step could not be captured as CUDA graphs "
+                          f"({str(e).splitlines()[0][:200]}); it runs without them", RuntimeWarning, stacklevel=3)
+            graphs = {}
+        finally:
+            for layer, (k, v) in zip(self.cache.layers, held):
+                layer.k[:, :, 0], layer.v[:, :, 0] = k, v
+        self._graphs = graphs
+        self._weights = list(itertools.chain(self.model.parameters(), self.model.buffers()))
+        self._captured_at = self._weight_addresses()
+
+    def _weight_addresses(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in self._weights)  # (~150 tensors for GPT-2: some 20 us)
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Event:
         """Sample the request's next token from its logits (V,) and report it; end the request if it is done."""

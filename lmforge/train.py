@@ -88,8 +88,9 @@ def init_distributed(device_pref: str) -> Dist:
     use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
     if use_cuda and info.local_rank >= torch.cuda.device_count():
         n = torch.cuda.device_count()
-        raise UserError(f"process {info.local_rank} of this machine has no CUDA device of its own (there are {n}): "
-                        f"start at most {n} per machine (torchrun --nproc_per_node={n}), or train on CPU with "
+        raise UserError(f"process {info.local_rank} of this machine has no CUDA device of its own ({n} visible): "
+                        f"start at most {n} per machine (torchrun --nproc_per_node={n}; a launcher that sets "
+                        f"CUDA_VISIBLE_DEVICES per process must leave LOCAL_RANK below it), or train on CPU with "
                         f"--device=cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")

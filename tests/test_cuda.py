@@ -202,7 +202,7 @@ def test_resume_on_cuda_continues_the_uninterrupted_run(data_dir, tmp_path):
     full, again, part = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("full", "again", "part"))
     drift = max((full[k] - again[k]).abs().max().item() for k in full)
     gap = max((full[k] - part[k]).abs().max().item() for k in full)
-    assert gap <= max(10 * drift, 1e-5), (gap, drift)
+    assert gap <= max(10 * drift, 1e-4), (gap, drift)  # a lost optimizer state moves weights by ~lr = 3e-3
     loss = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full") if "loss" in r}
     resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "part") if "loss" in r}
     assert resumed.keys() == loss.keys()
@@ -224,6 +224,6 @@ def test_quantized_layers_decode_on_cuda(method):
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     assert kl < (1e-3 if method == "int8" else 2e-2), kl
     engine = Engine(model, max_batch=2, max_seq_len=64, compile=True)
-    prompts = [[1, 2, 3], [7, 7, 8, 9]]
-    got = run_requests(engine, [Request(p, 15, temperature=0, stop_at_eos=False) for p in prompts])
-    assert got == [generate_naive(model, p, 15, temperature=0) for p in prompts]
+    prompts, lengths = [[1, 2, 3], [7, 7, 8, 9]], [15, 4]  # two rows together, then the first alone (one-row form)
+    got = run_requests(engine, [Request(p, n, temperature=0, stop_at_eos=False) for p, n in zip(prompts, lengths)])
+    assert got == [generate_naive(model, p, n, temperature=0) for p, n in zip(prompts, lengths)]

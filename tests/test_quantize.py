@@ -265,3 +265,19 @@ def test_outputs_that_would_replace_the_run_or_the_current_folder_are_refused(tr
     assert main(["quantize", str(trained / "base"), "--method", "int8", "--out", ".", "--overwrite"]) == 2
     assert "current folder" in capsys.readouterr().err
     assert sorted(p.name for p in trained.iterdir()) == before and (trained / "base" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method,group_size", [("int8", None), ("int4", 32), ("int4", 2), ("int4", 64)])
+def test_the_one_row_form_of_the_compiled_gpu_step_equals_the_dequantized_product(method, group_size):
+    """On CUDA, one row inside the compiled step is computed by _one_row (sums over the stored codes); here it is held
+    to the dequantized weight on CPU, for inputs in float32, bfloat16 and float16 large enough that sums of codes
+    times inputs would pass float16's range if they were kept in it."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 48, bias=False)
+    q = Int8Linear.from_linear(linear) if method == "int8" else Int4Linear.from_linear(linear, group_size)
+    for dtype, size in ((torch.float32, 1.0), (torch.bfloat16, 1.0), (torch.float16, 300.0)):
+        x = (torch.randn(128) * size).to(dtype)
+        want = F.linear(x.double(), q.dequantize().double())
+        got = q._one_row(x)
+        assert got.dtype == torch.float32 and got.isfinite().all()
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * size, rtol=1e-5)

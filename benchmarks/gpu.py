@@ -11,7 +11,7 @@
     batch      aggregate decode tok/s of 1, 8, 32 and 64 concurrent requests in one compiled bf16 engine.
     quant      our int8 and int4 engines (weights dequantized inside the compiled step) against our bf16 engine.
 
-    python benchmarks/cuda.py [--parts train,decode,batch,quant] [--steps 20] [--repeat 3]
+    python benchmarks/gpu.py [--parts train,decode,batch,quant] [--steps 20] [--repeat 3]
 """
 
 import argparse
