@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .kernels import cpu_kernels
 from .model import GPT, SDPAttention
 from .sampling import apply_repetition_penalty, check_sampling, check_stop, sample_next_token
 
@@ -209,13 +210,19 @@ class DecodeLinear(nn.Module):
 
 
 class OneQueryAttention(SDPAttention):
-    """Inside the compiled CPU decode step, attention of one query is written as sums of products, which inductor
-    fuses into loops (the fused SDPA kernel costs ~160 us a call at GPT-2's size, the loops a fraction of it).
-    Everywhere else, and eagerly, it is SDPAttention."""
+    """Inside the compiled CPU decode step, attention of one query over the static cache. A static graph reads every
+    slot of the cache, so with a causal mask it calls lmforge's kernel (csrc/attention_cpu.cpp), which reads only the
+    slots the mask allows: each row's positions so far (at GPT-2's size, 145 us a layer for a 384-slot cache became
+    ~50 us at 256 positions). Otherwise (ALiBi's float bias, or no kernel) it is written as sums of products, which
+    inductor fuses into loops (the fused SDPA kernel costs ~160 us a call, the loops a fraction of it). Everywhere
+    else, and eagerly, it is SDPAttention."""
 
     def forward(self, q, k, v, mask, dropout: float) -> torch.Tensor:
         if not (torch.compiler.is_compiling() and q.size(-2) == 1 and mask is not None and dropout == 0.0):
             return super().forward(q, k, v, mask, dropout)
+        ops = cpu_kernels()
+        if ops is not None and mask.dtype == torch.bool and q.dtype == k.dtype == torch.float32:
+            return ops.decode_attention(q, k, v, mask, 1 / math.sqrt(q.size(-1)))
         B, H, _, D = q.shape
         Hkv = k.size(1)
         rep = H // Hkv
@@ -328,6 +335,8 @@ class Engine:
         self.config, self.tokenizer = cfg, tokenizer
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eot_id", None)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        if compile and self.device.type == "cpu":
+            cpu_kernels()  # built (once, cached) now, never inside the compiled step's tracing
         self.model = inference_copy(model, compiled=compile, rows=max_batch)
         size = 2 * cfg.n_layer * max_batch * max_seq_len * cfg.kv_heads * cfg.head_dim * model.wte.weight.element_size()
         too_big = UserError(f"the KV cache for {max_batch} x {max_seq_len} positions needs {size / 1e9:.1f} GB, more "

@@ -1,6 +1,7 @@
-"""The quantized linears' CPU kernels (csrc/quant_cpu.cpp), compiled for this machine on first use and cached.
+"""lmforge's CPU kernels, compiled for this machine on first use and cached: the quantized linears
+(csrc/quant_cpu.cpp) and the compiled decode step's one-query attention (csrc/attention_cpu.cpp).
 
-    ops = cpu_kernels()          # torch.ops.lmforge_quant, or None where they cannot be built (no C++ compiler)
+    ops = cpu_kernels()          # torch.ops.lmforge_cpu, or None where they cannot be built (no C++ compiler)
     y = ops.int8_linear(x, w, scales, bias)
 
 They are built with the machine's own instruction set (-march=native, AVX-512 VNNI where present) into
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "quant_cpu.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("quant_cpu.cpp", "attention_cpu.cpp")]
 _state: dict = {}
 _lock = threading.Lock()  # one build at a time in a process (the build folder has its own lock across processes)
 
@@ -43,7 +44,7 @@ FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 
 def _build():
     from torch.utils.cpp_extension import load
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_id().encode()
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + torch.__version__.encode() + _cpu_id().encode()
                          + " ".join(FLAGS).encode()).hexdigest()[:16]
     root = Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge")) / "kernels" / key
     root.mkdir(parents=True, exist_ok=True)
@@ -51,18 +52,18 @@ def _build():
     if sys.executable:  # the ninja that pip installed beside this Python, found even when the venv is not active
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent)] + ([path] if path else []))
     try:
-        load(name="lmforge_quant_cpu", sources=[str(SOURCE)], build_directory=str(root), is_python_module=False,
+        load(name="lmforge_cpu", sources=[str(f) for f in SOURCES], build_directory=str(root), is_python_module=False,
              extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     finally:
         if path is None:
             os.environ.pop("PATH", None)
         else:
             os.environ["PATH"] = path
-    return torch.ops.lmforge_quant
+    return torch.ops.lmforge_cpu
 
 
 def cpu_kernels():
-    """torch.ops.lmforge_quant once built and loaded; None (with one warning) where building fails."""
+    """torch.ops.lmforge_cpu once built and loaded; None (with one warning) where building fails."""
     if "ops" in _state:  # (the path taken inside compiled code: a dictionary lookup)
         return _state["ops"]
     with _lock:
@@ -88,10 +89,14 @@ def _load():
 
 def _register_fakes():
     """Shapes for torch.compile: the kernels are opaque calls inside a compiled graph."""
-    @torch.library.register_fake("lmforge_quant::int8_linear")
+    @torch.library.register_fake("lmforge_cpu::int8_linear")
     def _(x, w, scales, bias):
         return x.new_empty(x.size(0), w.size(0))
 
-    @torch.library.register_fake("lmforge_quant::int4_linear")
+    @torch.library.register_fake("lmforge_cpu::int4_linear")
     def _(x, w, scales, mins, bias, group):
         return x.new_empty(x.size(0), w.size(0))
+
+    @torch.library.register_fake("lmforge_cpu::decode_attention")
+    def _(q, k, v, mask, scale):
+        return q.new_empty(q.shape)

@@ -361,6 +361,33 @@ def test_one_query_attention_equals_sdpa_when_compiled(kv_heads, alibi):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch,heads,kv_heads", [(1, 12, 12), (3, 4, 2), (2, 4, 1)])
+def test_the_attention_kernel_reads_only_the_slots_the_mask_allows(batch, heads, kv_heads):
+    """lmforge_cpu::decode_attention equals SDPA, on rows of a larger cache (strided views), with the slots the mask
+    hides holding NaN: had the kernel read any of them, its output would be NaN. A row with nothing allowed gives NaN,
+    as SDPA does."""
+    import torch.nn.functional as F
+    from lmforge.kernels import cpu_kernels
+    ops = cpu_kernels()
+    if ops is None:
+        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
+    torch.manual_seed(0)
+    S, D = 40, 16
+    q = torch.randn(batch, heads, 1, D)
+    cache = torch.randn(batch + 2, 2, kv_heads, S, D)  # (rows, k|v, heads, slots, dim)
+    k, v = cache[1:batch + 1, 0], cache[1:batch + 1, 1]
+    positions = torch.tensor([7, 39, 0][:batch])
+    mask = (torch.arange(S) <= positions[:, None])[:, None, None, :]  # a causal prefix per row
+    mask[0, ..., 3] = False  # and a hole
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+    k.masked_fill_(~mask[:, :, 0, :, None], float("nan"))
+    v.masked_fill_(~mask[:, :, 0, :, None], float("nan"))
+    got = ops.decode_attention(q, k, v, mask, D ** -0.5)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    nothing = torch.zeros_like(mask)
+    assert ops.decode_attention(q, k, v, nothing, D ** -0.5).isnan().all()
+
+
 # ---------------------------------------------------------------------------------------- compiled decode step
 
 @pytest.mark.parametrize("position", POSITIONS)

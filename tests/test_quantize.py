@@ -85,7 +85,7 @@ def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, mon
     from lmforge import kernels
     ops = kernels.cpu_kernels()
     if ops is None:
-        pytest.skip("the quantized CPU kernels cannot be built here (no C++ compiler or ninja)")
+        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
     N, K, M = shape
     linear = nn.Linear(K, N, bias=bias)
     x = torch.randn(M, K)

@@ -1,7 +1,7 @@
 // Weight-only quantized linears for CPU, with the input quantized to int8 per row (as llama.cpp's q8_0 and q4_0
 // dot products do): int8 x int8 and int4 x int8 dot products with AVX-512 VNNI where the CPU has it, plain loops
-// elsewhere. Built on first use by lmforge/kernels.py; the operators are lmforge_quant::int8_linear
-// and lmforge_quant::int4_linear, and lmforge/quantize.py holds the same computation in PyTorch (the tests compare
+// elsewhere. Built on first use by lmforge/kernels.py; the operators are lmforge_cpu::int8_linear
+// and lmforge_cpu::int4_linear, and lmforge/quantize.py holds the same computation in PyTorch (the tests compare
 // them).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -251,12 +251,12 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
-TORCH_LIBRARY(lmforge_quant, m) {
+TORCH_LIBRARY(lmforge_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor mins, Tensor? bias, int group) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lmforge_quant, CPU, m) {
+TORCH_LIBRARY_IMPL(lmforge_cpu, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
 }

@@ -1,0 +1,104 @@
+// Attention of one query per (row, head) over a static KV cache, for the compiled CPU decode step: it reads only the
+// cache slots the mask allows (a row's positions so far), where a static-shape graph reads every slot of the cache.
+// Built with quant_cpu.cpp by lmforge/kernels.py; the operator is lmforge_cpu::decode_attention, and
+// lmforge/engine.py (OneQueryAttention) holds the same computation in PyTorch operators (the tests compare them).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  total = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w * x
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 vw = _mm512_set1_ps(w);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(vw, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += w * x[i];
+}
+
+}  // namespace
+
+// q (B, H, 1, D), k and v (B, Hkv, S, D) with H a multiple of Hkv (query head h reads key head h / (H / Hkv)), all
+// float32 with unit stride along D; mask (B or 1, 1, 1, S) bool, true where the query may attend. Returns
+// softmax(q k^T * scale over the allowed slots) v as (B, H, 1, D); a row with no allowed slot gives NaN, as SDPA does.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "q, k, v and mask: 4-D");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(q.size(2) == 1, "q: one query per row and head");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "q, k and v: float32");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "k and v: (B, Hkv, S, D), with Hkv dividing q's heads");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k and v: unit stride along D");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && (mask.size(0) == B || mask.size(0) == 1) && mask.size(1) == 1 &&
+              mask.size(2) == 1 && mask.size(3) == S, "mask: bool (B or 1, 1, 1, S)");
+  at::Tensor out = at::empty({B, H, 1, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const int64_t rep = H / Hkv, mask_row = mask.size(0) == 1 ? 0 : mask.stride(0);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S), acc(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / rep;
+      const float* query = qp + b * q.stride(0) + h * q.stride(1);
+      const float* keys = kp + b * k.stride(0) + g * k.stride(1);
+      const float* values = vp + b * v.stride(0) + g * v.stride(1);
+      const bool* allowed = mp + b * mask_row;
+      const int64_t ms = mask.stride(3);
+      int64_t last = S - 1;  // the last allowed slot: nothing past it is read
+      while (last >= 0 && !allowed[last * ms]) --last;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s <= last; ++s)
+        if (allowed[s * ms]) {
+          scores[s] = dot(query, keys + s * k.stride(2), D) * (float)scale;
+          top = std::max(top, scores[s]);
+        }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float total = 0.f;
+      for (int64_t s = 0; s <= last; ++s)
+        if (allowed[s * ms]) {
+          const float p = std::exp(scores[s] - top);
+          total += p;
+          axpy(p, values + s * v.stride(2), acc.data(), D);
+        }
+      float* o = op + i * D;
+      const float inv = last >= 0 ? 1.f / total : std::numeric_limits<float>::quiet_NaN();
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(lmforge_cpu, m) {  // quant_cpu.cpp opens the library
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lmforge_cpu, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+}
