@@ -1,5 +1,5 @@
 """lmforge's CPU kernels, compiled for this machine on first use and cached: the quantized linears
-(csrc/quant_cpu.cpp) and the compiled decode step's one-query attention (csrc/attention_cpu.cpp).
+(csrc/quant_cpu.cpp), and the decode step's one-query attention and few-row float32 linear (csrc/decode_cpu.cpp).
 
     ops = cpu_kernels()          # torch.ops.lmforge_cpu, or None where they cannot be built (no C++ compiler)
     y = ops.int8_linear(x, w, scales, bias)
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("quant_cpu.cpp", "attention_cpu.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("quant_cpu.cpp", "decode_cpu.cpp")]
 _state: dict = {}
 _lock = threading.Lock()  # one build at a time in a process (the build folder has its own lock across processes)
 
@@ -100,3 +100,7 @@ def _register_fakes():
     @torch.library.register_fake("lmforge_cpu::decode_attention")
     def _(q, k, v, mask, scale):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("lmforge_cpu::few_row_linear")
+    def _(x, w, bias):
+        return x.new_empty(x.size(0), w.size(0))
