@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from generate import hf_twin
-from lmforge import GPT, Engine, ModelConfig, Request
+from generate import _interleaved, _one, hf_twin, run_engine
+from lmforge import GPT, Engine, ModelConfig
 from lmforge.config import TrainConfig
 from lmforge.quantize import quantize_model
 from lmforge.train import make_optimizers
@@ -125,21 +125,6 @@ def training(args, peak_flops):
 
 # ----------------------------------------------------------------------------------------------------- decoding
 
-def engine_run(engine: Engine, prompts, new):
-    """(ids of each prompt, seconds to the first token of all, seconds of the rest)."""
-    rids = [engine.add(Request(p, new, temperature=0.0, stop_at_eos=False)) for p in prompts]
-    out = {r: [] for r in rids}
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    first = True
-    while engine.has_work():
-        for e in engine.step():
-            out[e.request_id].append(e.token)
-        if first:
-            t1, first = time.perf_counter(), False
-    return [out[r] for r in rids], t1 - t0, time.perf_counter() - t1
-
-
 @torch.no_grad()
 def hf_run(hf, prompt, new, **kw):
     """Greedy through transformers' generate: (ids, prefill seconds, decode seconds); prefill is a 1-token call."""
@@ -165,8 +150,8 @@ def decoding(args, bandwidth):
         compiled = Engine(model, max_batch=1, max_seq_len=max_len, compile=True)
         compile_s = time.perf_counter() - t
         eager = Engine(model, max_batch=1, max_seq_len=max_len)
-        sides = {"lmforge Engine, eager": lambda: _one(engine_run(eager, [ids], args.new)),
-                 "lmforge Engine, compile=True (CUDA graphs)": lambda: _one(engine_run(compiled, [ids], args.new)),
+        sides = {"lmforge Engine, eager": lambda: _one(run_engine(eager, [ids], args.new)),
+                 "lmforge Engine, compile=True (CUDA graphs)": lambda: _one(run_engine(compiled, [ids], args.new)),
                  "HF generate (default: dynamic cache)": lambda: hf_run(hf, prompt, args.new),
                  "HF generate, static cache (compiled by generate)":
                      lambda: hf_run(hf, prompt, args.new, cache_implementation="static")}
@@ -205,10 +190,10 @@ def batching(args):
     print("| concurrent requests | aggregate decode tok/s | per request | vs one alone |\n|---|---|---|---|")
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 50257, (args.prompt,), generator=g).tolist() for _ in range(max(sizes))]
-    engine_run(engine, prompts[:1], 8)  # warm up
+    run_engine(engine, prompts[:1], 8)  # warm up
     one = None
     for n in sizes:
-        rates = [n * (args.new - 1) / engine_run(engine, prompts[:n], args.new)[2] for _ in range(args.repeat)]
+        rates = [n * (args.new - 1) / run_engine(engine, prompts[:n], args.new)[2] for _ in range(args.repeat)]
         rate = statistics.median(rates)
         one = one or rate
         print(f"| {n} | {rate:,.0f} | {rate / n:,.0f} | {rate / one:.1f}x |")
@@ -226,8 +211,8 @@ def quantized(args, bandwidth):
     ref = None
     for name, m in sides.items():
         engine = Engine(m, max_batch=1, max_seq_len=max_len, compile=True)
-        engine_run(engine, [prompt], 8)
-        rs = [engine_run(engine, [prompt], args.new) for _ in range(args.repeat)]
+        run_engine(engine, [prompt], 8)
+        rs = [run_engine(engine, [prompt], args.new) for _ in range(args.repeat)]
         rate = statistics.median((args.new - 1) / r[2] for r in rs)
         nbytes = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())
                      if t is not m.wpe.weight)
@@ -236,21 +221,6 @@ def quantized(args, bandwidth):
         same = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), len(ref))
         print(f"| {name} | {rate:,.0f} | {nbytes / 1e6:.0f} | {rate / (bandwidth / nbytes):.0%} | first {same} |")
         del engine
-
-
-def _interleaved(sides: dict, repeat: int) -> dict:
-    for run in sides.values():  # once each to warm up (and compile)
-        run()
-    runs = {name: [] for name in sides}
-    for _ in range(repeat):
-        for name, run in sides.items():
-            runs[name].append(run())
-    return runs
-
-
-def _one(result):
-    ids, prefill, decode = result
-    return ids[0], prefill, decode
 
 
 def main():

@@ -18,6 +18,7 @@ from lmforge.generation import generate_naive, run_requests
 from lmforge.quantize import Int4Linear, Int8Linear, quantize_model
 from lmforge.tokenizer import CharTokenizer
 from lmforge.train import make_optimizers, read_metrics, train
+from test_engine import drain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -33,15 +34,6 @@ def model_on_cuda(seed=0, sharpen=True, **kw) -> GPT:
         with torch.no_grad():
             model.wte.weight.mul_(5)
     return model
-
-
-def drain(engine: Engine) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    while engine.has_work():
-        for e in engine.step():
-            if e.token is not None:
-                out.setdefault(e.request_id, []).append(e.token)
-    return out
 
 
 @pytest.fixture(scope="module")
