@@ -197,7 +197,9 @@ class DecodeLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         self.rows = rows  # the packing is laid out for products of this many rows (the engine's decode batch)
         self.register_buffer("packed", None, persistent=False)
-        self.kernels = cpu_kernels() if _can_pack(self.weight.device, self.weight.dtype) else None
+        # lmforge's kernel where it was built and the CPU has AVX-512 (its fast path; elsewhere oneDNN is faster)
+        self.use_kernel = (self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
+                           and torch.backends.cpu.get_cpu_capability() == "AVX512" and cpu_kernels() is not None)
         self.repack()
 
     @torch.no_grad()
@@ -207,8 +209,9 @@ class DecodeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.size(-1))
-        if self.kernels is not None and rows.size(0) <= FEW_ROWS and x.dtype == self.weight.dtype == torch.float32:
-            y = self.kernels.few_row_linear(rows.contiguous(), self.weight, self.bias)
+        if (self.use_kernel and rows.size(0) <= FEW_ROWS and x.dtype == self.weight.dtype == torch.float32
+                and self.weight.is_contiguous() and (self.bias is None or self.bias.is_contiguous())):
+            y = cpu_kernels().few_row_linear(rows.contiguous(), self.weight, self.bias)
         elif torch.compiler.is_compiling() and rows.size(0) == 1:
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
             return y if self.bias is None else y + self.bias

@@ -78,9 +78,10 @@ def _load():
         try:
             _state["ops"] = _build()
         except Exception as e:  # no compiler, no ninja, a failed build: every one means the PyTorch path
-            warnings.warn(f"the quantized CPU kernels could not be built ({type(e).__name__}: "
+            warnings.warn(f"lmforge's CPU kernels could not be built ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); quantized layers "
-                          f"compute the same thing with PyTorch operators, more slowly", RuntimeWarning, stacklevel=4)
+                          f"and decoding compute the same thing with PyTorch operators, more slowly",
+                          RuntimeWarning, stacklevel=4)
             _state["ops"] = None
         else:
             _register_fakes()

@@ -45,6 +45,16 @@ DEFAULT_EVAL_TOKENS = 16_384
 
 # ------------------------------------------------------------------------------------------------- the modules
 
+def _keeping_dtypes(module: nn.Module, names: tuple[str, ...], apply) -> nn.Module:
+    """Run nn.Module._apply (a cast or a move) but keep these buffers in the dtype they had: moved, never cast."""
+    kept = {name: getattr(module, name) for name in names}
+    apply()
+    for name, old in kept.items():
+        if getattr(module, name).dtype != old.dtype:
+            setattr(module, name, old.to(getattr(module, name).device))
+    return module
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 (out, in) and one float scale per output channel."""
 
@@ -68,6 +78,11 @@ class Int8Linear(nn.Module):
         if linear.bias is not None:
             q.bias.copy_(linear.bias.detach())
         return q
+
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) casts the bias; the scales stay as stored (float32: bfloat16 would round each channel's
+        scale by up to 0.4%, and the CPU kernel reads float32), while a move to another device moves them."""
+        return _keeping_dtypes(self, ("scales",), lambda: super(Int8Linear, self)._apply(fn, recurse))
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.to(self.scales.dtype) * self.scales[:, None]  # (out, in)
@@ -145,12 +160,7 @@ class Int4Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         """model.to(dtype) casts the bias; the scales and minimums stay float16 as stored (bfloat16 would round them,
         float32 would only take more room), while a move to another device moves them."""
-        kept = {name: getattr(self, name) for name in ("scales", "mins")}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            if getattr(self, name).dtype != old.dtype:
-                setattr(self, name, old.to(getattr(self, name).device))
-        return self
+        return _keeping_dtypes(self, ("scales", "mins"), lambda: super(Int4Linear, self)._apply(fn, recurse))
 
     def codes(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The low and high halves of every group as numbers, each (out, groups, group_size / 2)."""

@@ -309,7 +309,7 @@ def test_generate_cli(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out == out
 
 
-def test_a_run_decodes_in_bfloat16(tmp_path, capsys):
+def test_a_run_decodes_in_bfloat16(tmp_path, capsys, monkeypatch):
     run, tok = saved_run(tmp_path)
     full, _ = lmforge.load(run)
     half, _ = lmforge.load(run, dtype="bfloat16")
@@ -317,8 +317,17 @@ def test_a_run_decodes_in_bfloat16(tmp_path, capsys):
     x = torch.tensor([tok.encode("To be, or not")])
     with torch.no_grad():
         torch.testing.assert_close(half(x)[0].float(), full(x)[0], atol=0.05, rtol=0.05)  # bf16's rounding
+    import lmforge.generation as generation
+    built = []
+    class Recorded(lmforge.Engine):
+        def __init__(self, model, *args, **kwargs):
+            built.append(model.wte.weight.dtype)
+            super().__init__(model, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "Engine", Recorded)
     assert main(["generate", str(run), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0",
                  "--dtype", "bfloat16"]) == 0
+    assert built == [torch.bfloat16]  # the CLI decodes the bfloat16 model
     assert capsys.readouterr().out == "To be" + generate(half, tok, "To be", max_new_tokens=12, temperature=0) + "\n"
     with pytest.raises(lmforge.UserError, match="dtype 'int8' is not one of float32, bfloat16, float16"):
         lmforge.load(run, dtype="int8")
@@ -339,7 +348,7 @@ def test_decode_linear_equals_linear_and_is_as_current_as_its_last_repack(in_fea
         for x in (few, one, many):
             torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-5)
         linear.weight.mul_(1.5)  # an in-place change, as an optimizer step makes
-        if fast.kernels is not None:  # few rows read the weight in place: current already
+        if fast.use_kernel:  # few rows read the weight in place: current already
             torch.testing.assert_close(fast(few), linear(few), atol=1e-5, rtol=1e-5)
         fast.repack()
         torch.testing.assert_close(fast(many), linear(many), atol=1e-5, rtol=1e-5)
@@ -365,8 +374,8 @@ def test_one_query_attention_equals_sdpa_when_compiled(kv_heads, alibi):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("batch,heads,kv_heads", [(1, 12, 12), (3, 4, 2), (2, 4, 1)])
-def test_the_attention_kernel_reads_only_the_slots_the_mask_allows(batch, heads, kv_heads):
+@pytest.mark.parametrize("batch,heads,kv_heads,D", [(1, 12, 12, 16), (3, 4, 2, 19), (2, 4, 1, 8)])
+def test_the_attention_kernel_reads_only_the_slots_the_mask_allows(batch, heads, kv_heads, D):
     """lmforge_cpu::decode_attention equals SDPA, on rows of a larger cache (strided views), with the slots the mask
     hides holding NaN: had the kernel read any of them, its output would be NaN. A row with nothing allowed gives NaN,
     as SDPA does."""
@@ -376,7 +385,7 @@ def test_the_attention_kernel_reads_only_the_slots_the_mask_allows(batch, heads,
     if ops is None:
         pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
     torch.manual_seed(0)
-    S, D = 40, 16
+    S = 40  # D: a multiple of the 16-wide vector loop, one with a tail (19), and one below it (8)
     q = torch.randn(batch, heads, 1, D)
     cache = torch.randn(batch + 2, 2, kv_heads, S, D)  # (rows, k|v, heads, slots, dim)
     k, v = cache[1:batch + 1, 0], cache[1:batch + 1, 1]

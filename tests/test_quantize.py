@@ -114,6 +114,13 @@ def test_an_int4_layer_cast_to_another_dtype_keeps_its_float16_scales():
         assert q.bias.dtype == dtype
 
 
+def test_an_int8_layer_cast_to_bfloat16_keeps_its_float32_scales():
+    q = Int8Linear.from_linear(_linear())
+    scales = q.scales.clone()
+    q.to(torch.bfloat16)
+    assert q.scales.dtype == torch.float32 and torch.equal(q.scales, scales) and q.bias.dtype == torch.bfloat16
+
+
 def test_weights_past_float16_are_refused_for_int4():
     linear = _linear()
     with torch.no_grad():

@@ -430,6 +430,7 @@ def test_a_bfloat16_server_serves_the_bfloat16_model(run):
             time.sleep(0.05)
         r = http.post("/v1/completions", json={"model": "tiny", "prompt": "To", "max_tokens": 12, "temperature": 0})
         assert r.json()["choices"][0]["text"] == want
+        assert http.app.state.server.loop.engine.model.wte.weight.dtype == torch.bfloat16
     with pytest.raises(lmforge.UserError, match="dtype 'int8'"):
         create_app(run, dtype="int8")
 

@@ -28,8 +28,10 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
   total = _mm512_reduce_add_ps(acc);
 #endif
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
+  float rest = 0.f;
+#pragma omp simd reduction(+ : rest)
+  for (int64_t j = i; j < n; ++j) rest += a[j] * b[j];
+  return total + rest;
 }
 
 inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w * x
@@ -38,7 +40,8 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w * x
   const __m512 vw = _mm512_set1_ps(w);
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(vw, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
 #endif
-  for (; i < n; ++i) y[i] += w * x[i];
+#pragma omp simd
+  for (int64_t j = i; j < n; ++j) y[j] += w * x[j];
 }
 
 }  // namespace
