@@ -295,7 +295,8 @@ def load(run: str | Path, device: str | torch.device = "cpu", checkpoint: str | 
          dtype: str | torch.dtype = "float32"):
     """(model, tokenizer) of a run: its latest checkpoint (or the one given, e.g. runs/NAME/best), in eval mode.
     A LoRA run loads its base run and applies its adapter. dtype: what the weights are cast to after loading;
-    bfloat16 halves the memory and, on a GPU, about halves the time a token takes (int4's scales stay float16)."""
+    bfloat16 halves the memory and, on a GPU, about halves the time a token takes (quantized layers keep their
+    scales as stored)."""
     dtype = check_dtype(dtype)
     model, tokenizer = _load(run, check_device(device), checkpoint)
     return (model if dtype == torch.float32 else model.to(dtype)), tokenizer

@@ -156,13 +156,17 @@ def _generate_args(p):
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations while decoding (bfloat16: half the memory, on a GPU about half the "
-                        "time a token takes)")
+    _dtype_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="decode through a torch.compile'd static-cache step: faster per token, but the first "
                         "generation compiles (tens of seconds on a small CPU)")
     p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")
+
+
+def _dtype_arg(p):  # the names of checkpoint.INFERENCE_DTYPES (this module imports no torch)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations while decoding (bfloat16: half the memory, on a GPU about half the "
+                        "time a token takes)")
 
 
 @verb("serve", "serve:serve_cli", "Serve a run over an OpenAI-compatible HTTP API, with a playground page at /.",
@@ -183,9 +187,7 @@ def _serve_args(p):
                    help="compile the decode step at startup (auto: on CUDA, and on CPU for models of 20M+ params)")
     p.add_argument("--model-name", help="the model id clients name (default: the run folder's name)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations while decoding (bfloat16: half the memory, on a GPU about half the "
-                        "time a token takes)")
+    _dtype_arg(p)
     p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 

@@ -267,6 +267,7 @@ def inference_copy(model: GPT, compiled: bool = False, rows: int = 1) -> GPT:
     w = inference.wte.weight
     if w.device.type != "cpu" or w.dtype != torch.float32:
         return inference
+    cpu_kernels()  # the modules below call lmforge's kernels: built (once, cached) now, never inside a compiled trace
     for parent in list(inference.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
@@ -350,8 +351,6 @@ class Engine:
         self.config, self.tokenizer = cfg, tokenizer
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eot_id", None)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        if compile and self.device.type == "cpu":
-            cpu_kernels()  # built (once, cached) now, never inside the compiled step's tracing
         self.model = inference_copy(model, compiled=compile, rows=max_batch)
         size = 2 * cfg.n_layer * max_batch * max_seq_len * cfg.kv_heads * cfg.head_dim * model.wte.weight.element_size()
         too_big = UserError(f"the KV cache for {max_batch} x {max_seq_len} positions needs {size / 1e9:.1f} GB, more "
@@ -546,9 +545,8 @@ class Engine:
         eagerly reading only the first kv_len slots."""
         if self._step is None:
             return self.model(tokens, kv_cache=cache, positions=positions, kv_len=kv_len)[0][:, -1]
-        if self._graphs:
-            if self._weight_addresses() != self._captured_at:  # a weight was given new memory (p.data = ...)
-                self._capture()
+        if self._graphs and self._weight_addresses() != self._captured_at:  # a weight got new memory (p.data = ...)
+            self._capture()  # (leaves no graphs, should capturing now fail)
         if self._graphs:
             return self._graphs[id(cache)](tokens, positions)
         try:

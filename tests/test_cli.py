@@ -127,3 +127,11 @@ def test_a_user_mistake_is_one_line_and_exit_status_2(world, capsys, argv, needl
     assert code == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("lmforge") and needle.lower() in err.lower(), err
+
+
+def test_the_dtype_choices_are_what_load_accepts():
+    from lmforge.checkpoint import INFERENCE_DTYPES
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for verb in ("generate", "serve"):
+        action = next(a for a in sub.choices[verb]._actions if "--dtype" in a.option_strings)
+        assert list(action.choices) == list(INFERENCE_DTYPES)
