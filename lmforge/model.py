@@ -140,9 +140,10 @@ class KVCache(nn.Module):
 
     @classmethod
     def allocate(cls, n_layer: int, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        return cls([LayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
-                                 torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layer)])
+        # one allocation, each layer's keys and values a contiguous view of it: a single stretch of memory that the
+        # engine can put on 2 MB pages whole (a layer's own tensor is often under 2 MB)
+        store = torch.zeros(n_layer, 2, batch_size, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
+        return cls([LayerKVCache(store[i, 0], store[i, 1]) for i in range(n_layer)])
 
     def rows(self, start: int, stop: int) -> KVCache:
         """A cache over rows [start, stop) of this one, sharing its memory: what it writes lands here."""

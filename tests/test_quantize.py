@@ -76,7 +76,7 @@ def test_int4_packs_two_weights_a_byte_within_half_a_step():
     torch.testing.assert_close(compiled(x), q(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(300, 768, 1), (301, 768, 3), (7, 96, 17), (33, 200, 2), (16, 3072, 4),
+@pytest.mark.parametrize("shape", [(300, 768, 1), (301, 768, 3), (7, 96, 17), (33, 200, 2), (16, 3072, 4), (11, 640, 2),
                                    (5, 64, 2), (9, 192, 1)])  # 2 and 6 groups of 32: the paired path's tail
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, monkeypatch):
@@ -89,17 +89,21 @@ def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, mon
     N, K, M = shape
     linear = nn.Linear(K, N, bias=bias)
     x = torch.randn(M, K)
+    if M > 2:  # rows holding NaN or infinity come out NaN on both paths (and leave the other rows alone)
+        x[1, K // 3], x[2, K - 1] = float("nan"), float("inf")
     q8 = Int8Linear.from_linear(linear)
     fast = q8(x)
     monkeypatch.setitem(kernels._state, "ops", None)  # the PyTorch path
-    assert torch.equal(fast, q8(x))
+    torch.testing.assert_close(fast, q8(x), rtol=0, atol=0, equal_nan=True)
+    nan_rows = fast.isnan().any(dim=1).tolist()
+    assert nan_rows == [0 < i < 3 and M > 2 for i in range(M)]
     for group in (32, 64, 8):
         if K % group == 0:
             q4 = Int4Linear.from_linear(linear, group)
             monkeypatch.setitem(kernels._state, "ops", ops)
             fast = q4(x)
             monkeypatch.setitem(kernels._state, "ops", None)
-            torch.testing.assert_close(fast, q4(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(fast, q4(x), atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
 def test_an_int4_layer_cast_to_another_dtype_keeps_its_float16_scales():

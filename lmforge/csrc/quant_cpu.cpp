@@ -12,8 +12,10 @@
 #include <cstring>
 #include <limits>
 #include <vector>
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define LMFORGE_VNNI 1
 #endif
 
@@ -24,15 +26,41 @@ namespace {
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* scales) {
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
+    int8_t* out = q + m * K;
     float amax = 0.f;
     bool finite = true;
-    for (int64_t k = 0; k < K; ++k) {
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 bad = 0;  // lanes that held NaN or infinity (x - x is NaN exactly for those)
+    for (; k + 16 <= K; k += 16) {
+      __m512 v = _mm512_loadu_ps(row + k);
+      bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+    }
+    finite = bad == 0;
+    amax = _mm512_reduce_max_ps(vmax);
+#endif
+    for (; k < K; ++k) {
       finite = finite && std::isfinite(row[k]);
       amax = std::max(amax, std::fabs(row[k]));
     }
     float s = finite ? std::max(amax, 1e-12f) / 127.f : std::numeric_limits<float>::quiet_NaN();
     scales[m] = s;
-    for (int64_t k = 0; k < K; ++k) q[m * K + k] = finite ? (int8_t)std::nearbyint(row[k] / s) : 0;
+    if (!finite) {
+      std::memset(out, 0, K);
+      continue;
+    }
+    k = 0;
+#if defined(__AVX512F__)
+    const __m512 vs = _mm512_set1_ps(s);  // the same division and round-half-to-even as the scalar loop
+    for (; k + 16 <= K; k += 16) {
+      __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(row + k), vs),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128((__m128i*)(out + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+    }
+#endif
+    for (; k < K; ++k) out[k] = (int8_t)std::nearbyint(row[k] / s);
   }
 }
 
@@ -127,32 +155,34 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M);
   quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xs.data());
-  // Each group's sum of codes; and for the vector path (G a multiple of 32) x's codes rearranged to the packed
-  // order: for packed byte j of a group, elements j and G/2 + j go 16 apart in blocks of 32, so 16 packed bytes
-  // meet 32 consecutive codes of xa.
+  // Each group's sum of codes; and for the vector paths (G a multiple of 32) x's codes rearranged in xa to the
+  // packed order, so that each load of packed bytes (their low nibbles, then their high ones) meets consecutive codes:
+  // packed byte j of a group holds its elements j and G/2 + j.
 #ifdef LMFORGE_VNNI
-  const bool vector = G % 32 == 0, pairs = G == 32 && K % 64 == 0;
+  const bool vector = G % 32 == 0, quads = G == 32 && K % 128 == 0, pairs = G == 32 && K % 64 == 0 && !quads;
 #else
-  const bool vector = false, pairs = false;
+  const bool vector = false, quads = false, pairs = false;
 #endif
   std::vector<int8_t> xa(vector ? M * K : 0);
   std::vector<float> xsum(M * groups);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < groups; ++g) {
       const int8_t* src = xq.data() + m * K + g * G;
-      int32_t total = 0;
-      for (int64_t j = 0; j < G / 2; ++j) {
-        total += src[j] + src[G / 2 + j];
-        if (pairs) {  // packed byte p = 16 c + i: two chunks meet 64 codes [c lows, c+1 lows, c highs, c+1 highs]
-          int64_t p = g * (G / 2) + j, c = p / 16, base = m * K + (c / 2) * 64 + (c % 2) * 16 + p % 16;
-          xa[base] = src[j];
-          xa[base + 32] = src[G / 2 + j];
-        } else if (vector) {  // packed byte p = 16 c + i (chunk c): each chunk meets 32 codes [its lows, its highs]
-          int64_t p = g * (G / 2) + j, base = m * K + (p / 16) * 32 + p % 16;
-          xa[base] = src[j];
-          xa[base + 16] = src[G / 2 + j];
+      int8_t* row = vector ? xa.data() + m * K : nullptr;
+      if (quads) {  // group g's 16 packed bytes meet [lows of g .. g+3] (64 codes), then [highs of g .. g+3]
+        std::memcpy(row + (g / 4) * 128 + (g % 4) * 16, src, 16);
+        std::memcpy(row + (g / 4) * 128 + (g % 4) * 16 + 64, src + 16, 16);
+      } else if (pairs) {  // [lows of g, lows of g+1, highs of g, highs of g+1] for each pair of groups
+        std::memcpy(row + (g / 2) * 64 + (g % 2) * 16, src, 16);
+        std::memcpy(row + (g / 2) * 64 + (g % 2) * 16 + 32, src + 16, 16);
+      } else if (vector) {  // each chunk of 16 packed bytes meets 32 codes [its lows, its highs]
+        for (int64_t c = 0; c < G / 32; ++c) {
+          std::memcpy(row + (g * (G / 32) + c) * 32, src + 16 * c, 16);
+          std::memcpy(row + (g * (G / 32) + c) * 32 + 16, src + G / 2 + 16 * c, 16);
         }
       }
+      int32_t total = 0;
+      for (int64_t j = 0; j < G; ++j) total += src[j];
       xsum[m * groups + g] = (float)total;
     }
   at::Tensor y = at::empty({M, N}, x.options());
@@ -169,7 +199,33 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
         float total = 0.f;
         int64_t g = 0;
 #ifdef LMFORGE_VNNI
-        if (pairs) {  // groups of 32 two at a time: 32 packed bytes against 64 codes of x
+        if (quads) {  // groups of 32 four at a time: 64 packed bytes, their lows against 64 codes of x, their highs
+          // against the next 64; int32 lanes [g x4, g+1 x4, g+2 x4, g+3 x4], each scaled by its group's float16 scale
+          const int8_t* xrow = xa.data() + m * K;
+          const uint16_t* srow = reinterpret_cast<const uint16_t*>(sp + n * groups);
+          const __m512i low4 = _mm512_set1_epi8(0x0F);
+          const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+          __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+          auto quad = [&](int64_t g4, __m512 acc) {
+            __m512i p = _mm512_loadu_si512((const void*)(wrow + g4 * 16));
+            __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(p, low4),
+                                               _mm512_loadu_si512((const void*)(xrow + g4 * 32)));
+            dots = _mm512_dpbusd_epi32(dots, _mm512_and_si512(_mm512_srli_epi16(p, 4), low4),
+                                       _mm512_loadu_si512((const void*)(xrow + g4 * 32 + 64)));
+            int64_t four;  // the four groups' float16 scales
+            std::memcpy(&four, srow + g4, 8);
+            __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128(four))));
+            return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), scale, acc);
+          };
+          int64_t g4 = 0;
+          for (; g4 + 8 <= groups; g4 += 8) {
+            acc0 = quad(g4, acc0);
+            acc1 = quad(g4 + 4, acc1);
+          }
+          for (; g4 < groups; g4 += 4) acc0 = quad(g4, acc0);
+          total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+          g = groups;
+        } else if (pairs) {  // groups of 32 two at a time: 32 packed bytes against 64 codes of x
           const int8_t* xrow = xa.data() + m * K;
           const at::Half* srow = sp + n * groups;
           const __m256i low4 = _mm256_set1_epi8(0x0F);
