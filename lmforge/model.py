@@ -142,8 +142,9 @@ class KVCache(nn.Module):
     def allocate(cls, n_layer: int, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
         # one allocation, each layer's keys and values a contiguous view of it: a single stretch of memory that the
         # engine can put on 2 MB pages whole (a layer's own tensor is often under 2 MB)
+        # (detached: each is a tensor of its own to autograd, as separate allocations would be)
         store = torch.zeros(n_layer, 2, batch_size, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
-        return cls([LayerKVCache(store[i, 0], store[i, 1]) for i in range(n_layer)])
+        return cls([LayerKVCache(store[i, 0].detach(), store[i, 1].detach()) for i in range(n_layer)])
 
     def rows(self, start: int, stop: int) -> KVCache:
         """A cache over rows [start, stop) of this one, sharing its memory: what it writes lands here."""
