@@ -374,7 +374,8 @@ def test_one_query_attention_equals_sdpa_when_compiled(kv_heads, alibi):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("batch,heads,kv_heads,D", [(1, 12, 12, 16), (3, 4, 2, 19), (2, 4, 1, 8)])
+@pytest.mark.parametrize("batch,heads,kv_heads,D", [(1, 12, 12, 16), (3, 4, 2, 19), (2, 4, 1, 8), (2, 4, 2, 64),
+                                                    (1, 2, 2, 128), (1, 2, 1, 144)])
 def test_the_attention_kernel_reads_only_the_slots_the_mask_allows(batch, heads, kv_heads, D):
     """lmforge_cpu::decode_attention equals SDPA, on rows of a larger cache (strided views), with the slots the mask
     hides holding NaN: had the kernel read any of them, its output would be NaN. A row with nothing allowed gives NaN,
@@ -385,7 +386,7 @@ def test_the_attention_kernel_reads_only_the_slots_the_mask_allows(batch, heads,
     if ops is None:
         pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
     torch.manual_seed(0)
-    S = 40  # D: a multiple of the 16-wide vector loop, one with a tail (19), and one below it (8)
+    S = 40  # D: multiples of 16 (held in registers up to 128), one with a tail (19), one below 16 (8), one past 128
     q = torch.randn(batch, heads, 1, D)
     cache = torch.randn(batch + 2, 2, kv_heads, S, D)  # (rows, k|v, heads, slots, dim)
     k, v = cache[1:batch + 1, 0], cache[1:batch + 1, 1]

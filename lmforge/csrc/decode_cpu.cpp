@@ -44,6 +44,37 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w * x
   for (int64_t j = i; j < n; ++j) y[j] += w * x[j];
 }
 
+#if defined(__AVX512F__)
+// One (row, head) of decode_attention for D = 16 NV: the query and the output accumulate in registers. The same
+// operations in the same order as the general loops (dot, then axpy into acc), so the same results, bit for bit.
+template <int NV>
+void attend_row(const float* query, const float* keys, int64_t ks, const float* values, int64_t vs,
+                const bool* allowed, int64_t ms, int64_t last, float scale, float* scores, float* o) {
+  __m512 qv[NV], acc[NV];
+  for (int j = 0; j < NV; ++j) qv[j] = _mm512_loadu_ps(query + 16 * j), acc[j] = _mm512_setzero_ps();
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s <= last; ++s)
+    if (allowed[s * ms]) {
+      const float* key = keys + s * ks;
+      __m512 d = _mm512_setzero_ps();
+      for (int j = 0; j < NV; ++j) d = _mm512_fmadd_ps(_mm512_loadu_ps(key + 16 * j), qv[j], d);
+      scores[s] = _mm512_reduce_add_ps(d) * scale;
+      top = std::max(top, scores[s]);
+    }
+  float total = 0.f;
+  for (int64_t s = 0; s <= last; ++s)
+    if (allowed[s * ms]) {
+      const float p = std::exp(scores[s] - top);
+      total += p;
+      const __m512 vp = _mm512_set1_ps(p);
+      const float* value = values + s * vs;
+      for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(vp, _mm512_loadu_ps(value + 16 * j), acc[j]);
+    }
+  const float inv = last >= 0 ? 1.f / total : std::numeric_limits<float>::quiet_NaN();
+  for (int j = 0; j < NV; ++j) _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv)));
+}
+#endif
+
 }  // namespace
 
 // q (B, H, 1, D), k and v (B, Hkv, S, D) with H a multiple of Hkv (query head h reads key head h / (H / Hkv)), all
@@ -79,6 +110,23 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const int64_t ms = mask.stride(3);
       int64_t last = S - 1;  // the last allowed slot: nothing past it is read
       while (last >= 0 && !allowed[last * ms]) --last;
+      float* o = op + i * D;
+#if defined(__AVX512F__)
+      if (D % 16 == 0 && D <= 128) {  // (the same arithmetic as below, the output held in registers)
+        const float sc = (float)scale;
+        const int64_t ks = k.stride(2), vs = v.stride(2);
+        switch (D / 16) {
+          case 1: attend_row<1>(query, keys, ks, values, vs, allowed, ms, last, sc, scores.data(), o); continue;
+          case 2: attend_row<2>(query, keys, ks, values, vs, allowed, ms, last, sc, scores.data(), o); continue;
+          case 3: attend_row<3>(query, keys, ks, values, vs, allowed, ms, last, sc, scores.data(), o); continue;
+          case 4: attend_row<4>(query, keys, ks, values, vs, allowed, ms, last, sc, scores.data(), o); continue;
+          case 5: attend_row<5>(query, keys, ks, values, vs, allowed, ms, last, sc, scores.data(), o); continue;
+          case 6: attend_row<6>(query, keys, ks, values, vs, allowed, ms, last, sc, scores.data(), o); continue;
+          case 7: attend_row<7>(query, keys, ks, values, vs, allowed, ms, last, sc, scores.data(), o); continue;
+          case 8: attend_row<8>(query, keys, ks, values, vs, allowed, ms, last, sc, scores.data(), o); continue;
+        }
+      }
+#endif
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t s = 0; s <= last; ++s)
         if (allowed[s * ms]) {
@@ -93,7 +141,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
           total += p;
           axpy(p, values + s * v.stride(2), acc.data(), D);
         }
-      float* o = op + i * D;
       const float inv = last >= 0 ? 1.f / total : std::numeric_limits<float>::quiet_NaN();
       for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
     }
