@@ -11,6 +11,8 @@ It owns, and builds explicitly:
   the model the caller holds is never touched, so training beside an engine computes exactly what it would without;
 - a static KV cache of max_batch slots x max_seq_len positions: a request holds one slot from its prefill to its
   last token, its token at position p in cache position p;
+- on CPU, when compiled (or asked with huge_pages=True), the weights and the KV cache moved onto 2 MB pages, in
+  place (lmforge/pages.py): a decode step streams every weight once, ~9% faster on 2 MB pages at GPT-2's size;
 - the decode step: one forward of one token per row, for a single running request on its own row of the cache,
   else for the first 4, 16, ... or all slots, whichever is the smallest that holds every running request; when
   asked, each of these is compiled at construction (a warm-up), and never recompiled silently: if a later step
