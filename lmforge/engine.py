@@ -11,8 +11,9 @@ It owns, and builds explicitly:
   the model the caller holds is never touched, so training beside an engine computes exactly what it would without;
 - a static KV cache of max_batch slots x max_seq_len positions: a request holds one slot from its prefill to its
   last token, its token at position p in cache position p;
-- on CPU, when compiled (or asked with huge_pages=True), the weights and the KV cache moved onto 2 MB pages, in
-  place (lmforge/pages.py): a decode step streams every weight once, ~9% faster on 2 MB pages at GPT-2's size;
+- on CPU, when compiled (or asked: huge_pages=True; False never), the weights and the KV cache moved onto 2 MB
+  pages in place (lmforge/pages.py; huge_page_bytes says how much): a decode step streams every weight once, 1.09x
+  faster on 2 MB pages at GPT-2's size, for about 1.4 s once;
 - the decode step: one forward of one token per row, for a single running request on its own row of the cache,
   else for the first 4, 16, ... or all slots, whichever is the smallest that holds every running request; when
   asked, each of these is compiled at construction (a warm-up), and never recompiled silently: if a later step
@@ -370,7 +371,7 @@ class Engine:
                 raise
             raise too_big from None
         # 2 MB pages under what each CPU decode step streams (lmforge/pages.py): by default for a compiled engine, the
-        # long-lived, speed-first kind (~1 s once at GPT-2's size, for ~10% faster decoding)
+        # long-lived, speed-first kind
         self.huge_pages = (compile if huge_pages is None else huge_pages) and self.device.type == "cpu"
         self.huge_page_bytes = self._collapse()
         self._rows = [self.cache.rows(i, i + 1) for i in range(max_batch)]  # each slot's row, as a cache of its own
@@ -477,7 +478,7 @@ class Engine:
         for module in self.model.modules():
             if isinstance(module, DecodeLinear):
                 module.repack()
-        self._collapse()
+        self.huge_page_bytes = self._collapse()  # (weights given new memory since are moved too)
 
     @torch.no_grad()
     def step(self) -> list[Event]:
@@ -606,8 +607,8 @@ class Engine:
         self._captured_at = self._weight_addresses()
 
     def _collapse(self) -> int:
-        """Move the weights, packed copies and KV cache onto 2 MB pages, when asked: the bytes moved (0 where the
-        system cannot)."""
+        """Move the weights and the KV cache onto 2 MB pages, when asked: the bytes moved (0 where the system cannot).
+        (oneDNN's packed copies, for prefill and batched steps, keep their memory to themselves.)"""
         if not self.huge_pages:
             return 0
         return collapse(itertools.chain(self.model.parameters(), self.model.buffers(), self.cache.buffers()))

@@ -402,6 +402,22 @@ def test_the_attention_kernel_reads_only_the_slots_the_mask_allows(batch, heads,
     assert ops.decode_attention(q, k, v, nothing, D ** -0.5).isnan().all()
 
 
+def test_the_attention_kernel_in_registers_is_bit_equal_to_its_general_loop():
+    """Head size 128 runs the register path, 144 the general loop; padded with zeros, 128 becomes 144 with every
+    score and output bit for bit the same (zero products add nothing), so the two paths must agree exactly."""
+    from lmforge.kernels import cpu_kernels
+    ops = cpu_kernels()
+    if ops is None:
+        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 128), torch.randn(2, 2, 30, 128), torch.randn(2, 2, 30, 128)
+    mask = (torch.arange(30) <= torch.tensor([11, 29])[:, None])[:, None, None, :]
+    pad = [0, 16]
+    fast = ops.decode_attention(q, k, v, mask, 0.1)
+    general = ops.decode_attention(*(torch.nn.functional.pad(t, pad) for t in (q, k, v)), mask, 0.1)
+    assert torch.equal(fast, general[..., :128]) and not general[..., 128:].any()
+
+
 # ---------------------------------------------------------------------------------------- compiled decode step
 
 @pytest.mark.parametrize("position", POSITIONS)

@@ -77,7 +77,7 @@ def test_int4_packs_two_weights_a_byte_within_half_a_step():
 
 
 @pytest.mark.parametrize("shape", [(300, 768, 1), (301, 768, 3), (7, 96, 17), (33, 200, 2), (16, 3072, 4), (11, 640, 2),
-                                   (5, 64, 2), (9, 192, 1)])  # 2 and 6 groups of 32: the paired path's tail
+                                   (5, 64, 2), (9, 192, 1)])  # 2 and 6 groups of 32: the paired path; 640: a quad left over
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, monkeypatch):
     """int8: bit for bit (integer dot products, the same float steps); int4: to float rounding, for group sizes the
