@@ -10,7 +10,8 @@
 All four hold the same (random) weights, so their greedy ids must agree: the benchmark checks that first. It also
 measures the machine's memory read bandwidth: decoding one token reads every weight once, so bandwidth / weight bytes
 is the ceiling for tokens/s, and we print the fraction of it each side reaches (bandwidth measured on 4 KB and on 2 MB
-pages, the ceiling from the faster: the compiled engine moves its weights onto 2 MB pages, lmforge/pages.py). Then
+pages, the ceiling from the faster: the compiled engine moves its weights onto 2 MB pages, lmforge/pages.py; measured
+in every round of the runs, between the sides, so that it sees the machine as they did). Then
 continuous batching: 8 requests decoded together by one compiled engine (max_batch=8), aggregate tokens/s against one
 request alone. Last, the same weights quantized: our int8 and int4 (lmforge.quantize) against HF with torch's dynamic
 int8 quantization and llama.cpp's q8_0 and q4_0, with file sizes and how long each keeps the fp32 model's greedy
@@ -35,19 +36,33 @@ from lmforge.pages import collapse
 from lmforge.quantize import quantize_model, quantized_state
 
 
-def read_bandwidth_gbs(size_mb=1024, repeat=9) -> dict[str, float]:
-    """Read bandwidth of a 1 GB sum on 4 KB pages (as PyTorch allocates) and on 2 MB pages (as the compiled engine
-    puts its weights), each the median of several (a single fastest one on a shared machine overstates)."""
-    x = torch.ones(size_mb * 1024 * 1024 // 4)
-    y = torch.ones_like(x)
-    if collapse([y]) < y.numel() * 4 * 0.9:
-        print("(2 MB pages: the system moved less than 90% of the buffer onto them; measuring it anyway)")
-    x.sum(), y.sum()
-    times = {"4 KB": [], "2 MB": []}
-    for _ in range(repeat):
-        times["4 KB"].append(_time(lambda: x.sum()))
-        times["2 MB"].append(_time(lambda: y.sum()))
-    return {pages: x.numel() * 4 / statistics.median(ts) / 1e9 for pages, ts in times.items()}
+class Bandwidth:
+    """Read bandwidth, GB/s, of a 1 GB sum on 4 KB pages (as PyTorch allocates) and on 2 MB pages (as the compiled
+    engine puts its weights), each the median of several (a single fastest one on a shared machine overstates).
+    Measured once at the start and again in every round of the runs, between the sides: the machine's speed drifts,
+    and the ceiling in the tables is the median of the rounds', taken under the conditions the runs saw."""
+
+    def __init__(self, size_mb=1024):
+        self.x = torch.ones(size_mb * 1024 * 1024 // 4)
+        self.y = torch.ones_like(self.x)
+        if collapse([self.y]) < self.y.numel() * 4 * 0.9:
+            print("(2 MB pages: the system moved less than 90% of the buffer onto them; measuring it anyway)")
+        self.rounds: list[float] = []
+
+    def measure(self, repeat=9) -> dict[str, float]:
+        self.x.sum(), self.y.sum()
+        times = {"4 KB": [], "2 MB": []}
+        for _ in range(repeat):
+            times["4 KB"].append(_time(lambda: self.x.sum()))
+            times["2 MB"].append(_time(lambda: self.y.sum()))
+        return {pages: self.x.numel() * 4 / statistics.median(ts) / 1e9 for pages, ts in times.items()}
+
+    def round(self):
+        """One round's measurement (a side of _interleaved): the faster of the two page sizes."""
+        self.rounds.append(max(self.measure(repeat=3).values()))
+
+    def ceiling_gbs(self) -> float:
+        return statistics.median(self.rounds)
 
 
 def _time(fn) -> float:
@@ -88,9 +103,8 @@ def main():
     prompt = torch.randint(0, 50257, (1, args.prompt))
     ids = prompt[0].tolist()
     weight_bytes = model.num_params() * 4
-    bandwidths = read_bandwidth_gbs()
-    bandwidth = max(bandwidths.values())  # the ceiling: the faster of the two
-    ceiling = bandwidth * 1e9 / weight_bytes
+    probe = Bandwidth()
+    bandwidths = probe.measure()
     max_len = args.prompt + args.new
 
     def engine_run(engine: Engine, prompts):
@@ -120,11 +134,15 @@ def main():
              "hf": theirs}
     if llm is not None:
         sides["llama.cpp"] = llama
-    runs = _interleaved(sides, args.repeat)
+    runs = _interleaved({**sides, "bandwidth": probe.round}, args.repeat)
+    del runs["bandwidth"]
+    bandwidth = probe.ceiling_gbs()
+    ceiling = bandwidth * 1e9 / weight_bytes
     for name in sides:
         assert runs[name][0][0] == runs["hf"][0][0], f"{name}: greedy ids differ from HF's on the same weights"
-    print(f"greedy ids identical across {', '.join(sides)} ({args.new} tokens); read bandwidth "
-          f"{' / '.join(f'{v:.1f} GB/s on {k} pages' for k, v in bandwidths.items())}, "
+    print(f"greedy ids identical across {', '.join(sides)} ({args.new} tokens); read bandwidth at the start "
+          f"{' / '.join(f'{v:.1f} GB/s on {k} pages' for k, v in bandwidths.items())}, in the rounds "
+          f"{' / '.join(f'{v:.1f}' for v in probe.rounds)} GB/s (the faster page size), median {bandwidth:.1f}; "
           f"weights {weight_bytes / 1e6:.0f} MB -> ceiling {ceiling:.1f} tok/s; compiling the engine's decode step "
           f"took {compile_s:.0f} s (with inductor's on-disk cache as it was), and it moved "
           f"{compiled.huge_page_bytes / 1e6:.0f} MB onto 2 MB pages\n")
@@ -163,10 +181,10 @@ def main():
     print(f"| one request alone in the {args.batch}-slot engine | {(args.new - 1) / alone[2]:.1f} | "
           f"{(args.new - 1) / alone[2] / one:.2f}x |")
     if not args.no_quantized:
-        quantized_table(args, model, hf, prompt, engine_run, lambda nbytes: bandwidth * 1e9 / nbytes)
+        quantized_table(args, model, hf, prompt, engine_run, probe)
 
 
-def quantized_table(args, model, hf, prompt, engine_run, ceiling_of):
+def quantized_table(args, model, hf, prompt, engine_run, probe: Bandwidth):
     """int8 and int4: our engine (compiled and eager) against HF + torch's dynamic int8 quantization and llama.cpp's
     q8_0 and q4_0 on GGUF files of the same weights from our exporter; greedy agreement with the fp32 model's ids."""
     from torch.ao.quantization import quantize_dynamic
@@ -208,7 +226,12 @@ def quantized_table(args, model, hf, prompt, engine_run, ceiling_of):
             llm = Llama(model_path=str(path), n_ctx=max_len, n_batch=args.prompt, n_threads=args.threads,
                         n_threads_batch=args.threads, verbose=False)
             sides[f"llama.cpp-{kind}"] = lambda llm=llm: _llama(llm, ids, args.new)
-    runs = _interleaved(sides, args.repeat)
+    probe.rounds = []
+    runs = _interleaved({**sides, "bandwidth": probe.round}, args.repeat)
+    del runs["bandwidth"]
+
+    def ceiling_of(nbytes):
+        return probe.ceiling_gbs() * 1e9 / nbytes
     labels = {"ours-int8": "lmforge int8, compile=True", "ours-int8-eager": "lmforge int8, eager",
               "ours-int4": "lmforge int4 (group 32), compile=True", "ours-int4-eager": "lmforge int4, eager",
               "hf-int8": "HF + torch quantize_dynamic int8", "llama.cpp-q8_0": "llama.cpp q8_0 (our GGUF export)",
