@@ -237,7 +237,8 @@ def quantized_table(args, model, hf, prompt, engine_run, probe: Bandwidth):
               "hf-int8": "HF + torch quantize_dynamic int8", "llama.cpp-q8_0": "llama.cpp q8_0 (our GGUF export)",
               "llama.cpp-q4_0": "llama.cpp q4_0 (our GGUF export)"}
     print(f"\nquantized, same weights and settings; 'agrees' = greedy tokens equal to the fp32 model's before the "
-          f"first difference (of {args.new}):")
+          f"first difference (of {args.new}); read bandwidth in the rounds "
+          f"{' / '.join(f'{v:.1f}' for v in probe.rounds)} GB/s, median {probe.ceiling_gbs():.1f}:")
     print("| | file MB | prefill tok/s | decode tok/s (median, range) | of its bandwidth ceiling | agrees |\n"
           "|---|---|---|---|---|---|")
     med = {}
