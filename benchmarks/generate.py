@@ -226,19 +226,17 @@ def quantized_table(args, model, hf, prompt, engine_run, probe: Bandwidth):
             llm = Llama(model_path=str(path), n_ctx=max_len, n_batch=args.prompt, n_threads=args.threads,
                         n_threads_batch=args.threads, verbose=False)
             sides[f"llama.cpp-{kind}"] = lambda llm=llm: _llama(llm, ids, args.new)
-    probe.rounds = []
-    runs = _interleaved({**sides, "bandwidth": probe.round}, args.repeat)
-    del runs["bandwidth"]
+    runs = _interleaved(sides, args.repeat)
 
-    def ceiling_of(nbytes):
+    def ceiling_of(nbytes):  # the bandwidth measured in the rounds of the first table
         return probe.ceiling_gbs() * 1e9 / nbytes
     labels = {"ours-int8": "lmforge int8, compile=True", "ours-int8-eager": "lmforge int8, eager",
               "ours-int4": "lmforge int4 (group 32), compile=True", "ours-int4-eager": "lmforge int4, eager",
               "hf-int8": "HF + torch quantize_dynamic int8", "llama.cpp-q8_0": "llama.cpp q8_0 (our GGUF export)",
               "llama.cpp-q4_0": "llama.cpp q4_0 (our GGUF export)"}
     print(f"\nquantized, same weights and settings; 'agrees' = greedy tokens equal to the fp32 model's before the "
-          f"first difference (of {args.new}); read bandwidth in the rounds "
-          f"{' / '.join(f'{v:.1f}' for v in probe.rounds)} GB/s, median {probe.ceiling_gbs():.1f}:")
+          f"first difference (of {args.new}); ceilings from the first table's bandwidth, "
+          f"{probe.ceiling_gbs():.1f} GB/s:")
     print("| | file MB | prefill tok/s | decode tok/s (median, range) | of its bandwidth ceiling | agrees |\n"
           "|---|---|---|---|---|---|")
     med = {}
