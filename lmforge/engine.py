@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from .errors import UserError
 from .kernels import cpu_kernels
 from .model import GPT, SDPAttention
-from .pages import collapse
+from .pages import collapse, proc_bytes
 from .sampling import apply_repetition_penalty, check_sampling, check_stop, sample_next_token
 
 
@@ -147,14 +147,8 @@ def _token_id(t) -> int:
 
 def _available_memory() -> float:
     """Bytes this machine can still give (MemAvailable in /proc/meminfo); infinite where that cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float("inf")
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    return float("inf") if available is None else available
 
 
 # ---------------------------------------------------------------------------------------------- speed-up modules

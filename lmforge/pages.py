@@ -96,14 +96,18 @@ def collapse(tensors: Iterable[torch.Tensor]) -> int:
     return sum(huge for page in _pages(tensors, huge) if madvise(page, huge, MADV_COLLAPSE) == 0)
 
 
-def huge_page_bytes() -> int:
-    """Bytes of this process's anonymous memory on huge pages (AnonHugePages in /proc/self/smaps_rollup); 0 where
-    that cannot be read."""
+def proc_bytes(path: str, field: str) -> int | None:
+    """A size from a /proc file of "Field:  N kB" lines, in bytes; None where it cannot be read."""
     try:
-        with open("/proc/self/smaps_rollup") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("AnonHugePages:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return None
+
+
+def huge_page_bytes() -> int:
+    """Bytes of this process's anonymous memory on huge pages (AnonHugePages); 0 where that cannot be read."""
+    return proc_bytes("/proc/self/smaps_rollup", "AnonHugePages") or 0
