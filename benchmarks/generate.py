@@ -244,7 +244,7 @@ def quantized_table(args, model, hf, prompt, engine_run, probe: Bandwidth):
         prefill = statistics.median(args.prompt / r[1] for r in rs)
         decodes = [(args.new - 1) / r[2] for r in rs]
         med[name] = statistics.median(decodes)
-        same = next((i for i, (a, b) in enumerate(zip(rs[0][0], reference)) if a != b), len(reference))
+        same = agreement(rs[0][0], reference)
         print(f"| {labels[name]} | {sizes[name] / 1e6:.0f} | {prefill:,.0f} | {med[name]:.1f} "
               f"({min(decodes):.1f}-{max(decodes):.1f}) | {med[name] / ceiling_of(sizes[name]):.0%} | {same} |")
     for ours, theirs in (("ours-int8", "llama.cpp-q8_0"), ("ours-int4", "llama.cpp-q4_0"), ("ours-int8", "hf-int8")):
@@ -306,6 +306,11 @@ def _llama(llm, ids, new):
         llm.eval([out[-1]])
         out.append(next_id())
     return out, t1 - t0, time.perf_counter() - t1
+
+
+def agreement(ids: list[int], reference: list[int]) -> int:
+    """How many tokens of ids equal the reference's before the first difference."""
+    return next((i for i, (a, b) in enumerate(zip(ids, reference)) if a != b), len(reference))
 
 
 def _one(result):

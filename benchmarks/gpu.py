@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from generate import _interleaved, _one, hf_twin, run_engine
+from generate import _interleaved, _one, agreement, hf_twin, run_engine
 from lmforge import GPT, Engine, ModelConfig
 from lmforge.config import TrainConfig
 from lmforge.quantize import quantize_model
@@ -166,7 +166,7 @@ def decoding(args, bandwidth):
         for name, rs in runs.items():
             decodes = [(args.new - 1) / r[2] for r in rs]
             med[name] = statistics.median(decodes)
-            same = next((i for i, (a, b) in enumerate(zip(rs[0][0], ref)) if a != b), len(ref))
+            same = agreement(rs[0][0], ref)
             print(f"| {name} | {statistics.median(r[1] for r in rs) * 1e3:.1f} | {med[name]:,.0f} "
                   f"({min(decodes):,.0f}-{max(decodes):,.0f}) | {med[name] / ceiling:.0%} | first {same} |")
         ours = med["lmforge Engine, compile=True (CUDA graphs)"]
@@ -218,7 +218,7 @@ def quantized(args, bandwidth):
                      if t is not m.wpe.weight)
         ids = rs[0][0][0]
         ref = ref or ids
-        same = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), len(ref))
+        same = agreement(ids, ref)
         print(f"| {name} | {rate:,.0f} | {nbytes / 1e6:.0f} | {rate / (bandwidth / nbytes):.0%} | first {same} |")
         del engine
 
