@@ -178,9 +178,10 @@ class DecodeLinear(nn.Module):
     """nn.Linear for fp32 inference on CPU, sharing the original's parameters.
 
     - One or two rows (FEW_ROWS: a lone request's decode step, eager or compiled) go to lmforge's few_row_linear
-      kernel (csrc/decode_cpu.cpp), which reads each weight row once at the memory's speed (~29 GB/s here; 1.36x
-      oneDNN's packed kernel on one row, 1.40x on two, 0.74x on three; in a paired run the compiled step decoded
-      1.15x faster with it than with inductor's loops).
+      kernel (csrc/decode_cpu.cpp), which reads each weight row once, prefetching 1 KB ahead, about as fast as a
+      sum of the same bytes (1.36x oneDNN's packed kernel on one row before the prefetch, 1.40x on two, 0.74x on
+      three; in a paired run the compiled step decoded 1.15x faster with it than with inductor's loops, and 1.25x
+      faster again with the prefetch, in minutes when the memory was not the limit).
     - Where lmforge's kernels cannot be built (no C++ compiler), a single row inside the compiled decode step is
       written as multiply-and-sum, which inductor turns into a vectorised loop over all cores, fused with its
       neighbours.

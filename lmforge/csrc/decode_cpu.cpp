@@ -3,8 +3,8 @@
 // - lmforge_cpu::decode_attention: one query per (row, head) over a static KV cache, reading only the cache slots
 //   the mask allows (a row's positions so far), where a static-shape graph reads every slot of the cache.
 // - lmforge_cpu::few_row_linear: x (M, K) @ w^T for one or two rows in float32, streaming each weight row once for
-//   all of them and prefetching ahead of its reads (two cores read as fast as a sum of the same bytes, up to ~45 GB/s
-//   here, where oneDNN's packed kernel reads ~21; from three rows up, its blocked kernel is faster).
+//   all of them and prefetching ahead of its reads (one core reads about as fast as a sum of the same bytes; from
+//   three rows up, oneDNN's blocked kernel is faster).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -20,41 +20,33 @@
 
 namespace {
 
+// How far ahead of its reads a weight stream asks for lines into L2: 16 lines. One core's hardware prefetchers alone
+// kept few_row_linear at ~21 GB/s where a plain sum of the same bytes read ~27; with the hint it reads about as fast as
+// the sum, and the compiled GPT-2 decode step ran 1.25x faster (paired, same process) in minutes when the memory was
+// not the limit (when it is, both read at its speed).
+constexpr int64_t STREAM_AHEAD = 1024;
+
+// sum_i a[i] * b[i]. Stream = true for a weight row b read from memory: its next lines (and the first of the rows after
+// it) are prefetched into L2 as it goes; the same arithmetic either way. Past the last row the hint names memory
+// outside b: x86 drops a prefetch of an address it cannot read, and the address is formed as an integer (a pointer
+// that far past b would be undefined).
+template <bool Stream = false>
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   float total = 0.f;
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  total = _mm512_reduce_add_ps(acc);
-#endif
-  float rest = 0.f;
-#pragma omp simd reduction(+ : rest)
-  for (int64_t j = i; j < n; ++j) rest += a[j] * b[j];
-  return total + rest;
-}
-
-// How far ahead of its reads a weight stream asks for lines into L2: 16 lines. One core's hardware prefetchers alone
-// kept few_row_linear at ~21 GB/s where a plain sum of the same bytes read ~27; with the hint it reads as fast as the
-// sum, and the compiled GPT-2 decode step ran 1.25x faster (paired, same process) when the memory was not the limit.
-constexpr int64_t STREAM_AHEAD = 1024;
-
-// dot(x, w) for a weight row streamed from memory: the next lines of the row (and the first of the rows after it)
-// are prefetched into L2 as it goes. (A prefetch never faults, so running past the end of w is harmless.)
-inline float stream_dot(const float* x, const float* w, int64_t n) {
-  int64_t i = 0;
-  float total = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + i) + STREAM_AHEAD, _MM_HINT_T1);
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(w + i), acc);
+    if (Stream)
+      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(b + i) + STREAM_AHEAD),
+                   _MM_HINT_T1);
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
   }
   total = _mm512_reduce_add_ps(acc);
 #endif
   float rest = 0.f;
 #pragma omp simd reduction(+ : rest)
-  for (int64_t j = i; j < n; ++j) rest += x[j] * w[j];
+  for (int64_t j = i; j < n; ++j) rest += a[j] * b[j];
   return total + rest;
 }
 
@@ -189,7 +181,7 @@ at::Tensor few_row_linear(const at::Tensor& x, const at::Tensor& w, const std::o
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
       for (int64_t m = 0; m < M; ++m) {
-        const float v = stream_dot(xp + m * K, wp + n * K, K);
+        const float v = dot<true>(xp + m * K, wp + n * K, K);
         yp[m * N + n] = bp ? v + bp[n] : v;
       }
   });
