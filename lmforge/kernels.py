@@ -27,13 +27,25 @@ _state: dict = {}
 _lock = threading.Lock()  # one build at a time in a process (the build folder has its own lock across processes)
 
 
-def _cpu_id() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
-        return "\n".join(lines)
-    except OSError:
-        return platform.processor() or platform.machine()
+# the lines of /proc/cpuinfo that name the CPU and its instruction set: x86's, and ARM's (which has no model name)
+_CPU_FIELDS = ("model name", "flags", "CPU implementer", "CPU part", "Features")
+
+
+def _cpu_id(info: str | None = None) -> str:
+    """What the build cache key knows of this CPU: the architecture and the first line of each of _CPU_FIELDS in
+    /proc/cpuinfo (info: its text, read when not given)."""
+    machine = platform.machine()
+    if info is None:
+        try:
+            info = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or machine
+    seen = {}  # the first line of each field (there is one per core)
+    for line in info.splitlines():
+        name = line.split(":")[0].strip()
+        if name in _CPU_FIELDS and name not in seen:
+            seen[name] = line
+    return "\n".join([machine, *seen.values()])
 
 
 # -fopenmp: at::parallel_for splits work across torch's threads only in code compiled with OpenMP (without it, the

@@ -292,3 +292,16 @@ def test_the_one_row_form_of_the_compiled_gpu_step_equals_the_dequantized_produc
         got = q._one_row(x)
         assert got.dtype == torch.float32 and got.isfinite().all()
         torch.testing.assert_close(got.double(), want, atol=1e-5 * size, rtol=1e-5)
+
+
+def test_kernel_cache_key_tells_cpus_apart_on_x86_and_arm():
+    """The kernels' build folder is keyed by the CPU: two ARM cores of different parts (no "model name" line on ARM)
+    or two x86 CPUs with different flags get different keys; the per-core repeats of a line do not matter."""
+    from lmforge.kernels import _cpu_id
+    arm = "processor\t: {i}\nFeatures\t: fp asimd {f}\nCPU implementer\t: 0x41\nCPU part\t: {p}\n\n"
+    a72 = "".join(arm.format(i=i, f="crc32", p="0xd08") for i in range(4))
+    n1 = "".join(arm.format(i=i, f="crc32 sve", p="0xd0c") for i in range(4))
+    assert _cpu_id(a72) != _cpu_id(n1)
+    assert "0xd08" in _cpu_id(a72) and _cpu_id(a72).count("CPU part") == 1
+    x86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 {f}\n\n"
+    assert _cpu_id(x86.format(f="avx2")) != _cpu_id(x86.format(f="avx2 avx512f"))
