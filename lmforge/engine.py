@@ -171,17 +171,22 @@ def _(x, packed, bias, out_features):
     return x.new_empty(x.size(0), out_features)
 
 
-FEW_ROWS = 2  # up to this many rows a linear layer streams its weight once (few_row_linear); oneDNN wins from 3 up
+# Up to how many rows a linear layer streams its weight once with lmforge's few_row_linear kernel rather than running
+# oneDNN's packed kernel, by the CPU's vector instructions (paired runs over GPT-2's 49 weight matrices, 2 threads):
+# - AVX-512 (the machine before): 1.36x oneDNN at one row, 1.40x at two, 0.74x at three, with the kernel's earlier form,
+#   which read each weight row once per row of x;
+# - AVX2 (an AMD EPYC, Zen 3): 1.24x at one row, 1.57x at two, 1.67x at four, 1.36x at eight, 0.97x at sixteen.
+FEW_ROWS = {"AVX512": 2, "AVX2": 8}
 
 
 class DecodeLinear(nn.Module):
     """nn.Linear for fp32 inference on CPU, sharing the original's parameters.
 
-    - One or two rows (FEW_ROWS: a lone request's decode step, eager or compiled) go to lmforge's few_row_linear
-      kernel (csrc/decode_cpu.cpp), which reads each weight row once, prefetching 1 KB ahead, about as fast as a
-      sum of the same bytes (1.36x oneDNN's packed kernel on one row before the prefetch, 1.40x on two, 0.74x on
-      three; in a paired run the compiled step decoded 1.15x faster with it than with inductor's loops, and 1.25x
-      faster again with the prefetch, in minutes when the memory was not the limit).
+    - A few rows (a decode step's: up to FEW_ROWS for the CPU's instruction set) go to lmforge's few_row_linear
+      kernel (csrc/decode_cpu.cpp), which reads each weight row once for all of them, prefetching 1 KB ahead, about
+      as fast as a sum of the same bytes at one row (in a paired run the compiled step decoded 1.15x faster with it
+      than with inductor's loops, and 1.25x faster again with the prefetch, in minutes when the memory was not the
+      limit).
     - Where lmforge's kernels cannot be built (no C++ compiler), a single row inside the compiled decode step is
       written as multiply-and-sum, which inductor turns into a vectorised loop over all cores, fused with its
       neighbours.
@@ -197,9 +202,9 @@ class DecodeLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         self.rows = rows  # the packing is laid out for products of this many rows (the engine's decode batch)
         self.register_buffer("packed", None, persistent=False)
-        # lmforge's kernel where it was built and the CPU has AVX-512 (its fast path; elsewhere oneDNN is faster)
-        self.use_kernel = (self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
-                           and torch.backends.cpu.get_cpu_capability() == "AVX512" and cpu_kernels() is not None)
+        # up to how many rows go to lmforge's kernel: 0 where it was not built, or the CPU has neither AVX-512 nor AVX2
+        fits = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
+        self.few_rows = FEW_ROWS.get(torch.backends.cpu.get_cpu_capability(), 0) if fits and cpu_kernels() is not None else 0
         self.repack()
 
     @torch.no_grad()
@@ -209,7 +214,7 @@ class DecodeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.size(-1))
-        if (self.use_kernel and rows.size(0) <= FEW_ROWS and x.dtype == self.weight.dtype == torch.float32
+        if (rows.size(0) <= self.few_rows and x.dtype == self.weight.dtype == torch.float32
                 and self.weight.is_contiguous() and (self.bias is None or self.bias.is_contiguous())):
             y = cpu_kernels().few_row_linear(rows.contiguous(), self.weight, self.bias)
         elif torch.compiler.is_compiling() and rows.size(0) == 1:
@@ -231,6 +236,10 @@ class OneQueryAttention(SDPAttention):
     ~50 us at 256 positions). Otherwise (ALiBi's float bias, or no kernel) it is written as sums of products, which
     inductor fuses into loops (the fused SDPA kernel costs ~160 us a call, the loops a fraction of it). Everywhere
     else, and eagerly, it is SDPAttention."""
+
+    def __init__(self):
+        super().__init__()
+        cpu_kernels()  # built (once, cached) now: a compiled trace cannot build them
 
     def forward(self, q, k, v, mask, dropout: float) -> torch.Tensor:
         if not (torch.compiler.is_compiling() and q.size(-2) == 1 and mask is not None and dropout == 0.0):

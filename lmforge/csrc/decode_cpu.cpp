@@ -2,9 +2,9 @@
 // lmforge/kernels.py. Each has the same computation in PyTorch operators beside it, and the tests compare them.
 // - lmforge_cpu::decode_attention: one query per (row, head) over a static KV cache, reading only the cache slots
 //   the mask allows (a row's positions so far), where a static-shape graph reads every slot of the cache.
-// - lmforge_cpu::few_row_linear: x (M, K) @ w^T for one or two rows in float32, streaming each weight row once for
-//   all of them and prefetching ahead of its reads (one core reads about as fast as a sum of the same bytes; from
-//   three rows up, oneDNN's blocked kernel is faster).
+// - lmforge_cpu::few_row_linear: x (M, K) @ w^T for a few rows in float32, streaming each weight row once for all
+//   of them and prefetching ahead of its reads (at one row, a core reads about as fast as a sum of the same bytes).
+// Both use AVX-512 or AVX2 with FMA, whichever the build has, through the vector helpers below.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -14,35 +14,64 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
 namespace {
 
+// Float vectors of the widest kind the build has: 16 lanes with AVX-512, 8 with AVX2 and FMA; without either, the
+// kernels below run their plain loops (which the compiler vectorises as it can).
+#if defined(__AVX512F__)
+#define LMFORGE_VEC 1
+constexpr int64_t W = 16;
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vset(float x) { return _mm512_set1_ps(x); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LMFORGE_VEC 1
+constexpr int64_t W = 8;
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vset(float x) { return _mm256_set1_ps(x); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline float vsum(vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 // How far ahead of its reads a weight stream asks for lines into L2: 16 lines. One core's hardware prefetchers alone
-// kept few_row_linear at ~21 GB/s where a plain sum of the same bytes read ~27; with the hint it reads about as fast as
-// the sum, and the compiled GPT-2 decode step ran 1.25x faster (paired, same process) in minutes when the memory was
-// not the limit (when it is, both read at its speed).
+// kept few_row_linear at ~21 GB/s where a plain sum of the same bytes read ~27 (on an AVX-512 machine); with the hint it read
+// about as fast as the sum, and the compiled GPT-2 decode step ran 1.25x faster (paired, same process) in minutes when
+// the memory was not the limit (when it is, both read at its speed). Past a buffer's end the hint names memory outside
+// it: x86 drops a prefetch of an address it cannot read, and the address is formed as an integer (a pointer that far
+// past the buffer would be undefined).
 constexpr int64_t STREAM_AHEAD = 1024;
 
-// sum_i a[i] * b[i]. Stream = true for a weight row b read from memory: its next lines (and the first of the rows after
-// it) are prefetched into L2 as it goes; the same arithmetic either way. Past the last row the hint names memory
-// outside b: x86 drops a prefetch of an address it cannot read, and the address is formed as an integer (a pointer
-// that far past b would be undefined).
-template <bool Stream = false>
+inline void prefetch_ahead(const float* p) {
+#if defined(LMFORGE_VEC)
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(p) + STREAM_AHEAD), _MM_HINT_T1);
+#endif
+}
+
+// sum_i a[i] * b[i]: one vector accumulator, then the tail.
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   float total = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    if (Stream)
-      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(b + i) + STREAM_AHEAD),
-                   _MM_HINT_T1);
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  }
-  total = _mm512_reduce_add_ps(acc);
+#if defined(LMFORGE_VEC)
+  vec acc = vzero();
+  for (; i + W <= n; i += W) acc = vfma(vload(a + i), vload(b + i), acc);
+  total = vsum(acc);
 #endif
   float rest = 0.f;
 #pragma omp simd reduction(+ : rest)
@@ -52,29 +81,29 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w * x
   int64_t i = 0;
-#if defined(__AVX512F__)
-  const __m512 vw = _mm512_set1_ps(w);
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(vw, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#if defined(LMFORGE_VEC)
+  const vec vw = vset(w);
+  for (; i + W <= n; i += W) vstore(y + i, vfma(vw, vload(x + i), vload(y + i)));
 #endif
 #pragma omp simd
   for (int64_t j = i; j < n; ++j) y[j] += w * x[j];
 }
 
-#if defined(__AVX512F__)
-// One (row, head) of decode_attention for D = 16 NV: the query and the output accumulate in registers. The same
+#if defined(LMFORGE_VEC)
+// One (row, head) of decode_attention for D = W * NV: the query and the output accumulate in registers. The same
 // operations in the same order as the general loops (dot, then axpy into acc), so the same results, bit for bit.
 template <int NV>
 void attend_row(const float* query, const float* keys, int64_t ks, const float* values, int64_t vs,
                 const bool* allowed, int64_t ms, int64_t last, float scale, float* scores, float* o) {
-  __m512 qv[NV], acc[NV];
-  for (int j = 0; j < NV; ++j) qv[j] = _mm512_loadu_ps(query + 16 * j), acc[j] = _mm512_setzero_ps();
+  vec qv[NV], acc[NV];
+  for (int j = 0; j < NV; ++j) qv[j] = vload(query + W * j), acc[j] = vzero();
   float top = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s <= last; ++s)
     if (allowed[s * ms]) {
       const float* key = keys + s * ks;
-      __m512 d = _mm512_setzero_ps();
-      for (int j = 0; j < NV; ++j) d = _mm512_fmadd_ps(_mm512_loadu_ps(key + 16 * j), qv[j], d);
-      scores[s] = _mm512_reduce_add_ps(d) * scale;
+      vec d = vzero();
+      for (int j = 0; j < NV; ++j) d = vfma(vload(key + W * j), qv[j], d);
+      scores[s] = vsum(d) * scale;
       top = std::max(top, scores[s]);
     }
   float total = 0.f;
@@ -82,14 +111,59 @@ void attend_row(const float* query, const float* keys, int64_t ks, const float* 
     if (allowed[s * ms]) {
       const float p = std::exp(scores[s] - top);
       total += p;
-      const __m512 vp = _mm512_set1_ps(p);
+      const vec vp = vset(p);
       const float* value = values + s * vs;
-      for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(vp, _mm512_loadu_ps(value + 16 * j), acc[j]);
+      for (int j = 0; j < NV; ++j) acc[j] = vfma(vp, vload(value + W * j), acc[j]);
     }
   const float inv = last >= 0 ? 1.f / total : std::numeric_limits<float>::quiet_NaN();
-  for (int j = 0; j < NV; ++j) _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(acc[j], _mm512_set1_ps(inv)));
+  for (int j = 0; j < NV; ++j) vstore(o + W * j, vmul(acc[j], vset(inv)));
 }
 #endif
+
+// The rows of x a weight vector meets while it is in a register (MB accumulators, one per row).
+constexpr int MB = 4;
+
+// y[m, n] = x[m] . w[n] (+ bias) for the MT rows of x against one weight row: each vector of w is loaded once and
+// multiplied into every row of x, each product summed in its own vector accumulator, then the tail. Stream: w comes
+// from memory (prefetched ahead); else from cache.
+template <int MT, bool Stream>
+inline void tile(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int64_t n) {
+  float out[MT];
+  int64_t k = 0;
+#if defined(LMFORGE_VEC)
+  vec acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = vzero();
+  for (; k + W <= K; k += W) {
+    if (Stream) prefetch_ahead(w + k);
+    const vec wv = vload(w + k);
+    for (int m = 0; m < MT; ++m) acc[m] = vfma(wv, vload(x + m * K + k), acc[m]);
+  }
+  for (int m = 0; m < MT; ++m) out[m] = vsum(acc[m]);
+#else
+  for (int m = 0; m < MT; ++m) out[m] = 0.f;
+#endif
+  for (int m = 0; m < MT; ++m) {
+    float rest = 0.f;
+#pragma omp simd reduction(+ : rest)
+    for (int64_t j = k; j < K; ++j) rest += w[j] * x[m * K + j];
+    const float v = out[m] + rest;
+    y[m * N + n] = bias ? v + bias[n] : v;
+  }
+}
+
+// Weight row n against every row of x, MB rows at a time: the first MB stream the row from memory, the rest find it
+// in cache.
+template <bool Stream>
+inline void row_against_x(const float* x, int64_t M, const float* w, const float* bias, float* y, int64_t K, int64_t N,
+                          int64_t n) {
+  switch (std::min<int64_t>(MB, M)) {
+    case 1: tile<1, Stream>(x, w, bias, y, K, N, n); break;
+    case 2: tile<2, Stream>(x, w, bias, y, K, N, n); break;
+    case 3: tile<3, Stream>(x, w, bias, y, K, N, n); break;
+    default: tile<MB, Stream>(x, w, bias, y, K, N, n); break;
+  }
+  if (M > MB) row_against_x<false>(x + MB * K, M - MB, w, bias, y + MB * N, K, N, n);
+}
 
 }  // namespace
 
@@ -127,11 +201,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       int64_t last = S - 1;  // the last allowed slot: nothing past it is read
       while (last >= 0 && !allowed[last * ms]) --last;
       float* o = op + i * D;
-#if defined(__AVX512F__)
-      if (D % 16 == 0 && D <= 128) {  // (the same arithmetic as below, the output held in registers)
+#if defined(LMFORGE_VEC)
+      if (D % W == 0 && D <= 8 * W) {  // (the same arithmetic as below, the output held in registers)
         const float sc = (float)scale;
         const int64_t ks = k.stride(2), vs = v.stride(2);
-        switch (D / 16) {
+        switch (D / W) {
           case 1: attend_row<1>(query, keys, ks, values, vs, allowed, ms, last, sc, scores.data(), o); continue;
           case 2: attend_row<2>(query, keys, ks, values, vs, allowed, ms, last, sc, scores.data(), o); continue;
           case 3: attend_row<3>(query, keys, ks, values, vs, allowed, ms, last, sc, scores.data(), o); continue;
@@ -178,12 +252,9 @@ at::Tensor few_row_linear(const at::Tensor& x, const at::Tensor& w, const std::o
   const float* wp = w.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+  if (M == 0) return y;
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t m = 0; m < M; ++m) {
-        const float v = dot<true>(xp + m * K, wp + n * K, K);
-        yp[m * N + n] = bp ? v + bp[n] : v;
-      }
+    for (int64_t n = begin; n < end; ++n) row_against_x<true>(xp, M, wp + n * K, bp, yp, K, N, n);
   });
   return y;
 }

@@ -1,6 +1,6 @@
 // Weight-only quantized linears for CPU, with the input quantized to int8 per row (as llama.cpp's q8_0 and q4_0
-// dot products do): int8 x int8 and int4 x int8 dot products with AVX-512 VNNI where the CPU has it, plain loops
-// elsewhere. Built on first use by lmforge/kernels.py; the operators are lmforge_cpu::int8_linear
+// dot products do): int8 x int8 and int4 x int8 dot products with AVX-512 VNNI where the CPU has it, AVX2 where it
+// has that, plain loops elsewhere. Built on first use by lmforge/kernels.py; the operators are lmforge_cpu::int8_linear
 // and lmforge_cpu::int4_linear, and lmforge/quantize.py holds the same computation in PyTorch (the tests compare
 // them).
 #include <ATen/Parallel.h>
@@ -12,14 +12,31 @@
 #include <cstring>
 #include <limits>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define LMFORGE_VNNI 1
 #endif
+#if defined(LMFORGE_VNNI) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#define LMFORGE_DOT256 1  // 32 bytes of int8 dot products a step: VNNI's instruction, or AVX2's two
+#endif
 
 namespace {
+
+#ifdef LMFORGE_DOT256
+// acc (8 int32) + the sums of four products u[i] * s[i] of unsigned and signed bytes, in each of acc's lanes. Without
+// VNNI, pairs of products are first summed to int16, which saturates past 32767: every caller keeps each u below 128
+// (|x's codes| <= 127 from quantize_rows, or 4-bit codes), so a pair's sum is at most 2 * 127 * 128 = 32512 and the
+// result is exact, as with VNNI.
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#ifdef LMFORGE_VNNI
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+#endif
 
 // Each row of x (M, K) as int8 with one scale: q = round(x / s), s = max|x| / 127 (round half to even, as
 // torch.round). A row holding NaN or infinity gets a NaN scale (and zero codes), so its outputs are NaN.
@@ -40,6 +57,18 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* scale
     }
     finite = bad == 0;
     amax = _mm512_reduce_max_ps(vmax);
+#elif defined(__AVX2__)
+    __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();  // bad: lanes that held NaN or infinity
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (; k + 8 <= K; k += 8) {
+      __m256 v = _mm256_loadu_ps(row + k);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+      vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, magnitude));
+    }
+    finite = _mm256_movemask_ps(bad) == 0;
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
 #endif
     for (; k < K; ++k) {
       finite = finite && std::isfinite(row[k]);
@@ -59,6 +88,17 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* scale
                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       _mm_storeu_si128((__m128i*)(out + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
     }
+#elif defined(__AVX2__)
+    const __m256 vs = _mm256_set1_ps(s);  // the same division and round-half-to-even as the scalar loop
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' interleaving of lanes
+    auto codes = [&](int64_t at) {
+      return _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(row + at), vs),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    };
+    for (; k + 32 <= K; k += 32) {  // codes are within [-127, 127]: the packs never saturate
+      __m256i ab = _mm256_packs_epi32(codes(k), codes(k + 8)), cd = _mm256_packs_epi32(codes(k + 16), codes(k + 24));
+      _mm256_storeu_si256((__m256i*)(out + k), _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order));
+    }
 #endif
     for (; k < K; ++k) out[k] = (int8_t)std::nearbyint(row[k] / s);
   }
@@ -74,7 +114,7 @@ template <int R>
 inline void dot_i8(const int8_t* a, const int8_t* const* b, int64_t K, int32_t* out) {
   int64_t k = 0;
   int32_t acc[R] = {0};
-#ifdef LMFORGE_VNNI
+#ifdef LMFORGE_DOT256
   // VNNI multiplies unsigned by signed bytes: |a| by b carrying a's sign (llama.cpp's trick); a's part is shared.
   __m256i sum[R], sum2[R];  // two chains, so one dot product's latency does not wait on the other's
   for (int r = 0; r < R; ++r) sum[r] = sum2[r] = _mm256_setzero_si256();
@@ -82,16 +122,15 @@ inline void dot_i8(const int8_t* a, const int8_t* const* b, int64_t K, int32_t* 
     __m256i va = _mm256_loadu_si256((const __m256i*)(a + k)), vb = _mm256_loadu_si256((const __m256i*)(a + k + 32));
     __m256i ua = _mm256_sign_epi8(va, va), ub = _mm256_sign_epi8(vb, vb);
     for (int r = 0; r < R; ++r) {
-      sum[r] = _mm256_dpbusd_epi32(sum[r], ua, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(b[r] + k)), va));
-      sum2[r] = _mm256_dpbusd_epi32(sum2[r], ub,
-                                    _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(b[r] + k + 32)), vb));
+      sum[r] = dot_u8s8(sum[r], ua, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(b[r] + k)), va));
+      sum2[r] = dot_u8s8(sum2[r], ub, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(b[r] + k + 32)), vb));
     }
   }
   for (; k + 32 <= K; k += 32) {
     __m256i va = _mm256_loadu_si256((const __m256i*)(a + k));
     for (int r = 0; r < R; ++r)
-      sum[r] = _mm256_dpbusd_epi32(sum[r], _mm256_sign_epi8(va, va),
-                                   _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(b[r] + k)), va));
+      sum[r] = dot_u8s8(sum[r], _mm256_sign_epi8(va, va),
+                        _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(b[r] + k)), va));
   }
   for (int r = 0; r < R; ++r) {
     sum[r] = _mm256_add_epi32(sum[r], sum2[r]);
@@ -158,8 +197,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   // Each group's sum of codes; and for the vector paths (G a multiple of 32) x's codes rearranged in xa to the
   // packed order, so that each load of packed bytes (their low nibbles, then their high ones) meets consecutive codes:
   // packed byte j of a group holds its elements j and G/2 + j.
-#ifdef LMFORGE_VNNI
+#if defined(LMFORGE_VNNI)
   const bool vector = G % 32 == 0, quads = G == 32 && K % 128 == 0, pairs = G == 32 && K % 64 == 0 && !quads;
+#elif defined(LMFORGE_DOT256)
+  const bool vector = G % 32 == 0, quads = false, pairs = false;
 #else
   const bool vector = false, quads = false, pairs = false;
 #endif
@@ -250,7 +291,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
           for (; g2 < groups; g2 += 2) acc0 = _mm512_add_ps(acc0, pair(g2));
           total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
           g = groups;
-        } else if (vector) {  // chunks of 16 packed bytes (32 weights of one group), two accumulation chains
+        }
+#endif
+#ifdef LMFORGE_DOT256
+        if (vector && !quads && !pairs) {  // chunks of 16 packed bytes (32 weights of a group), two accumulation chains
           const int8_t* xrow = xa.data() + m * K;
           const __m128i low4 = _mm_set1_epi8(0x0F);
           __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // two chains: even and odd groups
@@ -260,7 +304,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
             for (int64_t c = g2 * (G / 32); c < (g2 + 1) * (G / 32); ++c) {
               __m128i p = _mm_loadu_si128((const __m128i*)(wrow + c * 16));
               __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), low4), _mm_and_si128(p, low4));
-              dots = _mm256_dpbusd_epi32(dots, codes, _mm256_loadu_si256((const __m256i*)(xrow + c * 32)));
+              dots = dot_u8s8(dots, codes, _mm256_loadu_si256((const __m256i*)(xrow + c * 32)));
             }
             return _mm256_cvtepi32_ps(dots);
           };
@@ -289,7 +333,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
         }
         float offset = 0.f;  // sum_g mins[n, g] * xsum[m, g]
         int64_t g3 = 0;
-#ifdef LMFORGE_VNNI
+#ifdef LMFORGE_DOT256
         __m256 off = _mm256_setzero_ps();
         for (; g3 + 8 <= groups; g3 += 8)
           off = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mp + n * groups + g3))),
