@@ -355,6 +355,24 @@ def test_decode_linear_equals_linear_and_is_as_current_as_its_last_repack(in_fea
     assert fast.weight is linear.weight and fast.bias is linear.bias  # shared, not copied
 
 
+@pytest.mark.parametrize("K", [8, 19, 64, 200])  # whole vectors (AVX2's 8, AVX-512's 16), and tails
+def test_the_few_row_kernel_equals_a_matrix_product_for_every_row_count(K):
+    """lmforge_cpu::few_row_linear against torch.addmm for 1 to 19 rows of x: the tiles of 1 to 8 rows that share a
+    weight vector, rows past 8 that find the weight row in cache, and weight matrices of a few rows (fewer than a
+    thread's share)."""
+    from lmforge.kernels import cpu_kernels
+    ops = cpu_kernels()
+    if ops is None:
+        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
+    torch.manual_seed(0)
+    for N in (1, 3, 130):
+        w, b = torch.randn(N, K), torch.randn(N)
+        for M in range(1, 20):
+            x = torch.randn(M, K)
+            torch.testing.assert_close(ops.few_row_linear(x, w, b), torch.addmm(b, x, w.T), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ops.few_row_linear(x, w, None), x @ w.T, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kv_heads,alibi", [(4, False), (2, True), (1, False)])
 def test_one_query_attention_equals_sdpa_when_compiled(kv_heads, alibi):
     import torch.nn.functional as F
