@@ -202,9 +202,10 @@ class DecodeLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         self.rows = rows  # the packing is laid out for products of this many rows (the engine's decode batch)
         self.register_buffer("packed", None, persistent=False)
-        # up to how many rows go to lmforge's kernel: 0 where it was not built, or the CPU has neither AVX-512 nor AVX2
-        fits = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
-        self.few_rows = FEW_ROWS.get(torch.backends.cpu.get_cpu_capability(), 0) if fits and cpu_kernels() is not None else 0
+        # up to how many rows go to lmforge's kernel: 0 where it was not built or the CPU has neither AVX-512 nor AVX2
+        fits = (self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
+                and cpu_kernels() is not None)
+        self.few_rows = FEW_ROWS.get(torch.backends.cpu.get_cpu_capability(), 0) if fits else 0
         self.repack()
 
     @torch.no_grad()

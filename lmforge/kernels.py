@@ -4,7 +4,8 @@
     ops = cpu_kernels()          # torch.ops.lmforge_cpu, or None where they cannot be built (no C++ compiler)
     y = ops.int8_linear(x, w, scales, bias)
 
-They are built with the machine's own instruction set (-march=native, AVX-512 VNNI where present) into
+They are built with the machine's own instruction set (-march=native: vector paths for AVX-512 (VNNI for the
+quantized dot products) and for AVX2, plain loops elsewhere) into
 ~/.cache/lmforge/kernels (or $LMFORGE_CACHE), keyed by the source, the PyTorch version and the CPU, so a cache shared
 between machines never hands one another's code. Where they cannot be built (or with LMFORGE_NO_KERNELS=1 set),
 quantize.py computes the same thing with PyTorch operators, and says so once.

@@ -9,9 +9,9 @@ Every nn.Linear of the model (the output layer included) is replaced, for good, 
   0..15 packed two to a byte (a group's first half in the low nibbles, its second half in the high ones), scales and
   minimums in float16.
 On CPU both also round each input row to int8 steps (one scale per row) and take integer dot products, as llama.cpp
-does for q8_0 and q4_0: in one call of the kernels of csrc/quant_cpu.cpp (AVX-512 VNNI, built for the machine on
-first use by kernels.py), or where those cannot be built, the same computation in PyTorch operators. Elsewhere
-(CUDA) the weight is dequantized on the fly into the input's dtype; inside a compiled step, one input row is
+does for q8_0 and q4_0: in one call of the kernels of csrc/quant_cpu.cpp (AVX-512 VNNI or AVX2, built for the
+machine on first use by kernels.py), or where those cannot be built, the same computation in PyTorch operators.
+Elsewhere (CUDA) the weight is dequantized on the fly into the input's dtype; inside a compiled step, one input row is
 written as sums of products of the stored codes, which inductor fuses into kernels that read the codes once.
 A tied token embedding becomes the dequantized output matrix, so the run stores that matrix once, quantized.
 
