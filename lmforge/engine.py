@@ -172,17 +172,19 @@ def _(x, packed, bias, out_features):
 
 
 # Up to how many rows a linear layer streams its weight once with lmforge's few_row_linear kernel rather than running
-# oneDNN's packed kernel, by the CPU's vector instructions (paired runs over GPT-2's 49 weight matrices, 2 threads):
-# - AVX-512 (the machine before): 1.36x oneDNN at one row, 1.40x at two, 0.74x at three, with the kernel's earlier form,
-#   which read each weight row once per row of x;
-# - AVX2 (an AMD EPYC, Zen 3): 1.24x at one row, 1.57x at two, 1.67x at four, 1.36x at eight, 0.97x at sixteen.
-FEW_ROWS = {"AVX512": 2, "AVX2": 8}
+# oneDNN's packed kernel, by the float lanes of the vectors the kernel was built for (paired runs over GPT-2's 49 weight
+# matrices, 2 threads):
+# - 16, AVX-512 (the machine before): 1.36x oneDNN at one row, 1.40x at two, 0.74x at three, with the kernel's
+#   earlier form, which read each weight row once per row of x;
+# - 8, AVX2 (an AMD EPYC, Zen 3): 1.19x at one row, 1.48x at two, 1.49x at four, 1.47x at eight, 1.12x at twelve,
+#   1.00x at sixteen.
+FEW_ROWS = {16: 2, 8: 12}
 
 
 class DecodeLinear(nn.Module):
     """nn.Linear for fp32 inference on CPU, sharing the original's parameters.
 
-    - A few rows (a decode step's: up to FEW_ROWS for the CPU's instruction set) go to lmforge's few_row_linear
+    - A few rows (a decode step's: up to FEW_ROWS for the kernel's vectors) go to lmforge's few_row_linear
       kernel (csrc/decode_cpu.cpp), which reads each weight row once for all of them, prefetching 1 KB ahead, about
       as fast as a sum of the same bytes at one row (in a paired run the compiled step decoded 1.15x faster with it
       than with inductor's loops, and 1.25x faster again with the prefetch, in minutes when the memory was not the
@@ -203,9 +205,8 @@ class DecodeLinear(nn.Module):
         self.rows = rows  # the packing is laid out for products of this many rows (the engine's decode batch)
         self.register_buffer("packed", None, persistent=False)
         # up to how many rows go to lmforge's kernel: 0 where it was not built or the CPU has neither AVX-512 nor AVX2
-        fits = (self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
-                and cpu_kernels() is not None)
-        self.few_rows = FEW_ROWS.get(torch.backends.cpu.get_cpu_capability(), 0) if fits else 0
+        ops = cpu_kernels() if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 else None
+        self.few_rows = FEW_ROWS.get(ops.vector_lanes(), 0) if ops is not None else 0
         self.repack()
 
     @torch.no_grad()
@@ -215,7 +216,7 @@ class DecodeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.size(-1))
-        if (rows.size(0) <= self.few_rows and x.dtype == self.weight.dtype == torch.float32
+        if (0 < rows.size(0) <= self.few_rows and x.dtype == self.weight.dtype == torch.float32
                 and self.weight.is_contiguous() and (self.bias is None or self.bias.is_contiguous())):
             y = cpu_kernels().few_row_linear(rows.contiguous(), self.weight, self.bias)
         elif torch.compiler.is_compiling() and rows.size(0) == 1:

@@ -355,6 +355,21 @@ def test_decode_linear_equals_linear_and_is_as_current_as_its_last_repack(in_fea
     assert fast.weight is linear.weight and fast.bias is linear.bias  # shared, not copied
 
 
+@pytest.mark.skipif(NO_ONEDNN, reason="this PyTorch build has no oneDNN (mkldnn) linear kernels")
+@pytest.mark.parametrize("kernels", [True, False])
+def test_decode_linear_takes_no_rows_with_or_without_lmforge_kernels(kernels, monkeypatch):
+    from lmforge import kernels as k
+    from lmforge.engine import DecodeLinear
+    if not kernels:
+        monkeypatch.setitem(k._state, "ops", None)  # as where they cannot be built
+    linear = torch.nn.Linear(16, 24)
+    fast = DecodeLinear(linear)
+    assert (fast.few_rows > 0) == (kernels and k.cpu_kernels() is not None and k.cpu_kernels().vector_lanes() > 1)
+    with torch.no_grad():
+        for x in (torch.randn(0, 16), torch.randn(2, 0, 16), torch.randn(3, 16)):
+            torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("K", [8, 19, 64, 200])  # whole vectors (AVX2's 8, AVX-512's 16), and tails
 def test_the_few_row_kernel_equals_a_matrix_product_for_every_row_count(K):
     """lmforge_cpu::few_row_linear against torch.addmm for 1 to 19 rows of x: the tiles of 1 to 8 rows that share a

@@ -106,6 +106,24 @@ def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, mon
             torch.testing.assert_close(fast, q4(x), atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
+def test_the_int8_kernel_takes_every_int8_code_minus_128_included(monkeypatch):
+    """Quantizing never writes -128, but a loaded state may hold it: the kernel's vector trick (multiplying unsigned by
+    signed bytes) must not negate it, so the product stays bit for bit the PyTorch path's."""
+    from lmforge import kernels
+    ops = kernels.cpu_kernels()
+    if ops is None:
+        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
+    torch.manual_seed(0)
+    q8 = Int8Linear.from_linear(nn.Linear(200, 9))
+    q8.weight.copy_(torch.randint(-128, 128, q8.weight.shape, dtype=torch.int8))
+    q8.weight[0] = -128  # a whole row of it, and -128 against x's largest codes
+    x = torch.randn(3, 200)
+    x[1] = -1.0
+    fast = q8(x)
+    monkeypatch.setitem(kernels._state, "ops", None)  # the PyTorch path
+    torch.testing.assert_close(fast, q8(x), rtol=0, atol=0)
+
+
 def test_an_int4_layer_cast_to_another_dtype_keeps_its_float16_scales():
     q = Int4Linear.from_linear(_linear(), 32)
     x = torch.randn(3, 64)

@@ -53,10 +53,9 @@ inline float vsum(vec v) {
 // How far ahead of its reads a weight stream asks for lines into L2: 16 lines. On an AVX-512 machine, one core's
 // hardware prefetchers alone kept few_row_linear at ~21 GB/s where a plain sum of the same bytes read ~27; with the
 // hint it read about as fast as the sum, and the compiled GPT-2 decode step ran 1.25x faster (paired, same process)
-// in minutes when the memory was not the limit (when it is, both read at its speed); on AVX2 (Zen 3), 1.2x to 1.3x
-// at eight rows. Past a buffer's end the hint names
-// memory outside it: x86 drops a prefetch of an address it cannot read, and the address is formed as an integer (a
-// pointer that far past the buffer would be undefined).
+// in minutes when the memory was not the limit (when it is, both read at its speed). With AVX2 (Zen 3), 1.2x to 1.3x
+// at eight rows. Past a buffer's end the hint names memory outside it: x86 drops a prefetch of an address it cannot
+// read, and the address is formed as an integer (a pointer that far past the buffer would be undefined).
 constexpr int64_t STREAM_AHEAD = 1024;
 
 inline void prefetch_ahead(const float* p) {
@@ -126,8 +125,8 @@ constexpr int MB = 8;
 
 // y[m, n] = x[m] . w[n] (+ bias) for the MT rows of x against one weight row: each vector of w is loaded once and
 // multiplied into every row of x, each product summed in its own vector accumulator, then the tail. Stream: w comes
-// from memory, and each of its 64-byte lines is prefetched ahead once (with AVX2, a prefetch every vector was 6-12%
-// slower at one and two rows, paired); else from cache.
+// from memory, and a prefetch ahead is asked for every 64 bytes of it (with AVX2, one every vector was 6-12% slower at
+// one and two rows, paired); else from cache.
 template <int MT, bool Stream>
 inline void tile(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N, int64_t n) {
   float out[MT];
@@ -265,7 +264,17 @@ at::Tensor few_row_linear(const at::Tensor& x, const at::Tensor& w, const std::o
   return y;
 }
 
+// The float lanes of the vectors these kernels were built for: 16 (AVX-512), 8 (AVX2 with FMA), or 1 (plain loops).
+int64_t vector_lanes() {
+#if defined(LMFORGE_VEC)
+  return W;
+#else
+  return 1;
+#endif
+}
+
 TORCH_LIBRARY_FRAGMENT(lmforge_cpu, m) {  // quant_cpu.cpp opens the library
+  m.def("vector_lanes", &vector_lanes);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("few_row_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
 }

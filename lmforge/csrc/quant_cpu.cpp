@@ -26,9 +26,9 @@ namespace {
 
 #ifdef LMFORGE_DOT256
 // acc (8 int32) + the sums of four products u[i] * s[i] of unsigned and signed bytes, in each of acc's lanes. Without
-// VNNI, pairs of products are first summed to int16, which saturates past 32767: every caller keeps each u below 128
-// (|x's codes| <= 127 from quantize_rows, or 4-bit codes), so a pair's sum is at most 2 * 127 * 128 = 32512 and the
-// result is exact, as with VNNI.
+// VNNI, pairs of products are first summed to int16, which saturates past 32767: every caller keeps one side within
+// 127 in size (x's codes from quantize_rows, or 4-bit codes) and the other within 128, so a pair's sum is at most
+// 2 * 127 * 128 = 32512 and the result is exact, as with VNNI.
 inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #ifdef LMFORGE_VNNI
   return _mm256_dpbusd_epi32(acc, u, s);
@@ -109,40 +109,32 @@ void check_vector(const at::Tensor& t, int64_t n, const char* name, at::ScalarTy
               " values");
 }
 
-// sum_k a[k] * b[k] for int8 a and each of R rows b[r] of length K (R <= 4).
-template <int R>
-inline void dot_i8(const int8_t* a, const int8_t* const* b, int64_t K, int32_t* out) {
+// sum_k a[k] * b[k] for x's codes a (each within [-127, 127], from quantize_rows) and a weight row b (any int8).
+inline int32_t dot_i8(const int8_t* a, const int8_t* b, int64_t K) {
   int64_t k = 0;
-  int32_t acc[R] = {0};
+  int32_t acc = 0;
 #ifdef LMFORGE_DOT256
-  // VNNI multiplies unsigned by signed bytes: |a| by b carrying a's sign (llama.cpp's trick); a's part is shared.
-  __m256i sum[R], sum2[R];  // two chains, so one dot product's latency does not wait on the other's
-  for (int r = 0; r < R; ++r) sum[r] = sum2[r] = _mm256_setzero_si256();
+  // The vector instructions multiply unsigned by signed bytes: |b| by a carrying b's sign (llama.cpp's trick, with the
+  // roles chosen so that nothing negates -128: |b| <= 128 fits an unsigned byte, and a never holds -128).
+  __m256i sum = _mm256_setzero_si256(), sum2 = _mm256_setzero_si256();  // two chains: neither waits on the other
+  auto step = [](__m256i acc, __m256i va, __m256i vb) {
+    return dot_u8s8(acc, _mm256_sign_epi8(vb, vb), _mm256_sign_epi8(va, vb));
+  };
   for (; k + 64 <= K; k += 64) {
-    __m256i va = _mm256_loadu_si256((const __m256i*)(a + k)), vb = _mm256_loadu_si256((const __m256i*)(a + k + 32));
-    __m256i ua = _mm256_sign_epi8(va, va), ub = _mm256_sign_epi8(vb, vb);
-    for (int r = 0; r < R; ++r) {
-      sum[r] = dot_u8s8(sum[r], ua, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(b[r] + k)), va));
-      sum2[r] = dot_u8s8(sum2[r], ub, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(b[r] + k + 32)), vb));
-    }
+    sum = step(sum, _mm256_loadu_si256((const __m256i*)(a + k)), _mm256_loadu_si256((const __m256i*)(b + k)));
+    sum2 = step(sum2, _mm256_loadu_si256((const __m256i*)(a + k + 32)),
+                _mm256_loadu_si256((const __m256i*)(b + k + 32)));
   }
-  for (; k + 32 <= K; k += 32) {
-    __m256i va = _mm256_loadu_si256((const __m256i*)(a + k));
-    for (int r = 0; r < R; ++r)
-      sum[r] = dot_u8s8(sum[r], _mm256_sign_epi8(va, va),
-                        _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(b[r] + k)), va));
-  }
-  for (int r = 0; r < R; ++r) {
-    sum[r] = _mm256_add_epi32(sum[r], sum2[r]);
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum[r]), _mm256_extracti128_si256(sum[r], 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    acc[r] = _mm_cvtsi128_si32(s);
-  }
+  for (; k + 32 <= K; k += 32)
+    sum = step(sum, _mm256_loadu_si256((const __m256i*)(a + k)), _mm256_loadu_si256((const __m256i*)(b + k)));
+  sum = _mm256_add_epi32(sum, sum2);
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  acc = _mm_cvtsi128_si32(s);
 #endif
-  for (; k < K; ++k)
-    for (int r = 0; r < R; ++r) acc[r] += (int32_t)a[k] * (int32_t)b[r][k];
-  for (int r = 0; r < R; ++r) out[r] = acc[r];
+  for (; k < K; ++k) acc += (int32_t)a[k] * (int32_t)b[k];
+  return acc;
 }
 
 }  // namespace
@@ -166,11 +158,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const int8_t* rows[1] = {wp + n * K};
       for (int64_t m = 0; m < M; ++m) {
-        int32_t dot;
-        dot_i8<1>(xq.data() + m * K, rows, K, &dot);
-        float v = (float)dot * (xs[m] * sp[n]);
+        float v = (float)dot_i8(xq.data() + m * K, wp + n * K, K) * (xs[m] * sp[n]);
         yp[m * N + n] = bp ? v + bp[n] : v;
       }
     }
