@@ -176,9 +176,14 @@ def _(x, packed, bias, out_features):
 # matrices, 2 threads):
 # - 16, AVX-512 (the machine before): 1.36x oneDNN at one row, 1.40x at two, 0.74x at three, with the kernel's
 #   earlier form, which read each weight row once per row of x;
-# - 8, AVX2 (an AMD EPYC, Zen 3): 1.19x at one row, 1.48x at two, 1.49x at four, 1.47x at eight, 1.12x at twelve,
-#   1.00x at sixteen.
-FEW_ROWS = {16: 2, 8: 12}
+# - 8, AVX2 (an AMD EPYC, Zen 3): 1.37x at one row, 1.41x at two, 1.59x at four, 1.33x at eight, 0.99x at twelve,
+#   0.83x at sixteen, in a minute when memory was fast (a sum at ~29 GB/s); in a slow one, and before the kernel read
+#   two streams for up to four rows, 1.19x, 1.48x, 1.49x, 1.47x, 1.12x and 1.00x.
+FEW_ROWS = {16: 2, 8: 8}
+
+# oneDNN's packed copy serves prefill and the batches past FEW_ROWS, so it is laid out for at least this many rows:
+# laid out for one row, it made a 128-row prefill's linears 7% to 15% slower and a 16-row step's 23% (AVX2, paired)
+PACK_ROWS = 64
 
 
 class DecodeLinear(nn.Module):
@@ -202,7 +207,9 @@ class DecodeLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.rows = rows  # the packing is laid out for products of this many rows (the engine's decode batch)
+        # the packing is laid out for products of this many rows: the engine's decode batch, and at least PACK_ROWS, as
+        # the packed copy also serves prefill
+        self.rows = max(rows, PACK_ROWS)
         self.register_buffer("packed", None, persistent=False)
         # up to how many rows go to lmforge's kernel: 0 where it was not built or the CPU has neither AVX-512 nor AVX2
         ops = cpu_kernels() if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 else None
