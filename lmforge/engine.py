@@ -198,7 +198,7 @@ class DecodeLinear(nn.Module):
       written as multiply-and-sum, which inductor turns into a vectorised loop over all cores, fused with its
       neighbours.
     - Everything else (prefill, or no kernels) runs oneDNN on a packed copy of the weight: PyTorch's default kernel
-      for few-row products uses one core here (~9-13 GB/s), the packed one both (~21 GB/s).
+      for few-row products uses one core (~8 GB/s on an AVX2 machine, 9-13 on an AVX-512 one), the packed one both.
     The packed copy is made by repack() (the engine's refresh()), so it is exactly as current as the last call to it;
     the other paths read the weight itself.
     """
