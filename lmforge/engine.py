@@ -181,8 +181,9 @@ def _(x, packed, bias, out_features):
 #   two streams for up to four rows, 1.19x, 1.48x, 1.49x, 1.47x, 1.12x and 1.00x.
 FEW_ROWS = {16: 2, 8: 8}
 
-# oneDNN's packed copy serves prefill and the batches past FEW_ROWS, so it is laid out for at least this many rows:
-# laid out for one row, it made a 128-row prefill's linears 7% to 15% slower and a 16-row step's 23% (AVX2, paired)
+# Where few_row_linear takes the small steps, oneDNN's packed copy serves prefill and the batches past FEW_ROWS, so it
+# is laid out for at least this many rows: laid out for one row, it made a 128-row prefill's linears 7% to 15% slower
+# and a 16-row step's 23% (AVX2, paired). (Without the kernel it also serves one-row steps, laid out for the batch.)
 PACK_ROWS = 64
 
 
@@ -190,10 +191,9 @@ class DecodeLinear(nn.Module):
     """nn.Linear for fp32 inference on CPU, sharing the original's parameters.
 
     - A few rows (a decode step's: up to FEW_ROWS for the kernel's vectors) go to lmforge's few_row_linear
-      kernel (csrc/decode_cpu.cpp), which reads each weight row once for all of them, prefetching 1 KB ahead, about
-      as fast as a sum of the same bytes at one row (in a paired run the compiled step decoded 1.15x faster with it
-      than with inductor's loops, and 1.25x faster again with the prefetch, in minutes when the memory was not the
-      limit).
+      kernel (csrc/decode_cpu.cpp), which reads each weight row once for all of them, about as fast as a sum of the
+      same bytes at one row (on an AVX-512 machine, in a paired run, the compiled step decoded 1.15x faster with it
+      than with inductor's loops, and 1.25x faster again with a prefetch ahead of its reads).
     - Where lmforge's kernels cannot be built (no C++ compiler), a single row inside the compiled decode step is
       written as multiply-and-sum, which inductor turns into a vectorised loop over all cores, fused with its
       neighbours.
@@ -207,13 +207,13 @@ class DecodeLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        # the packing is laid out for products of this many rows: the engine's decode batch, and at least PACK_ROWS, as
-        # the packed copy also serves prefill
-        self.rows = max(rows, PACK_ROWS)
-        self.register_buffer("packed", None, persistent=False)
         # up to how many rows go to lmforge's kernel: 0 where it was not built or the CPU has neither AVX-512 nor AVX2
         ops = cpu_kernels() if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 else None
         self.few_rows = FEW_ROWS.get(ops.vector_lanes(), 0) if ops is not None else 0
+        # the packing is laid out for products of this many rows: the engine's decode batch, and at least PACK_ROWS
+        # where the kernel takes the small steps, so that the packed copy serves prefill best
+        self.rows = max(rows, PACK_ROWS) if self.few_rows else rows
+        self.register_buffer("packed", None, persistent=False)
         self.repack()
 
     @torch.no_grad()

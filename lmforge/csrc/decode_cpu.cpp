@@ -3,7 +3,7 @@
 // - lmforge_cpu::decode_attention: one query per (row, head) over a static KV cache, reading only the cache slots
 //   the mask allows (a row's positions so far), where a static-shape graph reads every slot of the cache.
 // - lmforge_cpu::few_row_linear: x (M, K) @ w^T for a few rows in float32, streaming each weight row once for all
-//   of them and prefetching ahead of its reads (at one row, a core reads about as fast as a sum of the same bytes).
+//   of them (at one row, about as fast as a sum of the same bytes).
 // Both use AVX-512 or AVX2 with FMA, whichever the build has, through the vector helpers below.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -127,8 +127,9 @@ constexpr int MB = 8;
 // - AVX-512 (the machine before): one stream, a prefetch ahead every 64 bytes (1.25x without, one row);
 // - AVX2 (an AMD EPYC, Zen 3): for up to TWO_STREAM_ROWS rows of x, two streams at once (the first and second halves
 //   of the thread's share) without prefetching: 1.11x one stream with it at one row (0.97 of a sum of the same bytes,
-//   against 0.89), 1.16x at two, 1.08x at four. From five rows up one stream (the accumulators would not fit AVX2's
-//   16 registers), and there the prefetch is worth 1.2x to 1.3x at eight rows.
+//   against 0.89), 1.16x at two, 1.08x at four. From five rows up one stream (two were measured up to four rows; at
+//   seven and eight their accumulators would not fit AVX2's 16 registers), and there the prefetch is worth 1.2x to
+//   1.3x at eight rows.
 #if defined(__AVX512F__)
 constexpr int64_t TWO_STREAM_ROWS = 0;
 #else
