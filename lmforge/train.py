@@ -50,6 +50,53 @@ def lr_at(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iteration in float32 on a CPU, and in bfloat16 elsewhere, as torch has
+    it. CPUs without bfloat16 instructions emulate bfloat16 matrix products: on an AVX2 EPYC (Zen 3), the iteration
+    ran 28x (128 x 128) to 100x (768 x 3072) slower in bfloat16 than in float32, and took 0.69 s of the demo's 0.93 s
+    step. The rest is torch's step: Nesterov momentum, decoupled weight decay, the learning rate scaled by shape."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for p, grad, buffer in zip(params, grads, buffers):
+                buffer.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * _muon_lr_scale(group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration towards the orthogonal factor of g (rows, cols), as torch's, in float32
+    on a CPU and bfloat16 elsewhere."""
+    a, b, c = coefficients
+    x = g.to(torch.float32 if g.device.type == "cpu" else torch.bfloat16)
+    if g.size(0) > g.size(1):
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if g.size(0) > g.size(1) else x
+
+
+def _muon_lr_scale(rule: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's learning-rate scale for a matrix of this shape."""
+    rows, cols = shape[:2]
+    if rule == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))  # "original" (torch's default)
+
+
 def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """AdamW with weight decay on matrices only (the fused kernel on CUDA and CPU: on CPU it steps a 124M model
     ~7x faster than the default). With optimizer="muon", Muon takes the hidden matrices (inside blocks) and AdamW
@@ -63,8 +110,7 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)]
     if hidden:
-        optimizers.append(torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"))
     return optimizers
 
 

@@ -293,3 +293,46 @@ def test_more_processes_than_cuda_devices_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError, match=r"--nproc_per_node=1.*or train on CPU with --device=cpu"):
         init_distributed("auto")
+
+
+def _reference_muon_steps(weight, grads, lr, weight_decay, rule, momentum=0.95, a=3.4445, b=-4.7750, c=2.0315):
+    """Muon written out plainly in float64: Nesterov momentum, the quintic Newton-Schulz iteration (5 steps),
+    decoupled weight decay, and the learning rate scaled by the matrix's shape (torch.optim.Muon's rules)."""
+    w, buf = weight.double().clone(), torch.zeros_like(weight, dtype=torch.float64)
+    rows, cols = weight.shape
+    scale = 0.2 * max(rows, cols) ** 0.5 if rule == "match_rms_adamw" else max(1, rows / cols) ** 0.5
+    for g in grads:
+        g = g.double()
+        buf = momentum * buf + (1 - momentum) * g
+        x = (1 - momentum) * g + momentum * buf
+        x = x.T if rows > cols else x
+        x = x / x.norm()
+        for _ in range(5):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        x = x.T if rows > cols else x
+        w = w * (1 - lr * weight_decay) - lr * scale * x
+    return w
+
+
+@pytest.mark.parametrize("shape,rule", [((24, 40), "match_rms_adamw"), ((40, 24), "match_rms_adamw"), ((32, 32), None)])
+def test_muon_on_cpu_is_torch_muon_with_the_iteration_in_float32(shape, rule):
+    """lmforge's Muon runs the Newton-Schulz iteration in float32 on a CPU (bfloat16 matrix products are emulated on
+    CPUs without bfloat16 instructions, and ran up to 100x slower): it equals a float64 reference to float32 rounding
+    over several steps, and torch.optim.Muon (bfloat16) to bfloat16 rounding, so it is the same algorithm."""
+    from lmforge.train import Muon
+    torch.manual_seed(0)
+    start = torch.randn(*shape)
+    grads = [torch.randn(*shape) for _ in range(4)]
+    ours, theirs = start.clone().requires_grad_(), start.clone().requires_grad_()
+    kw = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn=rule)
+    opts = [Muon([ours], **kw), torch.optim.Muon([theirs], **kw)]
+    for g in grads:
+        for p, opt in zip((ours, theirs), opts):
+            p.grad = g.clone()
+            opt.step()
+    want = _reference_muon_steps(start, grads, 0.02, 0.1, rule)
+    torch.testing.assert_close(ours.detach().double(), want, atol=2e-5, rtol=1e-5)
+    moved = (want - start.double()).abs().max()
+    assert (theirs.detach().double() - want).abs().max() < 0.05 * moved  # bfloat16's iteration, close to ours
+    assert (ours.detach().double() - want).abs().max() < 1e-3 * moved  # ours, far closer
