@@ -63,10 +63,14 @@ class Muon(torch.optim.Muon):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, buffers = [], [], []
-            self._init_group(group, params, grads, buffers)
             lr, momentum = float(group["lr"]), group["momentum"]
-            for p, grad, buffer in zip(params, grads, buffers):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad, state = p.grad, self.state[p]
+                if "momentum_buffer" not in state:  # (torch's name: its state dicts load here, and ours there)
+                    state["momentum_buffer"] = torch.zeros_like(grad)
+                buffer = state["momentum_buffer"]
                 buffer.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
                 update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
