@@ -239,23 +239,27 @@ class DecodeLinear(nn.Module):
 
 
 class OneQueryAttention(SDPAttention):
-    """Inside the compiled CPU decode step, attention of one query over the static cache. A static graph reads every
-    slot of the cache, so with a causal mask it calls lmforge's kernel (csrc/decode_cpu.cpp), which reads only the
-    slots the mask allows: each row's positions so far (at GPT-2's size, 145 us a layer for a 384-slot cache became
-    ~50 us at 256 positions). Otherwise (ALiBi's float bias, or no kernel) it is written as sums of products, which
-    inductor fuses into loops (the fused SDPA kernel costs ~160 us a call, the loops a fraction of it). Everywhere
-    else, and eagerly, it is SDPAttention."""
+    """Attention of one query per row over the KV cache, on CPU. With a causal (bool) mask it calls lmforge's kernel
+    (csrc/decode_cpu.cpp), which reads only the slots the mask allows: each row's positions so far. Inside the
+    compiled decode step, a static graph reads every slot of the cache (at GPT-2's size, 145 us a layer for a
+    384-slot cache became ~50 us at 256 positions); eagerly, PyTorch's fused kernel cost ~160 us a call over the
+    slots in use. Compiled without the kernel (or with ALiBi's float bias) it is written as sums of products, which
+    inductor fuses into loops (a fraction of the fused kernel's cost). Everywhere else (prefill, training shapes, no
+    kernel eagerly) it is SDPAttention."""
 
     def __init__(self):
         super().__init__()
         cpu_kernels()  # built (once, cached) now: a compiled trace cannot build them
 
     def forward(self, q, k, v, mask, dropout: float) -> torch.Tensor:
-        if not (torch.compiler.is_compiling() and q.size(-2) == 1 and mask is not None and dropout == 0.0):
+        if not (q.size(-2) == 1 and mask is not None and dropout == 0.0):
             return super().forward(q, k, v, mask, dropout)
         ops = cpu_kernels()
-        if ops is not None and mask.dtype == torch.bool and q.dtype == k.dtype == torch.float32:
+        if (ops is not None and mask.dtype == torch.bool and q.dtype == k.dtype == v.dtype == torch.float32
+                and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
             return ops.decode_attention(q, k, v, mask, 1 / math.sqrt(q.size(-1)))
+        if not torch.compiler.is_compiling():
+            return super().forward(q, k, v, mask, dropout)
         B, H, _, D = q.shape
         Hkv = k.size(1)
         rep = H // Hkv
@@ -266,6 +270,22 @@ class OneQueryAttention(SDPAttention):
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         weights = scores.softmax(dim=-1)
         return (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).view(B, H, 1, D)
+
+
+class FastGELU(nn.GELU):
+    """nn.GELU (tanh approximation) computed by lmforge's gelu_tanh kernel (csrc/decode_cpu.cpp) for float32 on CPU,
+    outside compiled code: one pass with a polynomial exp, where PyTorch's tanh costs ~9 cycles an element (at
+    GPT-2's size, a 128-token prefill spent ~10 ms of ~210 in it on an AVX2 EPYC). It agrees with nn.GELU to a few
+    float32 rounding steps. Inside a compiled graph, inductor writes its own loop."""
+
+    def __init__(self):
+        super().__init__(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = cpu_kernels()
+        if ops is None or torch.compiler.is_compiling() or x.dtype != torch.float32 or x.device.type != "cpu":
+            return super().forward(x)
+        return ops.gelu_tanh(x.contiguous())
 
 
 def unwrap(model) -> GPT:
@@ -279,7 +299,8 @@ def unwrap(model) -> GPT:
 
 def inference_copy(model: GPT, compiled: bool = False, rows: int = 1) -> GPT:
     """New module objects in eval mode sharing the model's parameters and buffers, with the CPU speed-up modules
-    swapped in: DecodeLinear for every nn.Linear (fp32 on CPU), and OneQueryAttention for SDPA when compiled."""
+    swapped in (fp32 on CPU): DecodeLinear for every nn.Linear, OneQueryAttention for SDPA, FastGELU for GPT-2's
+    GELU."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     inference = copy.deepcopy(model, memo=shared).eval()
     inference.sparse_embedding_grad = False  # (no gradients here; a dense lookup compiles into the step's own code)
@@ -291,8 +312,10 @@ def inference_copy(model: GPT, compiled: bool = False, rows: int = 1) -> GPT:
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
                 setattr(parent, name, DecodeLinear(child, rows))
-            elif compiled and type(child) is SDPAttention:
+            elif type(child) is SDPAttention:
                 setattr(parent, name, OneQueryAttention())
+            elif type(child) is nn.GELU and child.approximate == "tanh":
+                setattr(parent, name, FastGELU())
     return inference
 
 

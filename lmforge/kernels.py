@@ -1,5 +1,5 @@
 """lmforge's CPU kernels, compiled for this machine on first use and cached: the quantized linears
-(csrc/quant_cpu.cpp), and the decode step's one-query attention and few-row float32 linear (csrc/decode_cpu.cpp).
+(csrc/quant_cpu.cpp), and the engine's one-query attention, few-row float32 linear and GELU (csrc/decode_cpu.cpp).
 
     ops = cpu_kernels()          # torch.ops.lmforge_cpu, or None where they cannot be built (no C++ compiler)
     y = ops.int8_linear(x, w, scales, bias)
@@ -118,3 +118,7 @@ def _register_fakes():
     @torch.library.register_fake("lmforge_cpu::few_row_linear")
     def _(x, w, bias):
         return x.new_empty(x.size(0), w.size(0))
+
+    @torch.library.register_fake("lmforge_cpu::gelu_tanh")
+    def _(x):
+        return torch.empty_like(x)

@@ -220,28 +220,34 @@ class ManualAttention(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------------ MLP
 
+class SquaredReLU(nn.Module):
+    def forward(self, x):
+        return F.relu(x).square()
+
+
+# an MLP kind's activation, a module of its own (so the inference engine can swap in a faster one): SwiGLU's gates
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": lambda: nn.GELU(approximate="tanh"), "relu2": SquaredReLU, "swiglu": nn.SiLU}
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: ReLU, GELU (tanh approximation), squared ReLU, or SwiGLU (gate and up fused)."""
 
     def __init__(self, cfg):
         super().__init__()
         hidden = cfg.hidden_dim
-        self.kind = cfg.mlp
-        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if cfg.mlp == "swiglu" else hidden, bias=cfg.bias)
+        self.gated = cfg.mlp == "swiglu"
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.gated else hidden, bias=cfg.bias)
+        self.act = ACTIVATIONS[cfg.mlp]()
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
         h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2 * hidden)
-        if self.kind == "swiglu":
+        if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
+            h = self.act(gate) * up
         else:
-            h = F.relu(h)
+            h = self.act(h)
         return self.dropout(self.c_proj(h))
 
 

@@ -388,8 +388,10 @@ def test_the_few_row_kernel_equals_a_matrix_product_for_every_row_count(K):
             torch.testing.assert_close(ops.few_row_linear(x, w, None), x @ w.T, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("kv_heads,alibi", [(4, False), (2, True), (1, False)])
-def test_one_query_attention_equals_sdpa_when_compiled(kv_heads, alibi):
+def test_one_query_attention_equals_sdpa_compiled_or_not(kv_heads, alibi, compiled):
+    """Compiled: lmforge's kernel for a bool mask, sums of products for ALiBi's bias; eagerly: the kernel, or SDPA."""
     import torch.nn.functional as F
     from lmforge.engine import OneQueryAttention
     from lmforge.model import alibi_slopes
@@ -403,8 +405,34 @@ def test_one_query_attention_equals_sdpa_when_compiled(kv_heads, alibi):
     gqa = {"enable_gqa": True} if kv_heads != 4 else {}
     with torch.no_grad():
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
-        got = torch.compile(OneQueryAttention(), fullgraph=True)(q, k, v, mask, 0.0)
+        attention = OneQueryAttention()
+        got = (torch.compile(attention, fullgraph=True) if compiled else attention)(q, k, v, mask, 0.0)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 16, 16387, 40000])  # below a vector, whole vectors, tails, several threads
+def test_the_gelu_kernel_equals_torchs_tanh_gelu(n):
+    """lmforge_cpu::gelu_tanh against a float64 reference of GPT-2's GELU, as close as PyTorch's own float32 one,
+    over a range that reaches both tails (where x / (1 + e^(-2u)) clamps its exponent); NaN and +inf as PyTorch."""
+    import torch.nn.functional as F
+    from lmforge.kernels import cpu_kernels
+    ops = cpu_kernels()
+    if ops is None:
+        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
+    x = torch.linspace(-120, 120, n) if n > 16 else torch.randn(n) * 4
+    want = F.gelu(x.double(), approximate="tanh")
+    ours = (ops.gelu_tanh(x).double() - want).abs()
+    theirs = (F.gelu(x, approximate="tanh").double() - want).abs()
+    assert ours.max() <= 2 * theirs.max() + 1e-7  # both within float32 rounding of the true value
+    torch.testing.assert_close(ops.gelu_tanh(x), F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-6)
+    special = torch.tensor([float("nan"), float("inf"), 0.0, -0.0])
+    assert torch.equal(ops.gelu_tanh(special)[1:], special[1:]) and ops.gelu_tanh(special)[0].isnan()
+    with torch.no_grad():
+        from lmforge.engine import FastGELU
+        y = torch.randn(3, 5, 19)
+        torch.testing.assert_close(FastGELU()(y), F.gelu(y, approximate="tanh"), atol=1e-6, rtol=1e-6)
+        strided = y.transpose(0, 2)  # not contiguous: FastGELU copies it first
+        torch.testing.assert_close(FastGELU()(strided), F.gelu(strided, approximate="tanh"), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("batch,heads,kv_heads,D", [(1, 12, 12, 16), (3, 4, 2, 19), (2, 4, 1, 8), (2, 4, 2, 64),
