@@ -97,3 +97,45 @@ def test_nothing_is_moved_where_huge_pages_are_turned_off(tmp_path, monkeypatch)
     (tmp_path / "enabled").write_text("always [madvise] never\n")
     monkeypatch.setattr(pages, "_state", {})
     assert pages.huge_page_size() == 2 * MB
+
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from lmforge import GPT, Engine, ModelConfig, pages
+if sys.argv[1] == "engine":  # a CPU engine asks glibc to keep freed memory
+    Engine(GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)), max_batch=1)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def forward():  # two 3 MB activations, freed together: 6 MB free at the top of the heap
+    a = torch.ones(3 << 18)
+    b = torch.ones(3 << 18)
+    del b, a
+forward(); forward()
+before = faults()
+for _ in range(10):
+    forward()
+print(pages._state.get("kept"), (faults() - before) / 10)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_a_cpu_engine_has_freed_memory_reused_without_page_faults():
+    """By default glibc hands the freed top of the heap back, and the next forward faults it in again, page by page;
+    once a CPU engine is built (keep_freed_memory), the same allocations fault nothing. A process started with its
+    own malloc settings keeps them."""
+    import os
+    import subprocess
+    import sys
+
+    def run(mode, **env):
+        kept, faults = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                                      check=True, env={**os.environ, **env}).stdout.split()
+        return kept, float(faults)
+
+    kept, faults = run("default")
+    assert kept == "None" and faults > 50  # 6 MB freed a forward: 1,536 pages, many faulted in again
+    kept, faults = run("engine")
+    assert kept == "True" and faults <= 2
+    own = run("engine", MALLOC_TRIM_THRESHOLD_="131072")
+    assert own[0] == "False" and own[1] > 50  # the process's own setting stands, and with it glibc trims
