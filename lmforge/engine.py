@@ -213,6 +213,7 @@ class DecodeLinear(nn.Module):
         # up to how many rows go to lmforge's kernel: 0 where it was not built or the CPU has neither AVX-512 nor AVX2
         ops = cpu_kernels() if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 else None
         self.few_rows = FEW_ROWS.get(ops.vector_lanes(), 0) if ops is not None else 0
+        self.few_row_linear = ops.few_row_linear.default if self.few_rows else None  # (the overload: no lookup a call)
         # the packing is laid out for products of this many rows: the engine's decode batch, and at least PACK_ROWS
         # where the kernel takes the small steps, so that the packed copy serves prefill best
         self.rows = max(rows, PACK_ROWS) if self.few_rows else rows
@@ -225,11 +226,12 @@ class DecodeLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.rows) if _can_pack(w.device, w.dtype) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias  # (each read of a parameter is a module lookup: this runs ~50 times a token)
+        if (0 < x.numel() <= self.few_rows * self.in_features and x.dtype == w.dtype == torch.float32
+                and w.is_contiguous() and (b is None or b.is_contiguous())):
+            return self.few_row_linear(x, w, b)  # (any rank in, the same out)
         rows = x.reshape(-1, x.size(-1))
-        if (0 < rows.size(0) <= self.few_rows and x.dtype == self.weight.dtype == torch.float32
-                and self.weight.is_contiguous() and (self.bias is None or self.bias.is_contiguous())):
-            y = cpu_kernels().few_row_linear(rows.contiguous(), self.weight, self.bias)
-        elif torch.compiler.is_compiling() and rows.size(0) == 1:
+        if torch.compiler.is_compiling() and rows.size(0) == 1:
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
             return y if self.bias is None else y + self.bias
         elif self.packed is None:

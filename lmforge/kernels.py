@@ -117,7 +117,7 @@ def _register_fakes():
 
     @torch.library.register_fake("lmforge_cpu::few_row_linear")
     def _(x, w, bias):
-        return x.new_empty(x.size(0), w.size(0))
+        return x.new_empty(*x.shape[:-1], w.size(0))
 
     @torch.library.register_fake("lmforge_cpu::gelu_tanh")
     def _(x):

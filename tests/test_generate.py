@@ -386,6 +386,8 @@ def test_the_few_row_kernel_equals_a_matrix_product_for_every_row_count(K):
             x = torch.randn(M, K)
             torch.testing.assert_close(ops.few_row_linear(x, w, b), torch.addmm(b, x, w.T), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(ops.few_row_linear(x, w, None), x @ w.T, atol=1e-5, rtol=1e-5)
+    x = torch.randn(2, 3, 2 * K)[..., ::2]  # any rank, and strided (the kernel makes x contiguous itself)
+    torch.testing.assert_close(ops.few_row_linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("compiled", [True, False])

@@ -320,16 +320,20 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-// y (M, N) = x (M, K) @ w (N, K)^T (+ bias), all float32 and contiguous: each weight row is read once, from memory,
-// and dotted with every row of x (which stays in cache); the rows of w are split between the threads.
-at::Tensor few_row_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(1) == x.size(1),
-              "w: contiguous float32 (N, K)");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+// y (..., N) = x (..., K) @ w (N, K)^T (+ bias), all float32, w and bias contiguous (x is made so): each weight row is
+// read once, from memory, and dotted with every row of x (which stays in cache); the rows of w are split between the
+// threads. (x of any rank, so that a decode step's (B, 1, K) needs no reshaping around the call.)
+at::Tensor few_row_linear(const at::Tensor& x_, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_.dim() >= 1 && x_.scalar_type() == at::kFloat && x_.size(-1) > 0, "x: float32 (..., K), K > 0");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(1) == x_.size(-1),
+              "w: contiguous float32 (N, K), K = x's last size");
+  const at::Tensor x = x_.contiguous();
+  const int64_t K = x.size(-1), M = x.numel() / K, N = w.size(0);
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
               "bias: contiguous float32 (N,)");
-  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
