@@ -25,6 +25,7 @@ tokens.
 """
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -115,7 +116,11 @@ class HFProcess:
         self.process = mp.get_context("spawn").Process(target=_hf_worker, daemon=True,
                                                        args=(theirs, str(self.folder / "model.pt"), threads))
         self.process.start()
-        self.conn.recv()  # ready
+        theirs.close()  # (so that a worker that dies makes recv() fail rather than wait)
+        try:
+            self.conn.recv()  # ready: it holds the weights
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def run(self, kind: str, prompt, new: int):
         self.conn.send((kind, prompt, new))

@@ -15,9 +15,9 @@ It owns, and builds explicitly:
 - on CPU, when compiled (or asked: huge_pages=True; False never), the weights and the KV cache moved onto 2 MB
   pages in place (lmforge/pages.py; huge_page_bytes says how much): a decode step streams every weight once, 1.09x
   faster on 2 MB pages at GPT-2's size, for about 1.4 s once;
-- on CPU, glibc asked to keep freed memory for reuse (lmforge/pages.py; process-wide, unless the process was started
-  with its own malloc settings): by default it hands freed activations back and each prefill faults them in afresh
-  (a 128-token prefill at GPT-2's size is 1.07x faster with them kept);
+- on CPU, glibc asked to keep freed memory for reuse (lmforge/pages.py; process-wide, unless the process has its
+  own malloc settings or LMFORGE_KEEP_FREED_MEMORY=0): by default it hands freed activations back and each prefill
+  faults them in afresh (a 128-token prefill at GPT-2's size is 1.07x faster with them kept);
 - the decode step: one forward of one token per row, for a single running request on its own row of the cache,
   else for the first 4, 16, ... or all slots, whichever is the smallest that holds every running request; when
   asked, each of these is compiled at construction (a warm-up), and never recompiled silently: if a later step
@@ -279,9 +279,10 @@ class OneQueryAttention(SDPAttention):
 
 class FastGELU(nn.GELU):
     """nn.GELU (tanh approximation) computed by lmforge's gelu_tanh kernel (csrc/decode_cpu.cpp) for float32 on CPU,
-    outside compiled code: one pass with a polynomial exp, where PyTorch's tanh costs ~9 cycles an element (at
-    GPT-2's size, a 128-token prefill spent ~10 ms of ~210 in it on an AVX2 EPYC). It agrees with nn.GELU to a few
-    float32 rounding steps. Inside a compiled graph, inductor writes its own loop."""
+    outside compiled code: one pass with a polynomial exp in vectors, where PyTorch's tanh costs ~9 cycles an element
+    (at GPT-2's size, a 128-token prefill spent ~10 ms of ~210 in it on an AVX2 EPYC). It is within 5.2e-7 of the
+    exact function on [-12, 12], and nearer than PyTorch's float32 GELU for negative x, where 1 + tanh cancels; the
+    same whatever the number of threads. Inside a compiled graph, inductor writes its own loop."""
 
     def __init__(self):
         super().__init__(approximate="tanh")
@@ -302,7 +303,7 @@ def unwrap(model) -> GPT:
     return model
 
 
-def inference_copy(model: GPT, compiled: bool = False, rows: int = 1) -> GPT:
+def inference_copy(model: GPT, rows: int = 1) -> GPT:
     """New module objects in eval mode sharing the model's parameters and buffers, with the CPU speed-up modules
     swapped in (fp32 on CPU): DecodeLinear for every nn.Linear, OneQueryAttention for SDPA, FastGELU for GPT-2's
     GELU."""
@@ -312,14 +313,15 @@ def inference_copy(model: GPT, compiled: bool = False, rows: int = 1) -> GPT:
     w = inference.wte.weight
     if w.device.type != "cpu" or w.dtype != torch.float32:
         return inference
-    cpu_kernels()  # the modules below call lmforge's kernels: built (once, cached) now, never inside a compiled trace
+    ops = cpu_kernels()  # the modules below call lmforge's kernels: built (once, cached) now, never in a compiled trace
+    vectors = ops is not None and ops.vector_lanes() > 1  # (without vectors, PyTorch's GELU is the faster)
     for parent in list(inference.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
                 setattr(parent, name, DecodeLinear(child, rows))
             elif type(child) is SDPAttention:
                 setattr(parent, name, OneQueryAttention())
-            elif type(child) is nn.GELU and child.approximate == "tanh":
+            elif type(child) is nn.GELU and child.approximate == "tanh" and vectors:
                 setattr(parent, name, FastGELU())
     return inference
 
@@ -398,7 +400,7 @@ class Engine:
         self.config, self.tokenizer = cfg, tokenizer
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eot_id", None)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self.model = inference_copy(model, compiled=compile, rows=max_batch)
+        self.model = inference_copy(model, rows=max_batch)
         size = 2 * cfg.n_layer * max_batch * max_seq_len * cfg.kv_heads * cfg.head_dim * model.wte.weight.element_size()
         too_big = UserError(f"the KV cache for {max_batch} x {max_seq_len} positions needs {size / 1e9:.1f} GB, more "
                             f"than this machine has free; ask for fewer tokens or slots")

@@ -129,17 +129,23 @@ def keep_freed_memory() -> bool:
     heap whenever more than about twice its largest recent allocation lies free there, so every prefill asked the
     system for its activations again, and each page of them was a page fault that zeroes 4 KB: a 128-token GPT-2
     prefill faulted in 11-22 MB each time (~3 us a page under this machine's hypervisor) and was 1.07x faster
-    without (1.02x-1.09x, five paired runs). The process keeps at most the peak of what it used. Returns whether it applied: not off glibc, and not
-    where the process was started with its own malloc settings (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or
-    glibc.malloc tunables in GLIBC_TUNABLES), which are left as they are. Done once; later calls return the answer."""
+    without (1.02x-1.09x, five paired runs). The cost: the process holds on to freed heap memory (up to 1 GB of it,
+    and allocations of many sizes can fragment the heap past their peak). Returns whether it applied: not off
+    glibc, not under a preloaded malloc (tcmalloc, jemalloc, mimalloc), not with LMFORGE_KEEP_FREED_MEMORY=0, and
+    not where the process was started with its own malloc settings (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_
+    or glibc.malloc tunables in GLIBC_TUNABLES), which are left as they are. Done once; later calls return the
+    answer."""
     if "kept" not in _state:
         _state["kept"] = _set_mallopt()
     return _state["kept"]
 
 
 def _set_mallopt() -> bool:
-    own = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
-    if any(name in os.environ for name in own) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    if os.environ.get("LMFORGE_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    if any(name in os.environ for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
+        return False
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or "malloc" in os.environ.get("LD_PRELOAD", ""):
         return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False

@@ -107,10 +107,9 @@ if sys.argv[1] == "engine":  # a CPU engine asks glibc to keep freed memory
     Engine(GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)), max_batch=1)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-def forward():  # two 3 MB activations, freed together: 6 MB free at the top of the heap
-    a = torch.ones(3 << 18)
-    b = torch.ones(3 << 18)
-    del b, a
+def forward():  # four 20 MB activations freed together: 80 MB free at the top of the heap, past the most glibc
+    blocks = [torch.ones(5 << 20) for _ in range(4)]  # ever lets lie there (twice its largest mmap threshold, 32 MB)
+    del blocks
 forward(); forward()
 before = faults()
 for _ in range(10):
@@ -121,21 +120,27 @@ print(pages._state.get("kept"), (faults() - before) / 10)
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_a_cpu_engine_has_freed_memory_reused_without_page_faults():
-    """By default glibc hands the freed top of the heap back, and the next forward faults it in again, page by page;
-    once a CPU engine is built (keep_freed_memory), the same allocations fault nothing. A process started with its
-    own malloc settings keeps them."""
+    """Once a CPU engine is built (keep_freed_memory), a forward's freed activations are reused by the next without a
+    page fault. Where glibc hands freed memory back, as it does by default when enough lies free at the top of the
+    heap (how much depends on the allocation history) and always with a small trim threshold, the same forwards fault
+    their memory in again; a process started with its own malloc settings keeps them, and so does one that says
+    LMFORGE_KEEP_FREED_MEMORY=0."""
     import os
     import subprocess
     import sys
 
+    ours = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD",
+            "LMFORGE_KEEP_FREED_MEMORY")
+
     def run(mode, **env):
+        base = {k: v for k, v in os.environ.items() if k not in ours}
         kept, faults = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True,
-                                      check=True, env={**os.environ, **env}).stdout.split()
+                                      check=True, env={**base, **env}).stdout.split()
         return kept, float(faults)
 
-    kept, faults = run("default")
-    assert kept == "None" and faults > 50  # 6 MB freed a forward: 1,536 pages, many faulted in again
     kept, faults = run("engine")
     assert kept == "True" and faults <= 2
-    own = run("engine", MALLOC_TRIM_THRESHOLD_="131072")
-    assert own[0] == "False" and own[1] > 50  # the process's own setting stands, and with it glibc trims
+    kept, faults = run("engine", MALLOC_TRIM_THRESHOLD_="131072")  # the process's own setting stands: glibc trims,
+    assert kept == "False" and faults > 10_000  # and 80 MB a forward (20,480 pages) are faulted in again
+    assert run("engine", LMFORGE_KEEP_FREED_MEMORY="0")[0] == "False"
+    assert run("default")[0] == "None"  # (nothing asks for it without an engine)

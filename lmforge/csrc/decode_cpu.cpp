@@ -37,6 +37,9 @@ inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 inline vec vclamp(vec x, float lo, float hi) { return _mm512_min_ps(_mm512_max_ps(x, vset(lo)), vset(hi)); }
+inline vec vwhere_above(vec t, float limit, vec a, vec b) {  // b where t > limit, else a (NaN t: a)
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(t, vset(limit), _CMP_GT_OQ), a, b);
+}
 inline vec vround(vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vec vpow2(vec n) {  // 2^n for whole n in [-126, 127], built in the exponent bits
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
@@ -59,6 +62,9 @@ inline float vsum(vec v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 inline vec vclamp(vec x, float lo, float hi) { return _mm256_min_ps(_mm256_max_ps(x, vset(lo)), vset(hi)); }
+inline vec vwhere_above(vec t, float limit, vec a, vec b) {  // b where t > limit, else a (NaN t: a)
+  return _mm256_blendv_ps(a, b, _mm256_cmp_ps(t, vset(limit), _CMP_GT_OQ));
+}
 inline vec vround(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline vec vpow2(vec n) {  // 2^n for whole n in [-126, 127], built in the exponent bits
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
@@ -137,18 +143,22 @@ void attend_row(const float* query, const float* keys, int64_t ks, const float* 
 }
 #endif
 
-// GELU, tanh approximation: 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3), computed as x / (1 + e^(-2u))
-// (the same function: 0.5 (1 + tanh(u)) = 1 / (1 + e^(-2u))), which needs one exp and no cancellation for negative x.
+// GELU, tanh approximation: 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3), computed as x / (1 + e^t)
+// with t = -2u (the same function: 0.5 (1 + tanh(u)) = 1 / (1 + e^(-2u))), which needs one exp and, unlike 1 + tanh,
+// does not cancel for negative x.
 constexpr float GELU_A = -1.5957691216057308f;            // -2 sqrt(2 / pi)
 constexpr float GELU_B = -1.5957691216057308f * 0.044715f;
-// e^t is taken for t clamped to [-87, 87]: past it the result is x (within float rounding) or 0 (as -0 or a
-// denormal's worth), as the unclamped formula gives.
+// e^t is taken for t clamped to [-87, 87]. Below, the result is x to float rounding (e^-87 ~ 1.6e-38). Above
+// (x below about -9.7), the true value is below 1e-36 in size: it is x * 0, so -0 as PyTorch gives, and NaN for
+// x = -inf, as PyTorch gives too.
 constexpr float EXP_LIMIT = 87.f;
 
+#if !defined(LMFORGE_VEC)
 inline float gelu_one(float x) {
-  const float t = std::min(std::max(x * (GELU_A + GELU_B * x * x), -EXP_LIMIT), EXP_LIMIT);
-  return x / (1.f + std::exp(t));
+  const float t = x * (GELU_A + GELU_B * x * x);
+  return t > EXP_LIMIT ? x * 0.f : x / (1.f + std::exp(std::max(t, -EXP_LIMIT)));
 }
+#endif
 
 #if defined(LMFORGE_VEC)
 // e^t for t in [-87, 87]: t = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' expf polynomial, times 2^n (a relative
@@ -168,8 +178,9 @@ inline vec vexp(vec t) {
 }
 
 inline vec vgelu(vec x) {
-  const vec t = vclamp(vmul(x, vfma(vset(GELU_B), vmul(x, x), vset(GELU_A))), -EXP_LIMIT, EXP_LIMIT);
-  return vdiv(x, vadd(vset(1.f), vexp(t)));
+  const vec t = vmul(x, vfma(vset(GELU_B), vmul(x, x), vset(GELU_A)));
+  const vec y = vdiv(x, vadd(vset(1.f), vexp(vclamp(t, -EXP_LIMIT, EXP_LIMIT))));
+  return vwhere_above(t, EXP_LIMIT, y, vmul(x, vzero()));
 }
 #endif
 
@@ -354,19 +365,31 @@ at::Tensor few_row_linear(const at::Tensor& x_, const at::Tensor& w, const std::
   return y;
 }
 
-// GELU (tanh approximation) of every element of a contiguous float32 tensor, into a new one.
+// GELU (tanh approximation) of every element of a contiguous float32 tensor, into a new one. Every element goes
+// through the same vector code (the last few through a padded vector), so the result is the same whatever the
+// number of threads.
 at::Tensor gelu_tanh(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32");
   at::Tensor y = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
+  const int64_t n = x.numel();
 #if defined(LMFORGE_VEC)
-    for (; i + W <= end; i += W) vstore(yp + i, vgelu(vload(xp + i)));
-#endif
-    for (; i < end; ++i) yp[i] = gelu_one(xp[i]);
+  at::parallel_for(0, n / W, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) vstore(yp + i * W, vgelu(vload(xp + i * W)));
   });
+  const int64_t done = n / W * W;
+  if (done < n) {
+    float tail[W] = {};
+    std::copy(xp + done, xp + n, tail);
+    vstore(tail, vgelu(vload(tail)));
+    std::copy(tail, tail + (n - done), yp + done);
+  }
+#else
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) yp[i] = gelu_one(xp[i]);
+  });
+#endif
   return y;
 }
 
