@@ -184,26 +184,27 @@ inline vec vgelu(vec x) {
 }
 #endif
 
-// The rows of x a weight vector meets while it is in a register (MB accumulators, one per row).
-constexpr int MB = 8;
-
 // How a thread walks its share of the weight rows, by instruction set, as measured (paired, GPT-2's 49 matrices):
-// - AVX-512 (the machine before): one stream, a prefetch ahead every 64 bytes (1.25x without, one row);
-// - AVX2 (an AMD EPYC, Zen 3): for up to TWO_STREAM_ROWS rows of x, two streams at once (the first and second halves
-//   of the thread's share) without prefetching: 1.11x one stream with it at one row (0.97 of a sum of the same bytes,
-//   against 0.89), 1.16x at two, 1.08x at four. From five rows up one stream (two were measured up to four rows; at
-//   seven and eight their accumulators would not fit AVX2's 16 registers), and there the prefetch is worth 1.2x to
-//   1.3x at eight rows.
+// - AVX-512 (the machine before): one stream, a prefetch ahead every 64 bytes (1.25x without, one row), each weight
+//   vector meeting up to 8 rows of x while it is in a register;
+// - AVX2 (an AMD EPYC, Zen 3): two streams at once, the first and second halves of the thread's share, each
+//   prefetched, with the two weight vectors meeting up to 4 rows of x (8 accumulators: AVX2 has 16 registers). At
+//   one row two streams read 0.97 of a sum of the same bytes where one read 0.89. Against two unprefetched streams
+//   up to four rows and one prefetched stream meeting 8 rows above: 1.02x at one and two rows, 1.07x at four, seven
+//   and eight (in a fast minute, a sum at ~37 GB/s). Past four rows of x a weight vector is read twice (the second
+//   time from cache): each x vector loaded then feeds two multiply-adds, where one stream fed it one.
 #if defined(__AVX512F__)
-constexpr int64_t TWO_STREAM_ROWS = 0;
+constexpr bool TWO_STREAMS = false;
+constexpr int MB = 8;  // rows of x a weight vector meets while it is in a register (one accumulator each)
 #else
-constexpr int64_t TWO_STREAM_ROWS = 4;
+constexpr bool TWO_STREAMS = true;
+constexpr int MB = 4;
 #endif
 
 // y[m, n[r]] = x[m] . w[r] (+ bias) for RS weight rows, each read as a stream of its own, and the MT rows of x: each
 // vector of a weight row is loaded once and multiplied into every row of x, each product summed in its own vector
 // accumulator, then the tail. Prefetch: ask for the line STREAM_AHEAD bytes on every 64 bytes of a row (rows from
-// memory); no prefetch for rows in cache, or where two streams read faster without.
+// memory); no prefetch for rows in cache.
 template <int RS, int MT, bool Prefetch>
 inline void tile(const float* x, const float* const* w, const int64_t* n, const float* bias, float* y, int64_t K,
                  int64_t N) {
@@ -250,9 +251,9 @@ inline void rows_against_x(const float* x, int64_t M, const float* const* w, con
     case 2: tile<RS, 2, Prefetch>(x, w, n, bias, y, K, N); break;
     case 3: tile<RS, 3, Prefetch>(x, w, n, bias, y, K, N); break;
     case 4: tile<RS, 4, Prefetch>(x, w, n, bias, y, K, N); break;
-    case 5: tile<RS, 5, Prefetch>(x, w, n, bias, y, K, N); break;
-    case 6: tile<RS, 6, Prefetch>(x, w, n, bias, y, K, N); break;
-    case 7: tile<RS, 7, Prefetch>(x, w, n, bias, y, K, N); break;
+    case 5: if constexpr (MB > 5) tile<RS, 5, Prefetch>(x, w, n, bias, y, K, N); break;
+    case 6: if constexpr (MB > 6) tile<RS, 6, Prefetch>(x, w, n, bias, y, K, N); break;
+    case 7: if constexpr (MB > 7) tile<RS, 7, Prefetch>(x, w, n, bias, y, K, N); break;
     default: tile<RS, MB, Prefetch>(x, w, n, bias, y, K, N); break;
   }
   if (M > MB) rows_against_x<RS, false>(x + MB * K, M - MB, w, n, bias, y + MB * N, K, N);
@@ -351,11 +352,11 @@ at::Tensor few_row_linear(const at::Tensor& x_, const at::Tensor& w, const std::
   float* yp = y.data_ptr<float>();
   if (M == 0) return y;
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    const int64_t half = M <= TWO_STREAM_ROWS ? (end - begin) / 2 : 0;
+    const int64_t half = TWO_STREAMS ? (end - begin) / 2 : 0;
     for (int64_t n = begin; n < begin + half; ++n) {  // rows n and n + half together
       const int64_t rows[2] = {n, n + half};
       const float* pair[2] = {wp + n * K, wp + (n + half) * K};
-      rows_against_x<2, false>(xp, M, pair, rows, bp, yp, K, N);
+      rows_against_x<2, true>(xp, M, pair, rows, bp, yp, K, N);
     }
     for (int64_t n = begin + 2 * half; n < end; ++n) {
       const float* row[1] = {wp + n * K};
