@@ -167,8 +167,7 @@ def main():
     torch.manual_seed(0)
     model = GPT(ModelConfig.preset("gpt2")).eval()
     hf = HFProcess(model, args.threads)
-    prompt = torch.randint(0, 50257, (1, args.prompt), generator=torch.Generator().manual_seed(0))  # (whatever
-    # else drew from the global generator before: HF's twin is built in its own process now)
+    prompt = torch.randint(0, 50257, (1, args.prompt))
     ids = prompt[0].tolist()
     weight_bytes = model.num_params() * 4
     probe = Bandwidth()
