@@ -1,4 +1,4 @@
-"""Decode speed for the GPT-2 124M shape on this machine, side by side in one process: batch 1, a 128-token prompt,
+"""Decode speed for the GPT-2 124M shape on this machine, side by side, interleaved: batch 1, a 128-token prompt,
 256 new tokens, greedy, fp32, 2 threads.
 
     lmforge Engine, eager             Engine(model, max_batch=1)

@@ -372,9 +372,9 @@ def test_decode_linear_takes_no_rows_with_or_without_lmforge_kernels(kernels, mo
 
 @pytest.mark.parametrize("K", [8, 19, 64, 200])  # whole vectors (AVX2's 8, AVX-512's 16), and tails
 def test_the_few_row_kernel_equals_a_matrix_product_for_every_row_count(K):
-    """lmforge_cpu::few_row_linear against torch.addmm for 1 to 19 rows of x: the tiles of 1 to 8 rows that share a
-    weight vector, rows past 8 that find the weight row in cache, and weight matrices of a few rows (fewer than a
-    thread's share)."""
+    """lmforge_cpu::few_row_linear against torch.addmm for 1 to 19 rows of x: the tiles that share a weight vector
+    (up to 8 rows with AVX-512, 4 with AVX2), the rows past them that find the weight rows in cache, and weight
+    matrices of a few rows (fewer than a thread's share, and odd shares: a pair of streams and a row left over)."""
     from lmforge.kernels import cpu_kernels
     ops = cpu_kernels()
     if ops is None:

@@ -187,12 +187,13 @@ inline vec vgelu(vec x) {
 // How a thread walks its share of the weight rows, by instruction set, as measured (paired, GPT-2's 49 matrices):
 // - AVX-512 (the machine before): one stream, a prefetch ahead every 64 bytes (1.25x without, one row), each weight
 //   vector meeting up to 8 rows of x while it is in a register;
-// - AVX2 (an AMD EPYC, Zen 3): two streams at once, the first and second halves of the thread's share, each
-//   prefetched, with the two weight vectors meeting up to 4 rows of x (8 accumulators: AVX2 has 16 registers). At
-//   one row two streams read 0.97 of a sum of the same bytes where one read 0.89. Against two unprefetched streams
-//   up to four rows and one prefetched stream meeting 8 rows above: 1.02x at one and two rows, 1.07x at four, seven
-//   and eight (in a fast minute, a sum at ~37 GB/s). Past four rows of x a weight vector is read twice (the second
-//   time from cache): each x vector loaded then feeds two multiply-adds, where one stream fed it one.
+// - AVX2 (an AMD EPYC, Zen 3; and the plain loops elsewhere): two streams at once, the first and second halves of the
+//   thread's share, each prefetched, the two weight vectors meeting up to 4 rows of x (8 accumulators: AVX2 has 16
+//   registers), so that each x vector loaded feeds two multiply-adds. Every 4 rows of x past the first 4 read the
+//   two weight rows again, from cache. Against the form before (two unprefetched streams up to four rows, one
+//   prefetched stream meeting 8 rows above): 1.02x at one and two rows, 1.07x at four, seven and eight (in a fast
+//   minute, a sum at ~37 GB/s). At one row, two unprefetched streams had read 0.97 of a sum of the same bytes where
+//   one prefetched stream read 0.89.
 #if defined(__AVX512F__)
 constexpr bool TWO_STREAMS = false;
 constexpr int MB = 8;  // rows of x a weight vector meets while it is in a register (one accumulator each)
@@ -200,6 +201,7 @@ constexpr int MB = 8;  // rows of x a weight vector meets while it is in a regis
 constexpr bool TWO_STREAMS = true;
 constexpr int MB = 4;
 #endif
+static_assert(MB >= 1 && MB <= 8, "rows_against_x has tiles of 1 to 8 rows");
 
 // y[m, n[r]] = x[m] . w[r] (+ bias) for RS weight rows, each read as a stream of its own, and the MT rows of x: each
 // vector of a weight row is loaded once and multiplied into every row of x, each product summed in its own vector
@@ -251,9 +253,9 @@ inline void rows_against_x(const float* x, int64_t M, const float* const* w, con
     case 2: tile<RS, 2, Prefetch>(x, w, n, bias, y, K, N); break;
     case 3: tile<RS, 3, Prefetch>(x, w, n, bias, y, K, N); break;
     case 4: tile<RS, 4, Prefetch>(x, w, n, bias, y, K, N); break;
-    case 5: if constexpr (MB > 5) tile<RS, 5, Prefetch>(x, w, n, bias, y, K, N); break;
-    case 6: if constexpr (MB > 6) tile<RS, 6, Prefetch>(x, w, n, bias, y, K, N); break;
-    case 7: if constexpr (MB > 7) tile<RS, 7, Prefetch>(x, w, n, bias, y, K, N); break;
+    case 5: if constexpr (MB >= 5) tile<RS, 5, Prefetch>(x, w, n, bias, y, K, N); break;
+    case 6: if constexpr (MB >= 6) tile<RS, 6, Prefetch>(x, w, n, bias, y, K, N); break;
+    case 7: if constexpr (MB >= 7) tile<RS, 7, Prefetch>(x, w, n, bias, y, K, N); break;
     default: tile<RS, MB, Prefetch>(x, w, n, bias, y, K, N); break;
   }
   if (M > MB) rows_against_x<RS, false>(x + MB * K, M - MB, w, n, bias, y + MB * N, K, N);
