@@ -15,7 +15,9 @@ alone. It also
 measures the machine's memory read bandwidth: decoding one token reads every weight once, so bandwidth / weight bytes
 is the ceiling for tokens/s, and we print the fraction of it each side reaches (bandwidth measured on 4 KB and on 2 MB
 pages, the ceiling from the faster: the compiled engine moves its weights onto 2 MB pages, lmforge/pages.py; measured
-in every round of the runs, between the sides, so that it sees the machine as they did). Then
+in every round of the runs, between the sides, so that it sees the machine as they did). A prefill is mostly matrix
+products: its FLOP/s are printed as a fraction of the fastest float32 matrix product PyTorch runs here (MatmulRate),
+measured the same way. Then
 continuous batching: 8 requests decoded together by one compiled engine (max_batch=8), aggregate tokens/s against one
 request alone. Last, the same weights quantized: our int8 and int4 (lmforge.quantize) against HF with torch's dynamic
 int8 quantization and llama.cpp's q8_0 and q4_0, with file sizes and how long each keeps the fp32 model's greedy
@@ -68,6 +70,45 @@ class Bandwidth:
 
     def ceiling_gbs(self) -> float:
         return statistics.median(self.rounds)
+
+
+class MatmulRate:
+    """The fastest float32 matrix product PyTorch runs here, GFLOP/s: the better of torch.mm on 2048 x 2048 matrices
+    (MKL) and oneDNN's packed linear (what the engine's prefill runs) on 1024 rows x 2048 -> 2048, each the median of
+    several. A prefill is mostly matrix products, so this is its bound as decoding's is the read bandwidth. Measured
+    in every round of the runs, like the bandwidth."""
+
+    def __init__(self, n=2048):
+        self.a, self.b = torch.randn(n, n), torch.randn(n, n)
+        self.x = torch.randn(n // 2, n)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.b, n // 2)
+        self.rounds: list[float] = []
+
+    def measure(self, repeat=5) -> float:
+        n = self.a.size(0)
+
+        def onednn():
+            return torch.ops.mkldnn._linear_pointwise(self.x, self.packed, None, "none", [], "")
+        mm, packed = [], []
+        for _ in range(repeat + 1):
+            mm.append(_time(lambda: self.a @ self.b))
+            packed.append(_time(onednn))
+        return max(2 * n ** 3 / statistics.median(mm[1:]), n ** 3 / statistics.median(packed[1:])) / 1e9
+
+    def round(self):
+        self.rounds.append(self.measure(repeat=3))
+
+    def gflops(self) -> float:
+        return statistics.median(self.rounds)
+
+
+def prefill_flops(model: GPT, T: int) -> float:
+    """Multiply-adds x 2 of a T-token prefill: every block's linears for T tokens, causal attention over the T x T
+    triangle (scores and weighted sum), and the output layer for the last token only (as every side computes it)."""
+    c = model.config
+    block_linears = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
+    attention = c.n_layer * c.n_head * 2 * 2 * c.head_dim * T * (T + 1) / 2
+    return 2 * T * block_linears + attention + 2 * c.n_embd * c.vocab_size
 
 
 def _time(fn) -> float:
@@ -172,6 +213,8 @@ def main():
     weight_bytes = model.num_params() * 4
     probe = Bandwidth()
     bandwidths = probe.measure()
+    matmul = MatmulRate()
+    flops = prefill_flops(model, args.prompt)
     max_len = args.prompt + args.new
 
     def engine_run(engine: Engine, prompts):
@@ -201,8 +244,8 @@ def main():
              "hf": theirs}
     if llm is not None:
         sides["llama.cpp"] = llama
-    runs = _interleaved({**sides, "bandwidth": probe.round}, args.repeat)
-    del runs["bandwidth"]
+    runs = _interleaved({**sides, "bandwidth": probe.round, "matmul": matmul.round}, args.repeat)
+    del runs["bandwidth"], runs["matmul"]
     bandwidth = probe.ceiling_gbs()
     ceiling = bandwidth * 1e9 / weight_bytes
     for name in sides:
@@ -212,21 +255,25 @@ def main():
           f"{' / '.join(f'{v:.1f}' for v in probe.rounds)} GB/s (the faster page size), median {bandwidth:.1f}; "
           f"weights {weight_bytes / 1e6:.0f} MB -> ceiling {ceiling:.1f} tok/s; compiling the engine's decode step "
           f"took {compile_s:.0f} s (with inductor's on-disk cache as it was), and it moved "
-          f"{compiled.huge_page_bytes / 1e6:.0f} MB onto 2 MB pages\n")
+          f"{compiled.huge_page_bytes / 1e6:.0f} MB onto 2 MB pages; the fastest float32 matrix product ran at "
+          f"{' / '.join(f'{v:.0f}' for v in matmul.rounds)} GFLOP/s in the rounds, median {matmul.gflops():.0f}, "
+          f"and a {args.prompt}-token prefill is {flops / 1e9:.1f} GFLOP\n")
     labels = {"eager": "lmforge Engine, eager", "compiled": "lmforge Engine, compile=True", "hf": "HF transformers",
               "llama.cpp": "llama.cpp (llama-cpp-python), f32"}
-    print("| | prefill tok/s (median) | decode tok/s (median, range) | of the bandwidth ceiling |\n|---|---|---|---|")
+    print("| | prefill tok/s (median) | prefill, of the matmul rate | decode tok/s (median, range) | "
+          "of the bandwidth ceiling |\n|---|---|---|---|---|")
     med = {}
     for name, rs in runs.items():
         prefill = statistics.median(args.prompt / r[1] for r in rs)
         decodes = [(args.new - 1) / r[2] for r in rs]
         med[name] = (prefill, statistics.median(decodes))
-        print(f"| {labels[name]} | {prefill:,.0f} | {med[name][1]:.1f} ({min(decodes):.1f}-{max(decodes):.1f}) | "
-              f"{med[name][1] / ceiling:.0%} |")
+        of_matmul = flops * prefill / args.prompt / 1e9 / matmul.gflops()
+        print(f"| {labels[name]} | {prefill:,.0f} | {of_matmul:.0%} | {med[name][1]:.1f} "
+              f"({min(decodes):.1f}-{max(decodes):.1f}) | {med[name][1] / ceiling:.0%} |")
     for name in [n for n in sides if n != "hf"]:
-        print(f"| ratio {name} / HF | {med[name][0] / med['hf'][0]:.2f}x | {med[name][1] / med['hf'][1]:.2f}x | |")
+        print(f"| ratio {name} / HF | {med[name][0] / med['hf'][0]:.2f}x | | {med[name][1] / med['hf'][1]:.2f}x | |")
     if llm is not None:
-        print(f"| ratio compiled / llama.cpp | {med['compiled'][0] / med['llama.cpp'][0]:.2f}x | "
+        print(f"| ratio compiled / llama.cpp | {med['compiled'][0] / med['llama.cpp'][0]:.2f}x | | "
               f"{med['compiled'][1] / med['llama.cpp'][1]:.2f}x | |")
 
     # continuous batching: one compiled engine of args.batch slots, as many requests at once
