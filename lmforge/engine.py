@@ -7,7 +7,8 @@
 
 It owns, and builds explicitly:
 - an inference copy of the model: new module objects in eval mode that share the model's parameters, with speed-up
-  modules swapped in for good (on CPU, linears and one-query attention that call lmforge's kernels, or oneDNN's);
+  modules swapped in for good (on CPU, linears, one-query attention and GPT-2's GELU that call lmforge's kernels,
+  or oneDNN's);
   the model the caller holds is never touched (its values and addresses; a compiled CPU engine may move its memory
   onto 2 MB pages, below), so training beside an engine computes exactly what it would without;
 - a static KV cache of max_batch slots x max_seq_len positions: a request holds one slot from its prefill to its
