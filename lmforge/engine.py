@@ -182,9 +182,10 @@ def _(x, packed, bias, out_features):
 #   earlier form, which read each weight row once per row of x;
 # - 8, AVX2 (an AMD EPYC, Zen 3): 1.37x at one row, 1.41x at two, 1.59x at four, 1.33x at eight, 0.99x at twelve,
 #   0.83x at sixteen, in a minute when memory was fast (a sum at ~29 GB/s); in a slow one, and before the kernel read
-#   two streams for up to four rows, 1.19x, 1.48x, 1.49x, 1.47x, 1.12x and 1.00x. (Both with the kernel's form before
-#   its present one, which is 1.02x to 1.07x faster at 1, 2, 4, 7 and 8 rows.)
-FEW_ROWS = {16: 2, 8: 8}
+#   two streams for up to four rows, 1.19x, 1.48x, 1.49x, 1.47x, 1.12x and 1.00x. Both with the kernel's form before
+#   its present one, which is 1.02x to 1.07x faster at 1, 2, 4, 7 and 8 rows; with it, 1.35x at eight rows, 1.11x
+#   at twelve, 1.09x at sixteen (a 16-slot engine's full step), 1.00x at twenty, 0.95x at twenty-four.
+FEW_ROWS = {16: 2, 8: 16}
 
 # Where few_row_linear takes the small steps, oneDNN's packed copy serves prefill and the batches past FEW_ROWS, so it
 # is laid out for at least this many rows: laid out for one row, it made a 128-row prefill's linears 7% to 15% slower
