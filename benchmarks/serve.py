@@ -80,7 +80,10 @@ async def load(url: str, clients: int, requests: int, prompt_len: int, new: int,
         for j in range(requests):
             results.append(await one_request(http, url, prompts[i * requests + j], new))
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
+    # a new connection for every request: the llama-server of llama-cpp-python 0.3.36 closes a kept-alive connection
+    # after a streamed response without saying so, and the next request on it failed (the same for both servers)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
         wall = time.perf_counter() - t0
