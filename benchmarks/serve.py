@@ -1,8 +1,8 @@
 """Serving throughput and latency for the GPT-2 124M shape: `lmforge serve` in its own process, driven by 1, 4 and 16
 concurrent streaming clients over loopback.
 
-Each client sends its requests one after another (a closed loop): a prompt of --prompt random token ids, --new new
-tokens, greedy, streamed. We report aggregate generated tokens/s over the whole run of each concurrency, and time to
+Each client sends its requests one after another (a closed loop), each on a new connection: a prompt of --prompt
+random token ids, --new new tokens, greedy, streamed. We report aggregate generated tokens/s over the whole run of each concurrency, and time to
 first token (from sending the request to its first streamed token) at the median and the 95th percentile. The server
 runs with its defaults for this model size (the decode step compiled at startup), --max-batch 16 and --max-seq-len
 sized to prompt + new tokens. Clients and server share this machine's cores; the clients are one asyncio loop.

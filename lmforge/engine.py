@@ -183,28 +183,31 @@ def _(x, packed, bias, out_features):
 # - 8, AVX2 (an AMD EPYC, Zen 3): 1.37x at one row, 1.41x at two, 1.59x at four, 1.33x at eight, 0.99x at twelve,
 #   0.83x at sixteen, in a minute when memory was fast (a sum at ~29 GB/s); in a slow one, and before the kernel read
 #   two streams for up to four rows, 1.19x, 1.48x, 1.49x, 1.47x, 1.12x and 1.00x. Both with the kernel's form before
-#   its present one, which is 1.02x to 1.07x faster at 1, 2, 4, 7 and 8 rows; with it, 1.35x at eight rows, 1.11x
-#   at twelve, 1.09x at sixteen (a 16-slot engine's full step), 1.00x at twenty, 0.95x at twenty-four.
+#   its present one, which is 1.02x to 1.07x faster at 1, 2, 4, 7 and 8 rows; with it, in two runs, 1.35x and 1.26x
+#   at eight rows, 1.11x and 1.08x at twelve, 1.09x and 1.03x at sixteen (a 16-slot engine's full step), 1.00x and
+#   0.96x at twenty (the second run with a sum at 31-35 GB/s, a fast minute).
 FEW_ROWS = {16: 2, 8: 16}
 
-# Where few_row_linear takes the small steps, oneDNN's packed copy serves prefill and the batches past FEW_ROWS, so it
-# is laid out for at least this many rows: laid out for one row, it made a 128-row prefill's linears 7% to 15% slower
-# and a 16-row step's 23% (AVX2, paired). (Without the kernel it also serves one-row steps, laid out for the batch.)
+# Where few_row_linear takes the small steps, oneDNN's packed copy serves prefills and batches past FEW_ROWS, so it is
+# laid out for at least this many rows: laid out for one row, it made a 128-row prefill's linears 7% to 15% slower
+# and a 16-row step's 23% (AVX2, paired, when oneDNN ran such steps). (Without the kernel it also serves one-row
+# steps, laid out for the batch.)
 PACK_ROWS = 64
 
 
 class DecodeLinear(nn.Module):
     """nn.Linear for fp32 inference on CPU, sharing the original's parameters.
 
-    - A few rows (a decode step's: up to FEW_ROWS for the kernel's vectors) go to lmforge's few_row_linear
-      kernel (csrc/decode_cpu.cpp), which reads each weight row once for all of them, about as fast as a sum of the
-      same bytes at one row (on an AVX-512 machine, in a paired run, the compiled step decoded 1.15x faster with it
-      than with inductor's loops, and 1.25x faster again with a prefetch ahead of its reads).
+    - Up to FEW_ROWS rows for the kernel's vectors (a decode step's, or a prompt that short) go to lmforge's
+      few_row_linear kernel (csrc/decode_cpu.cpp), which reads each weight row once for all of them, about as fast
+      as a sum of the same bytes at one row (on an AVX-512 machine, in a paired run, the compiled step decoded 1.15x
+      faster with it than with inductor's loops, and 1.25x faster again with a prefetch ahead of its reads).
     - Where lmforge's kernels cannot be built (no C++ compiler), a single row inside the compiled decode step is
       written as multiply-and-sum, which inductor turns into a vectorised loop over all cores, fused with its
       neighbours.
-    - Everything else (prefill, or no kernels) runs oneDNN on a packed copy of the weight: PyTorch's default kernel
-      for few-row products uses one core (~8 GB/s on an AVX2 machine, 9-13 on an AVX-512 one), the packed one both.
+    - Everything else (longer prefills, larger batches, or no kernels) runs oneDNN on a packed copy of the weight:
+      PyTorch's default kernel for few-row products uses one core (~8 GB/s on an AVX2 machine, 9-13 on an AVX-512
+      one), the packed one both.
     The packed copy is made by repack() (the engine's refresh()), so it is exactly as current as the last call to it;
     the other paths read the weight itself.
     """

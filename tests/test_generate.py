@@ -344,8 +344,9 @@ def test_decode_linear_equals_linear_and_is_as_current_as_its_last_repack(in_fea
     linear = torch.nn.Linear(in_features, 24, bias=bias)
     fast = DecodeLinear(linear)
     few, one, many = torch.randn(1, 2, in_features), torch.randn(1, 1, in_features), torch.randn(4, 10, in_features)
+    edge = torch.randn(1, max(fast.few_rows, 1), in_features), torch.randn(1, fast.few_rows + 1, in_features)
     with torch.no_grad():
-        for x in (few, one, many):
+        for x in (few, one, many, *edge):  # (the most rows the kernel takes, and one more: oneDNN's)
             torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-5)
         linear.weight.mul_(1.5)  # an in-place change, as an optimizer step makes
         if fast.few_rows >= 2:  # few rows read the weight in place: current already
