@@ -9,3 +9,13 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernel_ops():
+    """torch.ops.lmforge_cpu, built for this machine; the test is skipped where the kernels cannot be built."""
+    from lmforge.kernels import cpu_kernels
+    ops = cpu_kernels()
+    if ops is None:
+        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
+    return ops

@@ -372,14 +372,11 @@ def test_decode_linear_takes_no_rows_with_or_without_lmforge_kernels(kernels, mo
 
 
 @pytest.mark.parametrize("K", [8, 19, 64, 200])  # whole vectors (AVX2's 8, AVX-512's 16), and tails
-def test_the_few_row_kernel_equals_a_matrix_product_for_every_row_count(K):
+def test_the_few_row_kernel_equals_a_matrix_product_for_every_row_count(K, kernel_ops):
     """lmforge_cpu::few_row_linear against torch.addmm for 1 to 19 rows of x: the tiles that share a weight vector
     (up to 8 rows with AVX-512, 4 with AVX2), the rows past them that find the weight rows in cache, and weight
     matrices of a few rows (fewer than a thread's share, and odd shares: a pair of streams and a row left over)."""
-    from lmforge.kernels import cpu_kernels
-    ops = cpu_kernels()
-    if ops is None:
-        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
+    ops = kernel_ops
     torch.manual_seed(0)
     for N in (1, 3, 130):
         w, b = torch.randn(N, K), torch.randn(N)
@@ -414,15 +411,12 @@ def test_one_query_attention_equals_sdpa_compiled_or_not(kv_heads, alibi, compil
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 16, 16387, 40000])  # below a vector, whole vectors, tails, several threads
-def test_the_gelu_kernel_equals_torchs_tanh_gelu(n):
+def test_the_gelu_kernel_equals_torchs_tanh_gelu(n, kernel_ops):
     """lmforge_cpu::gelu_tanh against GPT-2's GELU in float64 (as x / (1 + e^(-2u)): 1 + tanh(u) cancels for negative
     x), within float32 rounding; against PyTorch's float32 GELU to 1e-6; NaN, infinities and huge values as PyTorch
     gives them, in the vector path and the tail; and the same bits with one thread as with two."""
     import torch.nn.functional as F
-    from lmforge.kernels import cpu_kernels
-    ops = cpu_kernels()
-    if ops is None:
-        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
+    ops = kernel_ops
     x = torch.linspace(-12, 12, n) if n > 16 else torch.randn(n) * 4
     d = x.double()
     exact = d / (1 + torch.exp(-1.5957691216057308 * (d + 0.044715 * d ** 3)))
@@ -449,15 +443,12 @@ def test_the_gelu_kernel_equals_torchs_tanh_gelu(n):
 
 @pytest.mark.parametrize("batch,heads,kv_heads,D", [(1, 12, 12, 16), (3, 4, 2, 19), (2, 4, 1, 8), (2, 4, 2, 64),
                                                     (1, 2, 2, 128), (1, 2, 1, 144)])
-def test_the_attention_kernel_reads_only_the_slots_the_mask_allows(batch, heads, kv_heads, D):
+def test_the_attention_kernel_reads_only_the_slots_the_mask_allows(batch, heads, kv_heads, D, kernel_ops):
     """lmforge_cpu::decode_attention equals SDPA, on rows of a larger cache (strided views), with the slots the mask
     hides holding NaN: had the kernel read any of them, its output would be NaN. A row with nothing allowed gives NaN,
     as SDPA does."""
     import torch.nn.functional as F
-    from lmforge.kernels import cpu_kernels
-    ops = cpu_kernels()
-    if ops is None:
-        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
+    ops = kernel_ops
     torch.manual_seed(0)
     S = 40  # D: multiples of 16 (held in registers up to 128), one with a tail (19), one below 16 (8), one past 128
     q = torch.randn(batch, heads, 1, D)
@@ -476,14 +467,11 @@ def test_the_attention_kernel_reads_only_the_slots_the_mask_allows(batch, heads,
 
 
 @pytest.mark.parametrize("D,padded", [(128, 144), (64, 72)])
-def test_the_attention_kernel_in_registers_is_bit_equal_to_its_general_loop(D, padded):
+def test_the_attention_kernel_in_registers_is_bit_equal_to_its_general_loop(D, padded, kernel_ops):
     """Head sizes up to 8 vectors (128 with AVX-512, 64 with AVX2) run the register path, 144 and 72 the general loop;
     padded with zeros, D becomes the padded size with every score and output bit for bit the same (zero products add
     nothing), so the two paths must agree exactly."""
-    from lmforge.kernels import cpu_kernels
-    ops = cpu_kernels()
-    if ops is None:
-        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
+    ops = kernel_ops
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 1, D), torch.randn(2, 2, 30, D), torch.randn(2, 2, 30, D)
     mask = (torch.arange(30) <= torch.tensor([11, 29])[:, None])[:, None, None, :]

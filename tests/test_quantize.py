@@ -79,13 +79,11 @@ def test_int4_packs_two_weights_a_byte_within_half_a_step():
 @pytest.mark.parametrize("shape", [(300, 768, 1), (301, 768, 3), (7, 96, 17), (33, 200, 2), (16, 3072, 4), (11, 640, 2),
                                    (5, 64, 2), (9, 192, 1)])  # 2 and 6 groups of 32: the paired path; 640: a quad left over
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, monkeypatch):
+def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, monkeypatch, kernel_ops):
     """int8: bit for bit (integer dot products, the same float steps); int4: to float rounding, for group sizes the
     vector path takes (multiples of 32) and those it leaves to plain loops."""
     from lmforge import kernels
-    ops = kernels.cpu_kernels()
-    if ops is None:
-        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
+    ops = kernel_ops
     N, K, M = shape
     linear = nn.Linear(K, N, bias=bias)
     x = torch.randn(M, K)
@@ -106,13 +104,11 @@ def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, mon
             torch.testing.assert_close(fast, q4(x), atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
-def test_the_int8_kernel_takes_every_int8_code_minus_128_included(monkeypatch):
+def test_the_int8_kernel_takes_every_int8_code_minus_128_included(monkeypatch, kernel_ops):
     """Quantizing never writes -128, but a loaded state may hold it: the kernel's vector trick (multiplying unsigned by
-    signed bytes) must not negate it, so the product stays bit for bit the PyTorch path's."""
+    signed bytes) must not negate it, so the product stays bit for bit the PyTorch path's. (kernel_ops: skipped where
+    the kernels cannot be built.)"""
     from lmforge import kernels
-    ops = kernels.cpu_kernels()
-    if ops is None:
-        pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")
     torch.manual_seed(0)
     q8 = Int8Linear.from_linear(nn.Linear(200, 9))
     q8.weight.copy_(torch.randint(-128, 128, q8.weight.shape, dtype=torch.int8))
