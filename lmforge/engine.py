@@ -188,12 +188,6 @@ def _(x, packed, bias, out_features):
 #   0.96x at twenty (the second run with a sum at 31-35 GB/s, a fast minute).
 FEW_ROWS = {16: 2, 8: 16}
 
-# Where few_row_linear takes the small steps, oneDNN's packed copy serves prefills and batches past FEW_ROWS, so it is
-# laid out for at least this many rows: laid out for one row, it made a 128-row prefill's linears 7% to 15% slower
-# and a 16-row step's 23% (AVX2, paired, when oneDNN ran such steps). (Without the kernel it also serves one-row
-# steps, laid out for the batch.)
-PACK_ROWS = 64
-
 
 class DecodeLinear(nn.Module):
     """nn.Linear for fp32 inference on CPU, sharing the original's parameters.
@@ -202,12 +196,14 @@ class DecodeLinear(nn.Module):
       few_row_linear kernel (csrc/decode_cpu.cpp), which reads each weight row once for all of them, about as fast
       as a sum of the same bytes at one row (on an AVX-512 machine, in a paired run, the compiled step decoded 1.15x
       faster with it than with inductor's loops, and 1.25x faster again with a prefetch ahead of its reads).
-    - Where lmforge's kernels cannot be built (no C++ compiler), a single row inside the compiled decode step is
+    - More rows (prefills, larger batches) go to lmforge's packed_linear kernel, on a copy of the weight laid out
+      for it (pack_linear_weight): on the AVX2 EPYC, 1.2x to 1.4x oneDNN's packed kernel on GPT-2's shapes at 17 to
+      512 rows, near the FMA units' peak.
+    - Where lmforge's kernels cannot be built (no C++ compiler, or neither AVX2 nor AVX-512), oneDNN runs on a
+      packed copy of the weight (PyTorch's default kernel for few-row products uses one core: ~8 GB/s on an AVX2
+      machine, 9-13 on an AVX-512 one; the packed one both), and a single row inside the compiled decode step is
       written as multiply-and-sum, which inductor turns into a vectorised loop over all cores, fused with its
       neighbours.
-    - Everything else (longer prefills, larger batches, or no kernels) runs oneDNN on a packed copy of the weight:
-      PyTorch's default kernel for few-row products uses one core (~8 GB/s on an AVX2 machine, 9-13 on an AVX-512
-      one), the packed one both.
     The packed copy is made by repack() (the engine's refresh()), so it is exactly as current as the last call to it;
     the other paths read the weight itself.
     """
@@ -219,28 +215,35 @@ class DecodeLinear(nn.Module):
         # up to how many rows go to lmforge's kernel: 0 where it was not built or the CPU has neither AVX-512 nor AVX2
         ops = cpu_kernels() if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 else None
         self.few_rows = FEW_ROWS.get(ops.vector_lanes(), 0) if ops is not None else 0
-        self.few_row_linear = ops.few_row_linear.default if self.few_rows else None  # (the overload: no lookup a call)
-        # the packing is laid out for products of this many rows: the engine's decode batch, and at least PACK_ROWS
-        # where the kernel takes the small steps, so that the packed copy serves prefill best
-        self.rows = max(rows, PACK_ROWS) if self.few_rows else rows
+        # (the overloads: no lookup a call)
+        self.few_row_linear = ops.few_row_linear.default if self.few_rows else None
+        self.packed_linear = ops.packed_linear.default if self.few_rows else None
+        self.rows = rows  # without the kernels, oneDNN's packing is laid out for products of this many rows
         self.register_buffer("packed", None, persistent=False)
         self.repack()
 
     @torch.no_grad()
     def repack(self):
         w = self.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.rows) if _can_pack(w.device, w.dtype) else None
+        if self.packed_linear is not None:
+            self.packed = cpu_kernels().pack_linear_weight(w)
+        elif _can_pack(w.device, w.dtype):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.rows)
+        else:
+            self.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias  # (each read of a parameter is a module lookup: this runs ~50 times a token)
-        if (0 < x.numel() <= self.few_rows * self.in_features and x.dtype == w.dtype == torch.float32
-                and w.is_contiguous() and (b is None or b.is_contiguous())):
-            return self.few_row_linear(x, w, b)  # (any rank in, the same out)
+        if (self.few_rows and x.dtype == w.dtype == torch.float32 and w.is_contiguous()
+                and (b is None or b.is_contiguous())):  # (any rank in, the same out)
+            if 0 < x.numel() <= self.few_rows * self.in_features:
+                return self.few_row_linear(x, w, b)
+            return self.packed_linear(x, self.packed, b, self.out_features)
         rows = x.reshape(-1, x.size(-1))
         if torch.compiler.is_compiling() and rows.size(0) == 1:
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
             return y if self.bias is None else y + self.bias
-        elif self.packed is None:
+        elif self.packed is None or self.packed_linear is not None:
             return F.linear(x, self.weight, self.bias)
         elif torch.compiler.is_compiling():
             y = packed_linear(rows, self.packed, self.bias, self.out_features)

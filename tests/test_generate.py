@@ -339,7 +339,8 @@ NO_ONEDNN = not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 @pytest.mark.skipif(NO_ONEDNN, reason="this PyTorch build has no oneDNN (mkldnn) linear kernels")
 @pytest.mark.parametrize("in_features,bias", [(16, True), (19, False)])  # 19: the vector loop's tail
 def test_decode_linear_equals_linear_and_is_as_current_as_its_last_repack(in_features, bias):
-    """Few rows (the few_row_linear kernel where it builds), one row, and many (oneDNN's packed weight)."""
+    """Few rows (the few_row_linear kernel where it builds), one row, and many (lmforge's packed_linear kernel where
+    it builds, else oneDNN's), eagerly and compiled."""
     from lmforge.engine import DecodeLinear
     linear = torch.nn.Linear(in_features, 24, bias=bias)
     fast = DecodeLinear(linear)
@@ -353,6 +354,7 @@ def test_decode_linear_equals_linear_and_is_as_current_as_its_last_repack(in_fea
             torch.testing.assert_close(fast(few), linear(few), atol=1e-5, rtol=1e-5)
         fast.repack()
         torch.testing.assert_close(fast(many), linear(many), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.compile(fast, fullgraph=True)(many), linear(many), atol=1e-5, rtol=1e-5)
     assert fast.weight is linear.weight and fast.bias is linear.bias  # shared, not copied
 
 
@@ -386,6 +388,37 @@ def test_the_few_row_kernel_equals_a_matrix_product_for_every_row_count(K, kerne
             torch.testing.assert_close(ops.few_row_linear(x, w, None), x @ w.T, atol=1e-5, rtol=1e-5)
     x = torch.randn(2, 3, 2 * K)[..., ::2]  # any rank, and strided (the kernel makes x contiguous itself)
     torch.testing.assert_close(ops.few_row_linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_the_packed_kernel_equals_a_float64_product_and_each_row_is_computed_alone(kernel_ops):
+    """lmforge_cpu::packed_linear on pack_linear_weight's copy, against float64: output columns that fill the last
+    panel or not (16 a panel with AVX2, 32 with AVX-512), inputs within one block of 384 or past it with a remainder,
+    rows in whole tiles or not (6 or 12) and past a block of 144 rows; with and without bias. Its results are the same
+    bits with one thread or two, and for a row alone or among others (each output sums in one fixed order)."""
+    ops = kernel_ops
+    torch.manual_seed(0)
+    for M, K, N in [(1, 1, 1), (7, 5, 3), (13, 385, 16), (40, 384, 50), (150, 800, 33), (290, 64, 64)]:
+        x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+        packed = ops.pack_linear_weight(w)
+        for bias in (b, None):
+            y = ops.packed_linear(x, packed, bias, N)
+            want = x.double() @ w.double().T + (0 if bias is None else bias.double())
+            scale = x.double().abs() @ w.double().abs().T + 1  # (float32's rounding grows with the terms' sizes)
+            assert ((y.double() - want).abs() / scale).max() < 1e-6, (M, K, N)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                assert torch.equal(ops.packed_linear(x, packed, bias, N), y)
+            finally:
+                torch.set_num_threads(threads)
+            for i in {0, M // 2, M - 1}:
+                assert torch.equal(ops.packed_linear(x[i:i + 1], packed, bias, N), y[i:i + 1])
+    x = torch.randn(2, 3, 2 * K)[..., ::2]  # any rank, and strided (the kernel makes x contiguous itself)
+    torch.testing.assert_close(ops.packed_linear(x, packed, b, N), torch.nn.functional.linear(x, w, b),
+                               atol=1e-5, rtol=1e-5)
+    assert ops.packed_linear(torch.randn(0, K), packed, b, N).shape == (0, N)
+    with pytest.raises(RuntimeError, match="packed: pack_linear_weight of a float32"):
+        ops.packed_linear(torch.randn(2, K + 1), packed, b, N)  # a copy packed for other sizes
 
 
 @pytest.mark.parametrize("compiled", [True, False])

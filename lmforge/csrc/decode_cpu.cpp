@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -396,6 +397,141 @@ at::Tensor gelu_tanh(const at::Tensor& x) {
   return y;
 }
 
+// ---- packed_linear: x (M, K) @ w^T + bias for many rows (prefill, batches past few_row_linear's), on a copy of w
+// laid out by pack_linear_weight. The copy holds w in panels of NR output columns: for each block of KC inputs, each
+// panel's KC x NR values in a row, so that a thread reads its columns' weights in one forward stream. A tile of MR rows
+// x NR columns accumulates in registers over a KC block (MR * 2 vectors, each weight vector used for MR rows, each x
+// value broadcast for 2 vectors), then adds into y. Threads split the panels; every output sums its products in the
+// same order (bias, then k = 0, 1, ...) whatever the number of threads or rows, so a row's result does not depend on
+// the others in the batch. On the AVX2 EPYC (Zen 3, 2 threads), 180-189 GFLOP/s on GPT-2's four shapes at 17 to 128
+// rows against oneDNN's packed kernel's 129-153, about the FMA units' peak (~180 measured).
+#if defined(LMFORGE_VEC)
+constexpr int64_t NR = 2 * W;
+constexpr int MR = W == 16 ? 12 : 6;  // accumulators: MR * 2 of the 32 (AVX-512) or 16 (AVX2) vector registers
+#else
+constexpr int64_t NR = 16;
+constexpr int MR = 4;
+#endif
+// KC inputs a block: a panel's block (KC x NR floats, 24 KB with AVX2) stays in L1 while every tile of rows uses it;
+// MC rows of x a block (MC x KC floats, 216 KB) stay in L2 while the panels pass. 384 was the best of 256, 384 and
+// 512 on the EPYC by a few percent.
+constexpr int64_t KC = 384;
+constexpr int64_t MC = 144;
+
+inline int64_t panels(int64_t n) { return (n + NR - 1) / NR; }
+
+// One tile: rows x[0..R) (row stride lda) against a panel's block b (kc x NR); acc starts from init (NR values: bias or
+// zeros) or from c (a previous block's sums), and ends in c (row stride ldc).
+template <int R>
+inline void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int64_t ldc, const float* init) {
+#if defined(LMFORGE_VEC)
+  vec acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    const float* from = init ? init : c + r * ldc;
+    acc[r][0] = vload(from), acc[r][1] = vload(from + W);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const vec b0 = vload(b + k * NR), b1 = vload(b + k * NR + W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const vec x = vset(a[r * lda + k]);
+      acc[r][0] = vfma(x, b0, acc[r][0]);
+      acc[r][1] = vfma(x, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) vstore(c + r * ldc, acc[r][0]), vstore(c + r * ldc + W, acc[r][1]);
+#else
+  float acc[R][NR];
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < NR; ++j) acc[r][j] = init ? init[j] : c[r * ldc + j];
+  for (int64_t k = 0; k < kc; ++k)
+    for (int r = 0; r < R; ++r) {
+      const float x = a[r * lda + k];
+#pragma omp simd
+      for (int64_t j = 0; j < NR; ++j) acc[r][j] = std::fma(x, b[k * NR + j], acc[r][j]);
+    }
+  for (int r = 0; r < R; ++r) std::copy(acc[r], acc[r] + NR, c + r * ldc);
+#endif
+}
+
+template <int R = MR>
+inline void tile_of(int rows, const float* a, int64_t lda, const float* b, int64_t kc, float* c, int64_t ldc,
+                    const float* init) {
+  if constexpr (R > 1) {
+    if (rows < R) return tile_of<R - 1>(rows, a, lda, b, kc, c, ldc, init);
+  }
+  tile<R>(a, lda, b, kc, c, ldc, init);
+}
+
+at::Tensor pack_linear_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(1) > 0, "w: float32 (N, K), K > 0");
+  const at::Tensor src = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), P = panels(N);
+  at::Tensor out = at::zeros({P * NR * K}, w.options());  // (columns past N: zeros)
+  const float* s = src.data_ptr<float>();
+  float* d = out.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = std::min(KC, K - k0);
+      for (int64_t p = begin; p < end; ++p) {
+        float* block = d + k0 * P * NR + p * kc * NR;
+        for (int64_t j = 0; j < NR && p * NR + j < N; ++j)
+          for (int64_t k = 0; k < kc; ++k) block[k * NR + j] = s[(p * NR + j) * K + k0 + k];
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor packed_linear(const at::Tensor& x_, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                         int64_t N) {
+  TORCH_CHECK(x_.dim() >= 1 && x_.scalar_type() == at::kFloat && x_.size(-1) > 0, "x: float32 (..., K), K > 0");
+  const at::Tensor x = x_.contiguous();
+  const int64_t K = x.size(-1), M = x.numel() / K, P = panels(N);
+  TORCH_CHECK(N > 0 && packed.dim() == 1 && packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
+                  packed.numel() == P * NR * K,
+              "packed: pack_linear_weight of a float32 (N, K) weight, K = x's last size");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
+              "bias: contiguous float32 (N,)");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const float* a = x.data_ptr<float>();
+  const float* bp = packed.data_ptr<float>();
+  const float* bias_p = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* c = y.data_ptr<float>();
+  if (M == 0) return y;
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float init[NR];  // the panel's bias (zeros past N or without one)
+    alignas(64) float edge[MR * NR];  // the last panel's tile, where N is not a whole number of panels
+    for (int64_t i0 = 0; i0 < M; i0 += MC) {
+      const int64_t mc = std::min(MC, M - i0);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0);
+        for (int64_t p = begin; p < end; ++p) {
+          const float* b = bp + k0 * P * NR + p * kc * NR;
+          const int64_t n0 = p * NR, nc = std::min(NR, N - n0);
+          if (k0 == 0)
+            for (int64_t j = 0; j < NR; ++j) init[j] = bias_p && j < nc ? bias_p[n0 + j] : 0.f;
+          for (int64_t i = i0; i < i0 + mc; i += MR) {
+            const int rows = static_cast<int>(std::min<int64_t>(MR, i0 + mc - i));
+            const float* ai = a + i * K + k0;
+            if (nc == NR) {
+              tile_of(rows, ai, K, b, kc, c + i * N + n0, N, k0 == 0 ? init : nullptr);
+              continue;
+            }
+            for (int r = 0; r < rows; ++r)
+              std::copy(c + (i + r) * N + n0, c + (i + r) * N + n0 + (k0 == 0 ? 0 : nc), edge + r * NR);
+            tile_of(rows, ai, K, b, kc, edge, NR, k0 == 0 ? init : nullptr);
+            for (int r = 0; r < rows; ++r) std::copy(edge + r * NR, edge + r * NR + nc, c + (i + r) * N + n0);
+          }
+        }
+      }
+    }
+  });
+  return y;
+}
+
 // The float lanes of the vectors these kernels were built for: 16 (AVX-512), 8 (AVX2 with FMA), or 1 (plain loops).
 int64_t vector_lanes() {
 #if defined(LMFORGE_VEC)
@@ -410,10 +546,14 @@ TORCH_LIBRARY_FRAGMENT(lmforge_cpu, m) {  // quant_cpu.cpp opens the library
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("few_row_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("pack_linear_weight(Tensor w) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge_cpu, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("few_row_linear", &few_row_linear);
   m.impl("gelu_tanh", &gelu_tanh);
+  m.impl("pack_linear_weight", &pack_linear_weight);
+  m.impl("packed_linear", &packed_linear);
 }
