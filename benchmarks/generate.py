@@ -11,17 +11,16 @@
 All four hold the same (random) weights, so their greedy ids must agree: the benchmark checks that first. HF runs
 in a process of its own, driven turn by turn from this one: lmforge's CPU engine asks glibc to keep freed memory in
 its process (lmforge/pages.py), which would speed up HF's prefill beside it too; apart, each side runs as it would
-alone. It also
-measures the machine's memory read bandwidth: decoding one token reads every weight once, so bandwidth / weight bytes
-is the ceiling for tokens/s, and we print the fraction of it each side reaches (bandwidth measured on 4 KB and on 2 MB
-pages, the ceiling from the faster: the compiled engine moves its weights onto 2 MB pages, lmforge/pages.py; measured
-in every round of the runs, between the sides, so that it sees the machine as they did). A prefill is mostly matrix
-products: its FLOP/s are printed as a fraction of the fastest float32 matrix product PyTorch runs here (MatmulRate),
-measured the same way. Then
-continuous batching: 8 requests decoded together by one compiled engine (max_batch=8), aggregate tokens/s against one
-request alone. Last, the same weights quantized: our int8 and int4 (lmforge.quantize) against HF with torch's dynamic
-int8 quantization and llama.cpp's q8_0 and q4_0, with file sizes and how long each keeps the fp32 model's greedy
-tokens.
+alone. It also measures the machine's memory read bandwidth: decoding one token reads every weight once, so
+bandwidth / weight bytes is the ceiling for tokens/s, and we print the fraction of it each side reaches (bandwidth
+measured on 4 KB and on 2 MB pages, the ceiling from the faster: the compiled engine moves its weights onto 2 MB
+pages, lmforge/pages.py; measured in every round of the runs, between the sides, so that it sees the machine as they
+did). A prefill is mostly matrix
+products: its FLOP/s are printed as a fraction of the fastest float32 matrix product here (MatmulRate: MKL's, oneDNN's
+or lmforge's own kernel's), measured the same way. Then continuous batching: 8 requests decoded together by one
+compiled engine (max_batch=8), aggregate tokens/s against one request alone. Last, the same weights quantized: our
+int8 and int4 (lmforge.quantize) against HF with torch's dynamic int8 quantization and llama.cpp's q8_0 and q4_0,
+with file sizes and how long each keeps the fp32 model's greedy tokens.
 
     python benchmarks/generate.py [--new 256] [--prompt 128] [--repeat 3] [--no-llama] [--no-quantized]
 """
@@ -73,27 +72,39 @@ class Bandwidth:
 
 
 class MatmulRate:
-    """The fastest float32 matrix product PyTorch runs here, GFLOP/s: the better of torch.mm on 2048 x 2048 matrices
-    (MKL) and oneDNN's packed linear (what the engine's prefill runs) on 1024 rows x 2048 -> 2048, each the median of
-    several. A prefill is mostly matrix products, so this is its bound as decoding's is the read bandwidth. Measured
-    in every round of the runs, like the bandwidth."""
+    """The fastest float32 matrix product here, GFLOP/s: the best of torch.mm on 2048 x 2048 matrices (MKL), oneDNN's
+    packed linear and lmforge's packed_linear kernel (what the engine's prefill runs, where it builds), both on 1024
+    rows x 2048 -> 2048, each the median of several. A prefill is mostly matrix products, so this is its bound as
+    decoding's is the read bandwidth. Measured in every round of the runs, like the bandwidth."""
 
     def __init__(self, n=2048):
+        from lmforge.kernels import cpu_kernels
         self.a, self.b = torch.randn(n, n), torch.randn(n, n)
         self.x = torch.randn(n // 2, n)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.b, n // 2)
+        self.ops = cpu_kernels()
+        self.products = {
+            "MKL mm": (2 * n ** 3, lambda: self.a @ self.b),
+            "oneDNN packed": (n ** 3, lambda p=torch.ops.mkldnn._reorder_linear_weight(self.b, n // 2):
+                              torch.ops.mkldnn._linear_pointwise(self.x, p, None, "none", [], "")),
+        }
+        if self.ops is not None:
+            self.products["lmforge packed_linear"] = (
+                n ** 3, lambda p=self.ops.pack_linear_weight(self.b): self.ops.packed_linear(self.x, p, None, n))
         self.rounds: list[float] = []
+        self.best: dict[str, list[float]] = {name: [] for name in self.products}
 
     def measure(self, repeat=5) -> float:
-        n = self.a.size(0)
-
-        def onednn():
-            return torch.ops.mkldnn._linear_pointwise(self.x, self.packed, None, "none", [], "")
-        mm, packed = [], []
+        times = {name: [] for name in self.products}
         for _ in range(repeat + 1):
-            mm.append(_time(lambda: self.a @ self.b))
-            packed.append(_time(onednn))
-        return max(2 * n ** 3 / statistics.median(mm[1:]), n ** 3 / statistics.median(packed[1:])) / 1e9
+            for name, (_, fn) in self.products.items():
+                times[name].append(_time(fn))
+        rates = {name: flops / statistics.median(times[name][1:]) / 1e9 for name, (flops, _) in self.products.items()}
+        for name, rate in rates.items():
+            self.best[name].append(rate)
+        return max(rates.values())
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {statistics.median(r):.0f}" for name, r in self.best.items())
 
     def round(self):
         self.rounds.append(self.measure(repeat=3))
@@ -256,7 +267,8 @@ def main():
           f"weights {weight_bytes / 1e6:.0f} MB -> ceiling {ceiling:.1f} tok/s; compiling the engine's decode step "
           f"took {compile_s:.0f} s (with inductor's on-disk cache as it was), and it moved "
           f"{compiled.huge_page_bytes / 1e6:.0f} MB onto 2 MB pages; the fastest float32 matrix product ran at "
-          f"{' / '.join(f'{v:.0f}' for v in matmul.rounds)} GFLOP/s in the rounds, median {matmul.gflops():.0f}, "
+          f"{' / '.join(f'{v:.0f}' for v in matmul.rounds)} GFLOP/s in the rounds, median {matmul.gflops():.0f} "
+          f"(medians: {matmul.summary()}), "
           f"and a {args.prompt}-token prefill is {flops / 1e9:.1f} GFLOP\n")
     labels = {"eager": "lmforge Engine, eager", "compiled": "lmforge Engine, compile=True", "hf": "HF transformers",
               "llama.cpp": "llama.cpp (llama-cpp-python), f32"}

@@ -139,8 +139,8 @@ def test_a_cpu_engine_has_freed_memory_reused_without_page_faults():
         return kept, float(faults)
 
     kept, faults = run("engine")
-    assert kept == "True" and faults < 1024  # (0 alone; once 512, in a full parallel test run: a tenth of one MB
-    # in forty, where trimming faults in all of it)
+    assert kept == "True" and faults < 1024  # (0 alone; 512 pages once in a full parallel test run: 2 MB of the
+    # 80, where trimming faults in all 20,480 pages)
     kept, faults = run("engine", MALLOC_TRIM_THRESHOLD_="131072")  # the process's own setting stands: glibc trims,
     assert kept == "False" and faults > 10_000  # and 80 MB a forward (20,480 pages) are faulted in again
     assert run("engine", LMFORGE_KEEP_FREED_MEMORY="0")[0] == "False"
