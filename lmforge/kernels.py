@@ -130,3 +130,11 @@ def _register_fakes():
     @torch.library.register_fake("lmforge_cpu::packed_linear")
     def _(x, packed, bias, n):
         return x.new_empty(*x.shape[:-1], n)
+
+    @torch.library.register_fake("lmforge_cpu::int8_linear_tiled")
+    def _(x, w, scales, bias):
+        return x.new_empty(*x.shape[:-1], w.size(0))
+
+    @torch.library.register_fake("lmforge_cpu::int4_linear_tiled")
+    def _(x, w, scales, mins, bias, group):
+        return x.new_empty(*x.shape[:-1], w.size(0))

@@ -10,7 +10,9 @@ Every nn.Linear of the model (the output layer included) is replaced, for good, 
   minimums in float16.
 On CPU both also round each input row to int8 steps (one scale per row) and take integer dot products, as llama.cpp
 does for q8_0 and q4_0: in one call of the kernels of csrc/quant_cpu.cpp (AVX-512 VNNI or AVX2, built for the
-machine on first use by kernels.py), or where those cannot be built, the same computation in PyTorch operators.
+machine on first use by kernels.py), or where those cannot be built, the same computation in PyTorch operators. On
+an AVX2 CPU, many rows at once (a prefill) take the same products in float instead (csrc/decode_cpu.cpp's tiled
+kernels, on the weight dequantized block by block: see TILED_ROWS), the same results to float rounding.
 Elsewhere (CUDA) the weight is dequantized on the fly into the input's dtype; inside a compiled step, one input row is
 written as sums of products of the stored codes, which inductor fuses into kernels that read the codes once.
 A tied token embedding becomes the dequantized output matrix, so the run stores that matrix once, quantized.
@@ -45,6 +47,21 @@ DEFAULT_EVAL_TOKENS = 16_384
 
 # ------------------------------------------------------------------------------------------------- the modules
 
+# From how many input rows a CPU layer runs int8_linear_tiled / int4_linear_tiled rather than the integer dot
+# products, by the float lanes of the vectors the kernels were built for. Measured with AVX2 (a Zen 3 EPYC, no VNNI:
+# each 32 byte pairs of an integer dot product take 3 to 4 instructions, as many as the float FMAs they replace), 2
+# threads, on GPT-2's 768 -> 2304 and 3072 -> 768: int8 1.12x and 0.96x at 64 rows, 1.22x and 0.96x at 128; int4
+# 1.12x and 0.98x at 16 rows, 1.65x and 1.42x at 32, 2.5x and 2.1x at 128 (a 4-bit weight dequantized once serves
+# all the rows, where the dot products unpack it again for each). Untimed with AVX-512 (VNNI's dot products are 4x
+# AVX2's), which keeps the integer kernels.
+TILED_ROWS = {8: (64, 24)}
+
+
+def _tiled_rows(which: int) -> float:
+    """TILED_ROWS for this machine, int8's (0) or int4's (1); infinity where the kernels did not build."""
+    ops = cpu_kernels()
+    return math.inf if ops is None else TILED_ROWS.get(ops.vector_lanes(), (math.inf, math.inf))[which]
+
 def _keeping_dtypes(module: nn.Module, names: tuple[str, ...], apply) -> nn.Module:
     """Run nn.Module._apply (a cast or a move) but keep these buffers in the dtype they had: moved, never cast."""
     kept = {name: getattr(module, name) for name in names}
@@ -65,7 +82,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
-        cpu_kernels()  # built (once) now, never inside a forward
+        self.tiled_rows = _tiled_rows(0)  # (kernels built now, never inside a forward)
 
     @classmethod
     @torch.no_grad()
@@ -98,7 +115,9 @@ class Int8Linear(nn.Module):
         ops = cpu_kernels()
         if ops is not None and self.scales.dtype == torch.float32:  # the same computation, in one call
             bias = None if self.bias is None else self.bias.float()
-            return ops.int8_linear(rows, self.weight, self.scales, bias).to(x.dtype).view(*x.shape[:-1], -1)
+            kernel = ops.int8_linear_tiled if rows.size(0) >= self.tiled_rows else ops.int8_linear
+            y = kernel(rows, self.weight, self.scales, bias)
+            return y.to(x.dtype).view(*x.shape[:-1], -1)
         x_scales = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # (N, 1)
         x_int8 = torch.round(rows / x_scales).to(torch.int8)
         y = torch._int_mm(x_int8, self.weight.t()).float() * (x_scales * self.scales.float())  # (N, out)
@@ -132,7 +151,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("mins", torch.empty(out_features, groups, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
-        cpu_kernels()  # built (once) now, never inside a forward
+        self.tiled_rows = _tiled_rows(1)  # (kernels built now, never inside a forward)
 
     @classmethod
     @torch.no_grad()
@@ -185,7 +204,8 @@ class Int4Linear(nn.Module):
         ops = cpu_kernels()
         bias = None if self.bias is None else self.bias.float()
         if ops is not None:  # the same computation, in one call
-            y = ops.int4_linear(rows, self.weight, self.scales, self.mins, bias, self.group_size)
+            kernel = ops.int4_linear_tiled if rows.size(0) >= self.tiled_rows else ops.int4_linear
+            y = kernel(rows, self.weight, self.scales, self.mins, bias, self.group_size)
         else:  # the input rounded to int8 steps as the kernel does, then the dequantized weight
             x_scales = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127  # (N, 1)
             y = F.linear(torch.round(rows / x_scales) * x_scales, self.dequantize(), bias)

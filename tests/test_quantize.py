@@ -80,8 +80,9 @@ def test_int4_packs_two_weights_a_byte_within_half_a_step():
                                    (5, 64, 2), (9, 192, 1)])  # 2 and 6 groups of 32: the paired path; 640: a quad left over
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, monkeypatch, kernel_ops):
-    """int8: bit for bit (integer dot products, the same float steps); int4: to float rounding, for group sizes the
-    vector path takes (multiples of 32) and those it leaves to plain loops."""
+    """int8: bit for bit (integer dot products, the same float steps), or to float rounding where the rows take the
+    tiled float kernel (TILED_ROWS); int4: to float rounding, for group sizes the vector path takes (multiples of 32)
+    and those it leaves to plain loops."""
     from lmforge import kernels
     ops = kernel_ops
     N, K, M = shape
@@ -92,7 +93,8 @@ def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, mon
     q8 = Int8Linear.from_linear(linear)
     fast = q8(x)
     monkeypatch.setitem(kernels._state, "ops", None)  # the PyTorch path
-    torch.testing.assert_close(fast, q8(x), rtol=0, atol=0, equal_nan=True)
+    exact = 0 if M < q8.tiled_rows else 1e-5
+    torch.testing.assert_close(fast, q8(x), rtol=exact, atol=exact, equal_nan=True)
     nan_rows = fast.isnan().any(dim=1).tolist()
     assert nan_rows == [0 < i < 3 and M > 2 for i in range(M)]
     for group in (32, 64, 8):
@@ -102,6 +104,42 @@ def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, mon
             fast = q4(x)
             monkeypatch.setitem(kernels._state, "ops", None)
             torch.testing.assert_close(fast, q4(x), atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("M,K,N,group", [(1, 64, 3, 32), (7, 96, 50, 32), (150, 768, 33, 256), (40, 800, 16, 32),
+                                         (13, 384, 17, 128), (70, 1536, 20, 64)])
+def test_the_tiled_quantized_kernels_equal_the_integer_ones_to_float_rounding(M, K, N, group, kernel_ops):
+    """int8_linear_tiled and int4_linear_tiled (many rows: float products on the weight dequantized block by block)
+    against int8_linear and int4_linear (integer dot products) on the same codes: inputs in one block of 384 or
+    several, with a remainder, and int4 groups that straddle two blocks (256); output columns that fill the last
+    panel or not; rows past a block of 144. Rows holding NaN or infinity come out NaN, leaving the others alone; a
+    row's outputs are the same bits alone or among others, with one thread or two."""
+    ops = kernel_ops
+    torch.manual_seed(0)
+    linear = nn.Linear(K, N)
+    x = torch.randn(M, K)
+    if M > 2:
+        x[1, K // 3], x[2, K - 1] = float("nan"), float("inf")
+    q8, q4 = Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, group)
+    for tiled, integer in (
+            (lambda x, b: ops.int8_linear_tiled(x, q8.weight, q8.scales, b),
+             lambda x, b: ops.int8_linear(x, q8.weight, q8.scales, b)),
+            (lambda x, b: ops.int4_linear_tiled(x, q4.weight, q4.scales, q4.mins, b, group),
+             lambda x, b: ops.int4_linear(x, q4.weight, q4.scales, q4.mins, b, group))):
+        for bias in (linear.bias.detach(), None):
+            y = tiled(x, bias)
+            torch.testing.assert_close(y, integer(x, bias), atol=1e-5, rtol=1e-5, equal_nan=True)
+            assert y.isnan().any(dim=1).tolist() == [0 < i < 3 and M > 2 for i in range(M)]
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                torch.testing.assert_close(tiled(x, bias), y, rtol=0, atol=0, equal_nan=True)
+            finally:
+                torch.set_num_threads(threads)
+            i = M - 1
+            torch.testing.assert_close(tiled(x[i:i + 1], bias), y[i:i + 1], rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(RuntimeError, match="group: an even size dividing K"):
+        ops.int4_linear_tiled(x, q4.weight, q4.scales, q4.mins, None, 3)
 
 
 def test_the_int8_kernel_takes_every_int8_code_minus_128_included(monkeypatch, kernel_ops):

@@ -22,6 +22,10 @@
 #include <immintrin.h>
 #endif
 
+namespace lmforge {  // quant_cpu.cpp
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* scales);
+}
+
 namespace {
 
 // Float vectors of the widest kind the build has: 16 lanes with AVX-512, 8 with AVX2 and FMA; without either, the
@@ -483,36 +487,24 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
   return out;
 }
 
-at::Tensor packed_linear(const at::Tensor& x_, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                         int64_t N) {
-  TORCH_CHECK(x_.dim() >= 1 && x_.scalar_type() == at::kFloat && x_.size(-1) > 0, "x: float32 (..., K), K > 0");
-  const at::Tensor x = x_.contiguous();
-  const int64_t K = x.size(-1), M = x.numel() / K, P = panels(N);
-  TORCH_CHECK(N > 0 && packed.dim() == 1 && packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
-                  packed.numel() == P * NR * K,
-              "packed: pack_linear_weight of a float32 (N, K) weight, K = x's last size");
-  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
-              "bias: contiguous float32 (N,)");
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options());
-  const float* a = x.data_ptr<float>();
-  const float* bp = packed.data_ptr<float>();
-  const float* bias_p = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  float* c = y.data_ptr<float>();
-  if (M == 0) return y;
+// y (M, N) = a (M, K) @ B + bias, B given block by block: block(k0, kc, p, scratch) returns panel p's kc x NR block
+// of inputs k0.. (a pointer into a packed copy, or scratch filled in). Threads split the panels.
+template <class Block>
+void tiled_product(const float* a, int64_t M, int64_t K, int64_t N, const float* bias, float* c, Block block) {
+  const int64_t P = panels(N);
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float init[NR];  // the panel's bias (zeros past N or without one)
     alignas(64) float edge[MR * NR];  // the last panel's tile, where N is not a whole number of panels
+    std::vector<float> scratch(KC * NR);
     for (int64_t i0 = 0; i0 < M; i0 += MC) {
       const int64_t mc = std::min(MC, M - i0);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0);
         for (int64_t p = begin; p < end; ++p) {
-          const float* b = bp + k0 * P * NR + p * kc * NR;
+          const float* b = block(k0, kc, p, scratch.data());
           const int64_t n0 = p * NR, nc = std::min(NR, N - n0);
           if (k0 == 0)
-            for (int64_t j = 0; j < NR; ++j) init[j] = bias_p && j < nc ? bias_p[n0 + j] : 0.f;
+            for (int64_t j = 0; j < NR; ++j) init[j] = bias && j < nc ? bias[n0 + j] : 0.f;
           for (int64_t i = i0; i < i0 + mc; i += MR) {
             const int rows = static_cast<int>(std::min<int64_t>(MR, i0 + mc - i));
             const float* ai = a + i * K + k0;
@@ -529,6 +521,143 @@ at::Tensor packed_linear(const at::Tensor& x_, const at::Tensor& packed, const s
       }
     }
   });
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+void check_bias(const std::optional<at::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
+              "bias: contiguous float32 (N,)");
+}
+
+at::Tensor packed_linear(const at::Tensor& x_, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                         int64_t N) {
+  TORCH_CHECK(x_.dim() >= 1 && x_.scalar_type() == at::kFloat && x_.size(-1) > 0, "x: float32 (..., K), K > 0");
+  const at::Tensor x = x_.contiguous();
+  const int64_t K = x.size(-1), M = x.numel() / K, P = panels(N);
+  TORCH_CHECK(N > 0 && packed.dim() == 1 && packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
+                  packed.numel() == P * NR * K,
+              "packed: pack_linear_weight of a float32 (N, K) weight, K = x's last size");
+  check_bias(bias, N);
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  if (M == 0) return y;
+  const float* bp = packed.data_ptr<float>();
+  tiled_product(x.data_ptr<float>(), M, K, N, bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                y.data_ptr<float>(), [&](int64_t k0, int64_t kc, int64_t p, float*) {
+                  return bp + k0 * P * NR + p * kc * NR;
+                });
+  return y;
+}
+
+// ---- Quantized linears for many rows (prefill): the input rounded to int8 steps per row as the few-row kernels
+// (quant_cpu.cpp) round it, x_q * s_x, times the weight dequantized block by block into a panel's layout, through
+// the tiles above; the same products as those kernels' but for float rounding (they sum int8 products exactly). On
+// the AVX2 EPYC the integer dot products run no faster than float FMA (no VNNI: each 32 byte pairs take 3 to 4
+// instructions), so at many rows this is the faster way; the dequantizing costs a block's values once for all the
+// rows.
+
+// x (M, K) rounded per row to int8 steps, in float
+std::vector<float> int8_steps(const at::Tensor& x, int64_t M, int64_t K) {
+  std::vector<int8_t> q(M * K);
+  std::vector<float> scales(M), out(M * K);
+  lmforge::quantize_rows(x.data_ptr<float>(), M, K, q.data(), scales.data());
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t k = 0; k < K; ++k) out[m * K + k] = static_cast<float>(q[m * K + k]) * scales[m];
+  });
+  return out;
+}
+
+at::Tensor int8_linear_tiled(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_.dim() >= 1 && x_.scalar_type() == at::kFloat && x_.size(-1) > 0, "x: float32 (..., K), K > 0");
+  const at::Tensor x = x_.contiguous();
+  const int64_t K = x.size(-1), M = x.numel() / K, N = w.size(0);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) == K && N > 0,
+              "w: contiguous int8 (N, K), K = x's last size");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
+              "scales: contiguous float32 (N,)");
+  check_bias(bias, N);
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  if (M == 0) return y;
+  const std::vector<float> a = int8_steps(x, M, K);
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  thread_local std::vector<float> rows;  // (the panel's rows of the block, in each thread)
+  tiled_product(a.data(), M, K, N, bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                [&](int64_t k0, int64_t kc, int64_t p, float* block) {
+                  rows.resize(NR * KC);  // the panel's rows of the block first (a loop the compiler vectorises)
+                  for (int64_t j = 0; j < NR; ++j) {
+                    const int64_t n = p * NR + j;
+                    float* out = rows.data() + j * KC;
+                    const int8_t* row = wp + n * K + k0;
+                    const float s = n < N ? sp[n] : 0.f;
+                    if (n >= N) std::fill(out, out + kc, 0.f);
+                    else
+                      for (int64_t k = 0; k < kc; ++k) out[k] = static_cast<float>(row[k]) * s;
+                  }
+                  for (int64_t k = 0; k < kc; ++k)
+                    for (int64_t j = 0; j < NR; ++j) block[k * NR + j] = rows[j * KC + k];
+                  return const_cast<const float*>(block);
+                });
+  return y;
+}
+
+at::Tensor int4_linear_tiled(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales,
+                             const at::Tensor& mins, const std::optional<at::Tensor>& bias, int64_t group) {
+  TORCH_CHECK(x_.dim() >= 1 && x_.scalar_type() == at::kFloat && x_.size(-1) > 0, "x: float32 (..., K), K > 0");
+  const at::Tensor x = x_.contiguous();
+  const int64_t K = x.size(-1), M = x.numel() / K, N = w.size(0), G = group;
+  TORCH_CHECK(G > 0 && G % 2 == 0 && K % G == 0, "group: an even size dividing K");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 2 == K && N > 0,
+              "w: contiguous uint8 (N, K / 2)");
+  for (const at::Tensor* t : {&scales, &mins})
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == N * (K / G),
+                "scales, mins: contiguous float16 (N, K / group)");
+  check_bias(bias, N);
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  if (M == 0) return y;
+  const std::vector<float> a = int8_steps(x, M, K);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::Half* mp = mins.data_ptr<at::Half>();
+  const int64_t groups = K / G, half = G / 2;
+  thread_local std::vector<float> rows;  // (the panel's rows of the block, in each thread)
+  tiled_product(a.data(), M, K, N, bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                [&](int64_t k0, int64_t kc, int64_t p, float* block) {
+                  rows.resize(NR * KC);
+                  // each of the panel's weight rows into rows (row-major, loops the compiler vectorises), then
+                  // into the panel's layout. Element e of a group: the low nibble of its byte e (e < G / 2) or the
+                  // high nibble of byte e - G / 2; W = code * scale + min, as Int4Linear.dequantize computes it
+                  for (int64_t j = 0; j < NR; ++j) {
+                    const int64_t n = p * NR + j;
+                    float* out = rows.data() + j * KC;
+                    if (n >= N) {
+                      std::fill(out, out + kc, 0.f);
+                      continue;
+                    }
+                    const uint8_t* row = wp + n * (K / 2);
+                    for (int64_t k = k0; k < k0 + kc;) {
+                      const int64_t g = k / G, e0 = k % G, e1 = std::min(G, e0 + (k0 + kc - k));
+                      const uint8_t* bytes = row + g * half;
+                      const float scale = static_cast<float>(sp[n * groups + g]);
+                      const float low = static_cast<float>(mp[n * groups + g]);
+                      float* at = out + (k - e0 - k0);  // element e of the group goes to at[e]
+                      for (int64_t e = e0; e < std::min(e1, half); ++e)
+                        at[e] = static_cast<float>(bytes[e] & 15) * scale + low;
+                      for (int64_t e = std::max(e0, half); e < e1; ++e)
+                        at[e] = static_cast<float>(bytes[e - half] >> 4) * scale + low;
+                      k += e1 - e0;
+                    }
+                  }
+                  for (int64_t k = 0; k < kc; ++k)
+                    for (int64_t j = 0; j < NR; ++j) block[k * NR + j] = rows[j * KC + k];
+                  return const_cast<const float*>(block);
+                });
   return y;
 }
 
@@ -548,6 +677,8 @@ TORCH_LIBRARY_FRAGMENT(lmforge_cpu, m) {  // quant_cpu.cpp opens the library
   m.def("gelu_tanh(Tensor x) -> Tensor");
   m.def("pack_linear_weight(Tensor w) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor");
+  m.def("int8_linear_tiled(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("int4_linear_tiled(Tensor x, Tensor w, Tensor scales, Tensor mins, Tensor? bias, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge_cpu, CPU, m) {
@@ -556,4 +687,6 @@ TORCH_LIBRARY_IMPL(lmforge_cpu, CPU, m) {
   m.impl("gelu_tanh", &gelu_tanh);
   m.impl("pack_linear_weight", &pack_linear_weight);
   m.impl("packed_linear", &packed_linear);
+  m.impl("int8_linear_tiled", &int8_linear_tiled);
+  m.impl("int4_linear_tiled", &int4_linear_tiled);
 }

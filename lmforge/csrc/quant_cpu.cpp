@@ -38,6 +38,11 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 }
 #endif
 
+}  // namespace
+
+// (shared with decode_cpu.cpp's tiled products)
+namespace lmforge {
+
 // Each row of x (M, K) as int8 with one scale: q = round(x / s), s = max|x| / 127 (round half to even, as
 // torch.round). A row holding NaN or infinity gets a NaN scale (and zero codes), so its outputs are NaN.
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* scales) {
@@ -103,6 +108,11 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* scale
     for (; k < K; ++k) out[k] = (int8_t)std::nearbyint(row[k] / s);
   }
 }
+
+}  // namespace lmforge
+using lmforge::quantize_rows;
+
+namespace {
 
 void check_vector(const at::Tensor& t, int64_t n, const char* name, at::ScalarType type = at::kFloat) {
   TORCH_CHECK(t.scalar_type() == type && t.is_contiguous() && t.numel() == n, name, ": contiguous ", type, " of ", n,
