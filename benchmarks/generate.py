@@ -73,7 +73,7 @@ class Bandwidth:
 
 class MatmulRate:
     """The fastest float32 matrix product here, GFLOP/s: the best of torch.mm on 2048 x 2048 matrices (MKL), oneDNN's
-    packed linear and lmforge's packed_linear kernel (what the engine's prefill runs, where it builds), both on 1024
+    packed linear and lmforge's packed_linear kernel (what the engine's prefill runs with AVX2), both on 1024
     rows x 2048 -> 2048, each the median of several. A prefill is mostly matrix products, so this is its bound as
     decoding's is the read bandwidth. Measured in every round of the runs, like the bandwidth."""
 

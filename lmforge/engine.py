@@ -188,6 +188,16 @@ def _(x, packed, bias, out_features):
 #   0.96x at twenty (the second run with a sum at 31-35 GB/s, a fast minute).
 FEW_ROWS = {16: 2, 8: 16}
 
+# Where products of more rows run lmforge's packed_linear kernel rather than oneDNN's packed one, by the float lanes
+# of the kernels' vectors: with AVX2 (a Zen 3 EPYC, 2 threads), 180-189 GFLOP/s on GPT-2's four weight shapes at 17
+# to 512 rows against oneDNN's 129-155. AVX-512 keeps oneDNN: untimed (this machine has none).
+PACKED_LINEAR_LANES = (8,)
+
+# Where few_row_linear takes the small steps and oneDNN's packed copy the rest, the copy is laid out for at least this
+# many rows: laid out for one row, it made a 128-row prefill's linears 7% to 15% slower and a 16-row step's 23% (AVX2,
+# paired, when oneDNN ran such steps). (Without the kernels it also serves one-row steps, laid out for the batch.)
+PACK_ROWS = 64
+
 
 class DecodeLinear(nn.Module):
     """nn.Linear for fp32 inference on CPU, sharing the original's parameters.
@@ -196,11 +206,11 @@ class DecodeLinear(nn.Module):
       few_row_linear kernel (csrc/decode_cpu.cpp), which reads each weight row once for all of them, about as fast
       as a sum of the same bytes at one row (on an AVX-512 machine, in a paired run, the compiled step decoded 1.15x
       faster with it than with inductor's loops, and 1.25x faster again with a prefetch ahead of its reads).
-    - More rows (prefills, larger batches) go to lmforge's packed_linear kernel, on a copy of the weight laid out
-      for it (pack_linear_weight): on the AVX2 EPYC, 1.2x to 1.4x oneDNN's packed kernel on GPT-2's shapes at 17 to
-      512 rows, near the FMA units' peak.
-    - Where lmforge's kernels cannot be built (no C++ compiler, or neither AVX2 nor AVX-512), oneDNN runs on a
-      packed copy of the weight (PyTorch's default kernel for few-row products uses one core: ~8 GB/s on an AVX2
+    - More rows (prefills, larger batches) go, with AVX2 (PACKED_LINEAR_LANES), to lmforge's packed_linear kernel,
+      on a copy of the weight laid out for it (pack_linear_weight): on the AVX2 EPYC, 1.2x to 1.4x oneDNN's packed
+      kernel on GPT-2's shapes at 17 to 512 rows, near the FMA units' peak.
+    - Elsewhere (AVX-512, or where lmforge's kernels cannot be built: no C++ compiler, or neither AVX2 nor AVX-512),
+      oneDNN runs on a packed copy of the weight (PyTorch's default kernel for few-row products uses one core: ~8 GB/s on an AVX2
       machine, 9-13 on an AVX-512 one; the packed one both), and a single row inside the compiled decode step is
       written as multiply-and-sum, which inductor turns into a vectorised loop over all cores, fused with its
       neighbours.
@@ -217,15 +227,17 @@ class DecodeLinear(nn.Module):
         self.few_rows = FEW_ROWS.get(ops.vector_lanes(), 0) if ops is not None else 0
         # (the overloads: no lookup a call)
         self.few_row_linear = ops.few_row_linear.default if self.few_rows else None
-        self.packed_linear = ops.packed_linear.default if self.few_rows else None
-        self.rows = rows  # without the kernels, oneDNN's packing is laid out for products of this many rows
+        own = self.few_rows and ops.vector_lanes() in PACKED_LINEAR_LANES
+        self.packed_linear = ops.packed_linear.default if own else None
+        # oneDNN's packing (where it serves) is laid out for products of this many rows
+        self.rows = max(rows, PACK_ROWS) if self.few_rows else rows
         self.register_buffer("packed", None, persistent=False)
         self.repack()
 
     @torch.no_grad()
     def repack(self):
         w = self.weight.detach()
-        if self.packed_linear is not None:
+        if self.packed_linear is not None and w.device.type == "cpu" and w.dtype == torch.float32:
             self.packed = cpu_kernels().pack_linear_weight(w)
         elif _can_pack(w.device, w.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.rows)
@@ -238,12 +250,13 @@ class DecodeLinear(nn.Module):
                 and (b is None or b.is_contiguous())):  # (any rank in, the same out)
             if 0 < x.numel() <= self.few_rows * self.in_features:
                 return self.few_row_linear(x, w, b)
-            return self.packed_linear(x, self.packed, b, self.out_features)
+            if self.packed_linear is not None:
+                return self.packed_linear(x, self.packed, b, self.out_features)
         rows = x.reshape(-1, x.size(-1))
         if torch.compiler.is_compiling() and rows.size(0) == 1:
             y = (x.unsqueeze(-2) * self.weight).sum(-1)
             return y if self.bias is None else y + self.bias
-        elif self.packed is None or self.packed_linear is not None:
+        elif self.packed is None or self.packed_linear is not None:  # (the latter: x or the weight not float32)
             return F.linear(x, self.weight, self.bias)
         elif torch.compiler.is_compiling():
             y = packed_linear(rows, self.packed, self.bias, self.out_features)
@@ -662,8 +675,8 @@ class Engine:
         self._captured_at = self._weight_addresses()
 
     def _collapse(self) -> int:
-        """Move the weights and the KV cache onto 2 MB pages, when asked: the bytes moved (0 where the system cannot).
-        (oneDNN's packed copies, for prefill and batched steps, keep their memory to themselves.)"""
+        """Move the weights, their packed copies (lmforge's; oneDNN's keep their memory to themselves) and the KV cache
+        onto 2 MB pages, when asked: the bytes moved (0 where the system cannot)."""
         if not self.huge_pages:
             return 0
         return collapse(itertools.chain(self.model.parameters(), self.model.buffers(), self.cache.buffers()))

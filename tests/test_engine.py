@@ -260,7 +260,8 @@ def test_generation_after_each_real_optimizer_step_uses_the_new_weights(optimize
 
 def test_a_long_lived_engine_decodes_with_new_weights_after_refresh():
     """An engine built once (a server's) derives packed weights when built; refresh() remakes them after training,
-    and its greedy ids are the naive path's again, through the one-row and the all-slots steps."""
+    and its greedy ids are the naive path's again, through the one-row and the all-slots steps, and a prefill long
+    enough to read the packed copy."""
     tok = CharTokenizer.train(TEXT)
     model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, block_size=32))
     engine = Engine(model, tok, max_batch=2, max_seq_len=32)
@@ -274,7 +275,7 @@ def test_a_long_lived_engine_decodes_with_new_weights_after_refresh():
         opt.zero_grad(set_to_none=True)
         model.eval()
         engine.refresh()
-        prompts = [tok.encode("To be"), tok.encode("Whether")]
+        prompts = [tok.encode("To be"), tok.encode(TEXT[:18])]  # (18 rows: past few_row_linear, the packed copy's)
         alone = lmforge.generation.decode_ids(engine, prompts[:1], 12, temperature=0)
         both = lmforge.generation.decode_ids(engine, prompts, 12, temperature=0)
         for p, got in zip(prompts, both):

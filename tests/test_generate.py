@@ -347,7 +347,7 @@ def test_decode_linear_equals_linear_and_is_as_current_as_its_last_repack(in_fea
     few, one, many = torch.randn(1, 2, in_features), torch.randn(1, 1, in_features), torch.randn(4, 10, in_features)
     edge = torch.randn(1, max(fast.few_rows, 1), in_features), torch.randn(1, fast.few_rows + 1, in_features)
     with torch.no_grad():
-        for x in (few, one, many, *edge):  # (the most rows the kernel takes, and one more: oneDNN's)
+        for x in (few, one, many, *edge):  # (the most rows few_row_linear takes, and one more)
             torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-5)
         linear.weight.mul_(1.5)  # an in-place change, as an optimizer step makes
         if fast.few_rows >= 2:  # few rows read the weight in place: current already
@@ -356,6 +356,10 @@ def test_decode_linear_equals_linear_and_is_as_current_as_its_last_repack(in_fea
         torch.testing.assert_close(fast(many), linear(many), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.compile(fast, fullgraph=True)(many), linear(many), atol=1e-5, rtol=1e-5)
     assert fast.weight is linear.weight and fast.bias is linear.bias  # shared, not copied
+    linear.to(torch.bfloat16)  # the shared weights cast: no packed copy serves them, and none is needed
+    fast.repack()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(many.bfloat16()), linear(many.bfloat16()))
 
 
 @pytest.mark.skipif(NO_ONEDNN, reason="this PyTorch build has no oneDNN (mkldnn) linear kernels")
@@ -419,6 +423,9 @@ def test_the_packed_kernel_equals_a_float64_product_and_each_row_is_computed_alo
     assert ops.packed_linear(torch.randn(0, K), packed, b, N).shape == (0, N)
     with pytest.raises(RuntimeError, match="packed: pack_linear_weight of a float32"):
         ops.packed_linear(torch.randn(2, K + 1), packed, b, N)  # a copy packed for other sizes
+    square = ops.pack_linear_weight(torch.randn(32, 48))  # as many floats as a (48, 32) weight's copy
+    with pytest.raises(RuntimeError, match="packed: pack_linear_weight of a float32"):
+        ops.packed_linear(torch.randn(2, 32), square, None, 48)
 
 
 @pytest.mark.parametrize("compiled", [True, False])

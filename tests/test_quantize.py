@@ -107,11 +107,12 @@ def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, mon
 
 
 @pytest.mark.parametrize("M,K,N,group", [(1, 64, 3, 32), (7, 96, 50, 32), (150, 768, 33, 256), (40, 800, 16, 32),
-                                         (13, 384, 17, 128), (70, 1536, 20, 64)])
+                                         (13, 384, 17, 128), (70, 1536, 20, 64), (30, 800, 20, 160)])
 def test_the_tiled_quantized_kernels_equal_the_integer_ones_to_float_rounding(M, K, N, group, kernel_ops):
     """int8_linear_tiled and int4_linear_tiled (many rows: float products on the weight dequantized block by block)
     against int8_linear and int4_linear (integer dot products) on the same codes: inputs in one block of 384 or
-    several, with a remainder, and int4 groups that straddle two blocks (256); output columns that fill the last
+    several, with a remainder, and int4 groups that straddle two blocks (256: a block starts at a group's half; 160:
+    one starts in a group's high half, another ends in a low half); output columns that fill the last
     panel or not; rows past a block of 144. Rows holding NaN or infinity come out NaN, leaving the others alone; a
     row's outputs are the same bits alone or among others, with one thread or two."""
     ops = kernel_ops

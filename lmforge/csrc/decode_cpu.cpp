@@ -6,6 +6,10 @@
 //   of them (at one row, about as fast as a sum of the same bytes).
 // - lmforge_cpu::gelu_tanh: GPT-2's GELU (tanh approximation) in one pass, as x / (1 + exp(-2u)), for prefill's
 //   activations (PyTorch's own computes tanh at ~9 cycles an element on an AVX2 EPYC).
+// - lmforge_cpu::pack_linear_weight and packed_linear: x (M, K) @ w^T for many rows (prefill, large batches) in
+//   register tiles, on a copy of w laid out for them.
+// - lmforge_cpu::int8_linear_tiled and int4_linear_tiled: the quantized linears of quant_cpu.cpp for many rows, in
+//   the same tiles, on the weight dequantized block by block.
 // All use AVX-512 or AVX2 with FMA, whichever the build has, through the vector helpers below.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -405,10 +409,11 @@ at::Tensor gelu_tanh(const at::Tensor& x) {
 // laid out by pack_linear_weight. The copy holds w in panels of NR output columns: for each block of KC inputs, each
 // panel's KC x NR values in a row, so that a thread reads its columns' weights in one forward stream. A tile of MR rows
 // x NR columns accumulates in registers over a KC block (MR * 2 vectors, each weight vector used for MR rows, each x
-// value broadcast for 2 vectors), then adds into y. Threads split the panels; every output sums its products in the
-// same order (bias, then k = 0, 1, ...) whatever the number of threads or rows, so a row's result does not depend on
-// the others in the batch. On the AVX2 EPYC (Zen 3, 2 threads), 180-189 GFLOP/s on GPT-2's four shapes at 17 to 128
-// rows against oneDNN's packed kernel's 129-153, about the FMA units' peak (~180 measured).
+// value broadcast for 2 vectors), then adds into y. Threads split the blocks of MC rows x panels; every output sums
+// its products in the same order (bias, then k = 0, 1, ...) whatever the number of threads or rows, so within this
+// kernel a row's result does not depend on the others in the batch. On the AVX2 EPYC (Zen 3, 2 threads), 180-189
+// GFLOP/s on GPT-2's four shapes at 17 to 512 rows against oneDNN's packed kernel's 129-155, about the FMA units'
+// peak (~180 measured).
 #if defined(LMFORGE_VEC)
 constexpr int64_t NR = 2 * W;
 constexpr int MR = W == 16 ? 12 : 6;  // accumulators: MR * 2 of the 32 (AVX-512) or 16 (AVX2) vector registers
@@ -416,7 +421,8 @@ constexpr int MR = W == 16 ? 12 : 6;  // accumulators: MR * 2 of the 32 (AVX-512
 constexpr int64_t NR = 16;
 constexpr int MR = 4;
 #endif
-// KC inputs a block: a panel's block (KC x NR floats, 24 KB with AVX2) stays in L1 while every tile of rows uses it;
+// KC inputs a block: a panel's block (KC x NR floats, 24 KB with AVX2; 48 with AVX-512, past some L1s: untimed)
+// stays in L1 while every tile of rows uses it;
 // MC rows of x a block (MC x KC floats, 216 KB) stay in L2 while the panels pass. 384 was the best of 256, 384 and
 // 512 on the EPYC by a few percent.
 constexpr int64_t KC = 384;
@@ -471,7 +477,7 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(1) > 0, "w: float32 (N, K), K > 0");
   const at::Tensor src = w.contiguous();
   const int64_t N = w.size(0), K = w.size(1), P = panels(N);
-  at::Tensor out = at::zeros({P * NR * K}, w.options());  // (columns past N: zeros)
+  at::Tensor out = at::zeros({K, P * NR}, w.options());  // (columns past N: zeros)
   const float* s = src.data_ptr<float>();
   float* d = out.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
@@ -491,16 +497,22 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
 // of inputs k0.. (a pointer into a packed copy, or scratch filled in). Threads split the panels.
 template <class Block>
 void tiled_product(const float* a, int64_t M, int64_t K, int64_t N, const float* bias, float* c, Block block) {
-  const int64_t P = panels(N);
-  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+  // rows in blocks of at most MC, as even as whole tiles allow (512 rows: 4 x 128, not 3 x 144 + 80, which left
+  // one of two threads a third more work: 0.89x)
+  const int64_t P = panels(N), blocks = (M + MC - 1) / MC;
+  const int64_t mb = ((M + blocks - 1) / blocks + MR - 1) / MR * MR;
+  // work items: (block of rows, panel), panels fastest; a thread takes a run of them
+  at::parallel_for(0, blocks * P, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float init[NR];  // the panel's bias (zeros past N or without one)
-    alignas(64) float edge[MR * NR];  // the last panel's tile, where N is not a whole number of panels
-    std::vector<float> scratch(KC * NR);
-    for (int64_t i0 = 0; i0 < M; i0 += MC) {
-      const int64_t mc = std::min(MC, M - i0);
+    alignas(64) float edge[MR * NR] = {};  // the last panel's tile, where N is not a whole number of panels
+    thread_local std::vector<float> scratch;  // a dequantized block (block() fills it)
+    scratch.resize(KC * NR);
+    for (int64_t ib = begin / P; ib * P < end; ++ib) {
+      const int64_t i0 = ib * mb, mc = std::min(mb, M - i0);
+      const int64_t p0 = std::max(begin, ib * P) - ib * P, p1 = std::min(end, (ib + 1) * P) - ib * P;
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0);
-        for (int64_t p = begin; p < end; ++p) {
+        for (int64_t p = p0; p < p1; ++p) {
           const float* b = block(k0, kc, p, scratch.data());
           const int64_t n0 = p * NR, nc = std::min(NR, N - n0);
           if (k0 == 0)
@@ -539,9 +551,9 @@ at::Tensor packed_linear(const at::Tensor& x_, const at::Tensor& packed, const s
   TORCH_CHECK(x_.dim() >= 1 && x_.scalar_type() == at::kFloat && x_.size(-1) > 0, "x: float32 (..., K), K > 0");
   const at::Tensor x = x_.contiguous();
   const int64_t K = x.size(-1), M = x.numel() / K, P = panels(N);
-  TORCH_CHECK(N > 0 && packed.dim() == 1 && packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
-                  packed.numel() == P * NR * K,
-              "packed: pack_linear_weight of a float32 (N, K) weight, K = x's last size");
+  TORCH_CHECK(N > 0 && packed.dim() == 2 && packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
+                  packed.size(0) == K && packed.size(1) == P * NR,
+              "packed: pack_linear_weight of a float32 (n, K) weight, K = x's last size");
   check_bias(bias, N);
   at::Tensor y = at::empty(out_shape(x, N), x.options());
   if (M == 0) return y;
@@ -557,8 +569,8 @@ at::Tensor packed_linear(const at::Tensor& x_, const at::Tensor& packed, const s
 // (quant_cpu.cpp) round it, x_q * s_x, times the weight dequantized block by block into a panel's layout, through
 // the tiles above; the same products as those kernels' but for float rounding (they sum int8 products exactly). On
 // the AVX2 EPYC the integer dot products run no faster than float FMA (no VNNI: each 32 byte pairs take 3 to 4
-// instructions), so at many rows this is the faster way; the dequantizing costs a block's values once for all the
-// rows.
+// instructions), so at many rows this is the faster way; each block of the weight is dequantized once for every
+// block of up to MC rows.
 
 // x (M, K) rounded per row to int8 steps, in float
 std::vector<float> int8_steps(const at::Tensor& x, int64_t M, int64_t K) {
@@ -594,11 +606,13 @@ at::Tensor int8_linear_tiled(const at::Tensor& x_, const at::Tensor& w, const at
                   for (int64_t j = 0; j < NR; ++j) {
                     const int64_t n = p * NR + j;
                     float* out = rows.data() + j * KC;
+                    if (n >= N) {
+                      std::fill(out, out + kc, 0.f);
+                      continue;
+                    }
                     const int8_t* row = wp + n * K + k0;
-                    const float s = n < N ? sp[n] : 0.f;
-                    if (n >= N) std::fill(out, out + kc, 0.f);
-                    else
-                      for (int64_t k = 0; k < kc; ++k) out[k] = static_cast<float>(row[k]) * s;
+                    const float s = sp[n];
+                    for (int64_t k = 0; k < kc; ++k) out[k] = static_cast<float>(row[k]) * s;
                   }
                   for (int64_t k = 0; k < kc; ++k)
                     for (int64_t j = 0; j < NR; ++j) block[k * NR + j] = rows[j * KC + k];
@@ -646,11 +660,11 @@ at::Tensor int4_linear_tiled(const at::Tensor& x_, const at::Tensor& w, const at
                       const uint8_t* bytes = row + g * half;
                       const float scale = static_cast<float>(sp[n * groups + g]);
                       const float low = static_cast<float>(mp[n * groups + g]);
-                      float* at = out + (k - e0 - k0);  // element e of the group goes to at[e]
+                      float* at = out + (k - k0);  // element e of the group goes to at[e - e0]
                       for (int64_t e = e0; e < std::min(e1, half); ++e)
-                        at[e] = static_cast<float>(bytes[e] & 15) * scale + low;
+                        at[e - e0] = static_cast<float>(bytes[e] & 15) * scale + low;
                       for (int64_t e = std::max(e0, half); e < e1; ++e)
-                        at[e] = static_cast<float>(bytes[e - half] >> 4) * scale + low;
+                        at[e - e0] = static_cast<float>(bytes[e - half] >> 4) * scale + low;
                       k += e1 - e0;
                     }
                   }
