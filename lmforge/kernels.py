@@ -124,8 +124,10 @@ def _register_fakes():
         return torch.empty_like(x)
 
     @torch.library.register_fake("lmforge_cpu::pack_linear_weight")
-    def _(w):
-        raise NotImplementedError("pack_linear_weight: pack the weights before compiling")
+    def _(w):  # (K, output columns padded to whole panels of two vectors: 16 floats without vectors)
+        lanes = torch.ops.lmforge_cpu.vector_lanes()
+        panel = 2 * lanes if lanes > 1 else 16
+        return w.new_empty(w.size(1), -(-w.size(0) // panel) * panel)
 
     @torch.library.register_fake("lmforge_cpu::packed_linear")
     def _(x, packed, bias, n):
