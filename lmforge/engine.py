@@ -210,10 +210,10 @@ class DecodeLinear(nn.Module):
       on a copy of the weight laid out for it (pack_linear_weight): on the AVX2 EPYC, 1.2x to 1.4x oneDNN's packed
       kernel on GPT-2's shapes at 17 to 512 rows, near the FMA units' peak.
     - Elsewhere (AVX-512, or where lmforge's kernels cannot be built: no C++ compiler, or neither AVX2 nor AVX-512),
-      oneDNN runs on a packed copy of the weight (PyTorch's default kernel for few-row products uses one core: ~8 GB/s on an AVX2
-      machine, 9-13 on an AVX-512 one; the packed one both), and a single row inside the compiled decode step is
-      written as multiply-and-sum, which inductor turns into a vectorised loop over all cores, fused with its
-      neighbours.
+      oneDNN runs on a packed copy of the weight (PyTorch's default kernel for few-row products uses one core: ~8 GB/s
+      on an AVX2 machine, 9-13 on an AVX-512 one; the packed one both). Without the kernels, a single row inside the
+      compiled decode step is written as multiply-and-sum, which inductor turns into a vectorised loop over all
+      cores, fused with its neighbours.
     The packed copy is made by repack() (the engine's refresh()), so it is exactly as current as the last call to it;
     the other paths read the weight itself.
     """
