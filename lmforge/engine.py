@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from .errors import UserError
 from .kernels import cpu_kernels
 from .model import GPT, SDPAttention
+from .quantize import Int4Linear
 from .pages import collapse, keep_freed_memory, proc_bytes
 from .sampling import apply_repetition_penalty, check_sampling, check_stop, sample_next_token
 
@@ -265,6 +266,35 @@ class DecodeLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class DecodeInt4Linear(nn.Module):
+    """Int4Linear for CPU inference with AVX2, sharing the original's buffers: fewer rows than its tiled kernel takes
+    (decode steps, short prompts) run lmforge's int4_linear_rows8 kernel (csrc/quant_cpu.cpp) on a copy of the codes
+    laid out in blocks of 8 rows (Int4Linear.rows8), which reads x's codes once for 8 weight rows and sums them in
+    vector lanes, where int4_linear unpacks and sums row by row. More rows run the original. The copy is made by
+    repack() (the engine's refresh())."""
+
+    def __init__(self, q: Int4Linear):
+        super().__init__()
+        self.q = q
+        self.rows8 = cpu_kernels().int4_linear_rows8.default
+        for name in ("w8", "scales8", "mins8"):
+            self.register_buffer(name, None, persistent=False)
+        self.repack()
+
+    @torch.no_grad()
+    def repack(self):
+        self.w8, self.scales8, self.mins8 = self.q.rows8()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q
+        if x.device.type != "cpu" or not 0 < x.numel() < q.tiled_rows * q.in_features:
+            return q(x)
+        rows = x.reshape(-1, q.in_features).float().contiguous()
+        bias = None if q.bias is None else q.bias.float()
+        y = self.rows8(rows, self.w8, self.scales8, self.mins8, bias, q.group_size, q.out_features)
+        return y.to(x.dtype).view(*x.shape[:-1], q.out_features)
+
+
 class OneQueryAttention(SDPAttention):
     """Attention of one query per row over the KV cache, on CPU. With a causal (bool) mask it calls lmforge's kernel
     (csrc/decode_cpu.cpp), which reads only the slots the mask allows: each row's positions so far. Inside the
@@ -328,7 +358,7 @@ def unwrap(model) -> GPT:
 def inference_copy(model: GPT, rows: int = 1) -> GPT:
     """New module objects in eval mode sharing the model's parameters and buffers, with the CPU speed-up modules
     swapped in (fp32 on CPU): DecodeLinear for every nn.Linear, OneQueryAttention for SDPA, FastGELU for GPT-2's
-    GELU."""
+    GELU, and with AVX2 DecodeInt4Linear for int4 layers of groups of 32, 64, ...."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     inference = copy.deepcopy(model, memo=shared).eval()
     inference.sparse_embedding_grad = False  # (no gradients here; a dense lookup compiles into the step's own code)
@@ -345,6 +375,9 @@ def inference_copy(model: GPT, rows: int = 1) -> GPT:
                 setattr(parent, name, OneQueryAttention())
             elif type(child) is nn.GELU and child.approximate == "tanh" and vectors:
                 setattr(parent, name, FastGELU())
+            elif (type(child) is Int4Linear and child.group_size % 32 == 0 and vectors and ops.vector_lanes() == 8
+                  and child.weight.device.type == "cpu"):
+                setattr(parent, name, DecodeInt4Linear(child))
     return inference
 
 
@@ -544,7 +577,7 @@ class Engine:
         """Remake what the engine derived from the weights (the packed copies on CPU): call it after they change.
         (The CUDA graphs need no call: they read the weights in place, and are recaptured when one moves.)"""
         for module in self.model.modules():
-            if isinstance(module, DecodeLinear):
+            if isinstance(module, (DecodeLinear, DecodeInt4Linear)):
                 module.repack()
         self.huge_page_bytes = self._collapse()  # (weights given new memory since are moved too)
 

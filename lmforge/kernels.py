@@ -133,6 +133,10 @@ def _register_fakes():
     def _(x, packed, bias, n):
         return x.new_empty(*x.shape[:-1], n)
 
+    @torch.library.register_fake("lmforge_cpu::int4_linear_rows8")
+    def _(x, w8, scales8, mins8, bias, group, n):
+        return x.new_empty(x.size(0), n)
+
     @torch.library.register_fake("lmforge_cpu::int8_linear_tiled")
     def _(x, w, scales, bias):
         return x.new_empty(*x.shape[:-1], w.size(0))

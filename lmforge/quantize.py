@@ -193,6 +193,18 @@ class Int4Linear(nn.Module):
         scales, mins = self.scales.float(), self.mins.float()
         return (codes * scales[..., None] + mins[..., None]).view(self.out_features, self.in_features)
 
+    @torch.no_grad()
+    def rows8(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The codes, scales and minimums laid out for lmforge_cpu::int4_linear_rows8 (csrc/quant_cpu.cpp): rows in
+        blocks of 8 (the last padded with zeros), each block's packed bytes as (K / 8, 8, 4), 4 bytes of each of
+        its rows side by side, and its scales and minimums as (groups, 8)."""
+        pad = -self.out_features % 8
+        blocks = (self.out_features + pad) // 8
+        w8 = F.pad(self.weight, (0, 0, 0, pad)).view(blocks, 8, -1, 4).transpose(1, 2).contiguous()
+        scales8, mins8 = (F.pad(t, (0, 0, 0, pad)).view(blocks, 8, -1).transpose(1, 2).contiguous()
+                          for t in (self.scales, self.mins))
+        return w8, scales8, mins8
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             if torch.compiler.is_compiling() and x.numel() == x.size(-1):  # one row, compiled: see _one_row

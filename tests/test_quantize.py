@@ -143,6 +143,35 @@ def test_the_tiled_quantized_kernels_equal_the_integer_ones_to_float_rounding(M,
         ops.int4_linear_tiled(x, q4.weight, q4.scales, q4.mins, None, 3)
 
 
+@pytest.mark.parametrize("K,N,group", [(64, 3, 32), (96, 50, 32), (768, 24, 64), (256, 17, 128)])
+def test_the_8_row_int4_kernel_equals_int4_linear(K, N, group, kernel_ops):
+    """int4_linear_rows8 on Int4Linear.rows8's copy (8 weight rows a block, the last padded) against int4_linear, to
+    float rounding: 1 to 20 rows of x, bias or none, a row holding NaN; and through DecodeInt4Linear, which the
+    engine swaps in (with AVX2), eagerly and compiled, past its rows (the original's path) too."""
+    from lmforge.engine import DecodeInt4Linear
+    ops = kernel_ops
+    torch.manual_seed(0)
+    q4 = Int4Linear.from_linear(nn.Linear(K, N), group)
+    w8, s8, m8 = q4.rows8()
+    for M in (1, 2, 5, 8, 20):
+        x = torch.randn(M, K) * 3
+        if M > 2:
+            x[1, 0] = float("nan")
+        for bias in (q4.bias, None):
+            torch.testing.assert_close(ops.int4_linear_rows8(x, w8, s8, m8, bias, group, N),
+                                       ops.int4_linear(x, q4.weight, q4.scales, q4.mins, bias, group),
+                                       atol=1e-5, rtol=1e-5, equal_nan=True)
+    fast = DecodeInt4Linear(q4)
+    with torch.no_grad():
+        for x in (torch.randn(1, 1, K), torch.randn(3, K), torch.randn(2, 40, K)):
+            torch.testing.assert_close(fast(x), q4(x), atol=1e-5, rtol=1e-5)
+        torch._dynamo.reset()  # (one compiled form for each of these layers, not a pile-up past dynamo's limit)
+        x = torch.randn(3, K)
+        torch.testing.assert_close(torch.compile(fast, fullgraph=True)(x), q4(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="w8: Int4Linear.rows8's"):
+        ops.int4_linear_rows8(torch.randn(1, K), w8, s8, m8, None, group, N + 8)
+
+
 def test_the_int8_kernel_takes_every_int8_code_minus_128_included(monkeypatch, kernel_ops):
     """Quantizing never writes -128, but a loaded state may hold it: the kernel's vector trick (multiplying unsigned by
     signed bytes) must not negate it, so the product stays bit for bit the PyTorch path's. (kernel_ops: skipped where

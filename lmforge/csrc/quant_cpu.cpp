@@ -350,12 +350,104 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
+// int4_linear on a copy laid out for decoding (Int4Linear.rows8 in lmforge/quantize.py): rows of W in blocks of 8,
+// each block's packed bytes as w8 (blocks, K / 8, 8, 4): for every 4 bytes of a row, the same 4 bytes of the block's 8
+// rows side by side; scales and minimums as (blocks, groups, 8). A 32-byte load then holds 4 bytes of each of 8 rows,
+// so a product with x's 4 codes of that place (broadcast) gives the 8 rows' partial sums in 8 lanes, and the rows'
+// scales and minimums of a group are one vector each: no horizontal sums, x's codes read once for 8 rows (as
+// llama.cpp's repacked q4_0 does for AVX2). Within a group the 16-bit pair sums of 8 products (each at most
+// 2 * 15 * 127) add up to at most 30480, exact in 16 bits, before one widening to 32 bits. For G a multiple of 32.
+// y (M, N) = s_x * sum_g (scales[n, g] * (codes . q)_g + mins[n, g] * sum(q)_g) (+ bias), as int4_linear.
+at::Tensor int4_linear_rows8(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scales8,
+                             const at::Tensor& mins8, const std::optional<at::Tensor>& bias, int64_t group, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  const int64_t M = x.size(0), K = x.size(1), G = group, B = (N + 7) / 8;
+  TORCH_CHECK(G > 0 && G % 32 == 0 && K % G == 0, "group: a multiple of 32 dividing K");
+  const int64_t groups = K / G;
+  TORCH_CHECK(w8.scalar_type() == at::kByte && w8.is_contiguous() && w8.numel() == B * 8 * (K / 2),
+              "w8: Int4Linear.rows8's contiguous uint8 (N / 8, K / 8, 8, 4)");
+  check_vector(scales8, B * groups * 8, "scales8", at::kHalf);
+  check_vector(mins8, B * groups * 8, "mins8", at::kHalf);
+  if (bias.has_value()) check_vector(*bias, N, "bias");
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M), xsum(M * groups);
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xs.data());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t total = 0;
+      for (int64_t j = 0; j < G; ++j) total += xq[m * K + g * G + j];
+      xsum[m * groups + g] = (float)total;
+    }
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint8_t* wp = w8.data_ptr<uint8_t>();
+  const at::Half* sp = scales8.data_ptr<at::Half>();
+  const at::Half* mp = mins8.data_ptr<at::Half>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* block = wp + b * (K / 2) * 8;  // (K / 8 places, 8 rows, 4 bytes)
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* q = xq.data() + m * K;
+        float out[8];
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+        const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g) {
+          __m256i dots = _mm256_setzero_si256();
+          for (int64_t c0 = 0; c0 < G / 8; c0 += 4) {  // 4 places of 4 bytes: 8 codes of each row per place
+            __m256i pairs = _mm256_setzero_si256();
+            for (int64_t c = c0; c < c0 + 4; ++c) {
+              const __m256i p = _mm256_loadu_si256((const __m256i*)(block + (g * (G / 8) + c) * 32));
+              int32_t lo, hi;  // x's codes that meet the low nibbles (group elements 4c..) and the high ones
+              std::memcpy(&lo, q + g * G + 4 * c, 4);
+              std::memcpy(&hi, q + g * G + G / 2 + 4 * c, 4);
+              pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(_mm256_and_si256(p, low4), _mm256_set1_epi32(lo)));
+              pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(p, 4), low4),
+                                                                   _mm256_set1_epi32(hi)));
+            }
+            dots = _mm256_add_epi32(dots, _mm256_madd_epi16(pairs, ones));
+          }
+          const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sp + (b * groups + g) * 8)));
+          const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mp + (b * groups + g) * 8)));
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), sc, acc);
+          acc = _mm256_fmadd_ps(mn, _mm256_set1_ps(xsum[m * groups + g]), acc);
+        }
+        _mm256_storeu_ps(out, acc);
+#else
+        for (int r = 0; r < 8; ++r) {
+          float total = 0.f;
+          for (int64_t g = 0; g < groups; ++g) {
+            int32_t dot = 0;
+            for (int64_t c = 0; c < G / 8; ++c)
+              for (int i = 0; i < 4; ++i) {
+                const uint8_t byte = block[((g * (G / 8) + c) * 8 + r) * 4 + i];
+                dot += (int32_t)(byte & 15) * q[g * G + 4 * c + i] + (int32_t)(byte >> 4) * q[g * G + G / 2 + 4 * c + i];
+              }
+            const int64_t at = (b * groups + g) * 8 + r;
+            total += (float)dot * static_cast<float>(sp[at]) + static_cast<float>(mp[at]) * xsum[m * groups + g];
+          }
+          out[r] = total;
+        }
+#endif
+        for (int64_t r = 0; r < 8 && b * 8 + r < N; ++r) {
+          const float v = out[r] * xs[m];
+          yp[m * N + b * 8 + r] = bp ? v + bp[b * 8 + r] : v;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 TORCH_LIBRARY(lmforge_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor mins, Tensor? bias, int group) -> Tensor");
+  m.def("int4_linear_rows8(Tensor x, Tensor w8, Tensor scales8, Tensor mins8, Tensor? bias, int group, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge_cpu, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("int4_linear_rows8", &int4_linear_rows8);
 }
