@@ -422,7 +422,8 @@ at::Tensor int4_linear_rows8(const at::Tensor& x, const at::Tensor& w8, const at
             for (int64_t c = 0; c < G / 8; ++c)
               for (int i = 0; i < 4; ++i) {
                 const uint8_t byte = block[((g * (G / 8) + c) * 8 + r) * 4 + i];
-                dot += (int32_t)(byte & 15) * q[g * G + 4 * c + i] + (int32_t)(byte >> 4) * q[g * G + G / 2 + 4 * c + i];
+                dot += (int32_t)(byte & 15) * q[g * G + 4 * c + i] +
+                       (int32_t)(byte >> 4) * q[g * G + G / 2 + 4 * c + i];
               }
             const int64_t at = (b * groups + g) * 8 + r;
             total += (float)dot * static_cast<float>(sp[at]) + static_cast<float>(mp[at]) * xsum[m * groups + g];
@@ -443,7 +444,8 @@ at::Tensor int4_linear_rows8(const at::Tensor& x, const at::Tensor& w8, const at
 TORCH_LIBRARY(lmforge_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor mins, Tensor? bias, int group) -> Tensor");
-  m.def("int4_linear_rows8(Tensor x, Tensor w8, Tensor scales8, Tensor mins8, Tensor? bias, int group, int n) -> Tensor");
+  m.def("int4_linear_rows8(Tensor x, Tensor w8, Tensor scales8, Tensor mins8, Tensor? bias, int group, int n) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge_cpu, CPU, m) {
