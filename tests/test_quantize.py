@@ -143,11 +143,13 @@ def test_the_tiled_quantized_kernels_equal_the_integer_ones_to_float_rounding(M,
         ops.int4_linear_tiled(x, q4.weight, q4.scales, q4.mins, None, 3)
 
 
-@pytest.mark.parametrize("K,N,group", [(64, 3, 32), (96, 50, 32), (768, 24, 64), (256, 17, 128)])
+@pytest.mark.parametrize("K,N,group", [(64, 3, 32), (96, 50, 32), (768, 24, 64), (256, 17, 128), (32, 200, 32),
+                                       (256, 9, 256)])
 def test_the_8_row_int4_kernel_equals_int4_linear(K, N, group, kernel_ops):
-    """int4_linear_rows8 on Int4Linear.rows8's copy (8 weight rows a block, the last padded) against int4_linear, to
-    float rounding: 1 to 20 rows of x, bias or none, a row holding NaN; and through DecodeInt4Linear, which the
-    engine swaps in (with AVX2), eagerly and compiled, past its rows (the original's path) too."""
+    """int4_linear_rows8 on Int4Linear.rows8's copy (8 weight rows a block, the last padded; 200 rows: 25 blocks, more
+    than one thread's share) against int4_linear, to float rounding: 1 to 20 rows of x, bias or none, a row holding
+    NaN, K a single group; and through DecodeInt4Linear, which the engine swaps in (with AVX2), eagerly and
+    compiled. The copy is checked for its shape, not only its size."""
     from lmforge.engine import DecodeInt4Linear
     ops = kernel_ops
     torch.manual_seed(0)
@@ -170,6 +172,26 @@ def test_the_8_row_int4_kernel_equals_int4_linear(K, N, group, kernel_ops):
         torch.testing.assert_close(torch.compile(fast, fullgraph=True)(x), q4(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="w8: Int4Linear.rows8's"):
         ops.int4_linear_rows8(torch.randn(1, K), w8, s8, m8, None, group, N + 8)
+    if N % 8 == 0:  # the layer's own buffers hold as many values as the copy: refused by their shapes
+        with pytest.raises(RuntimeError, match="Int4Linear.rows8's"):
+            ops.int4_linear_rows8(torch.randn(1, K), q4.weight, q4.scales, q4.mins, None, group, N)
+
+
+@pytest.mark.parametrize("group", [32, 64, 256])
+def test_the_8_row_int4_kernel_is_exact_at_its_largest_sums(group, kernel_ops):
+    """Every code 15 against x's largest codes (+127 or -127 everywhere): the 16-bit lanes of int4_linear_rows8 reach
+    their largest sums (8 pair sums of 2 * 15 * 127) and must not wrap, for groups past 32 too."""
+    ops = kernel_ops
+    K, N = 2 * group, 16
+    q4 = Int4Linear.from_linear(nn.Linear(K, N), group)
+    q4.weight.fill_(0xFF)  # both nibbles 15
+    q4.scales.fill_(1.0)
+    q4.mins.fill_(0.0)
+    w8, s8, m8 = q4.rows8()
+    for sign in (1.0, -1.0):
+        x = torch.full((2, K), sign)
+        want = torch.full((2, N), sign * 15.0 * K)  # x's codes +-127 at scale 1/127: W . x exactly
+        torch.testing.assert_close(ops.int4_linear_rows8(x, w8, s8, m8, None, group, N), want, rtol=1e-6, atol=0)
 
 
 def test_the_int8_kernel_takes_every_int8_code_minus_128_included(monkeypatch, kernel_ops):

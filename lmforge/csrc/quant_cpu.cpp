@@ -1,8 +1,8 @@
 // Weight-only quantized linears for CPU, with the input quantized to int8 per row (as llama.cpp's q8_0 and q4_0
 // dot products do): int8 x int8 and int4 x int8 dot products with AVX-512 VNNI where the CPU has it, AVX2 where it
 // has that, plain loops elsewhere. Built on first use by lmforge/kernels.py; the operators are lmforge_cpu::int8_linear
-// and lmforge_cpu::int4_linear, and lmforge/quantize.py holds the same computation in PyTorch (the tests compare
-// them).
+// and lmforge_cpu::int4_linear, and int4_linear_rows8 on a copy laid out in blocks of 8 rows (the engine's); and
+// lmforge/quantize.py holds the same computation in PyTorch (the tests compare them).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -355,8 +355,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // rows side by side; scales and minimums as (blocks, groups, 8). A 32-byte load then holds 4 bytes of each of 8 rows,
 // so a product with x's 4 codes of that place (broadcast) gives the 8 rows' partial sums in 8 lanes, and the rows'
 // scales and minimums of a group are one vector each: no horizontal sums, x's codes read once for 8 rows (as
-// llama.cpp's repacked q4_0 does for AVX2). Within a group the 16-bit pair sums of 8 products (each at most
-// 2 * 15 * 127) add up to at most 30480, exact in 16 bits, before one widening to 32 bits. For G a multiple of 32.
+// llama.cpp's repacked q4_0 does for AVX2). For every 32 codes of a row (4 places), the 16-bit lanes add up 8 pair
+// sums of at most 2 * 15 * 127 each: at most 30480, exact in 16 bits, before a widening to 32 bits. For G a multiple
+// of 32.
 // y (M, N) = s_x * sum_g (scales[n, g] * (codes . q)_g + mins[n, g] * sum(q)_g) (+ bias), as int4_linear.
 at::Tensor int4_linear_rows8(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scales8,
                              const at::Tensor& mins8, const std::optional<at::Tensor>& bias, int64_t group, int64_t N) {
@@ -364,10 +365,13 @@ at::Tensor int4_linear_rows8(const at::Tensor& x, const at::Tensor& w8, const at
   const int64_t M = x.size(0), K = x.size(1), G = group, B = (N + 7) / 8;
   TORCH_CHECK(G > 0 && G % 32 == 0 && K % G == 0, "group: a multiple of 32 dividing K");
   const int64_t groups = K / G;
-  TORCH_CHECK(w8.scalar_type() == at::kByte && w8.is_contiguous() && w8.numel() == B * 8 * (K / 2),
+  TORCH_CHECK(w8.scalar_type() == at::kByte && w8.is_contiguous() && w8.dim() == 4 && w8.size(0) == B &&
+                  w8.size(1) == K / 8 && w8.size(2) == 8 && w8.size(3) == 4,
               "w8: Int4Linear.rows8's contiguous uint8 (N / 8, K / 8, 8, 4)");
-  check_vector(scales8, B * groups * 8, "scales8", at::kHalf);
-  check_vector(mins8, B * groups * 8, "mins8", at::kHalf);
+  for (const at::Tensor* t : {&scales8, &mins8})
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 3 && t->size(0) == B &&
+                    t->size(1) == groups && t->size(2) == 8,
+                "scales8, mins8: Int4Linear.rows8's contiguous float16 (N / 8, groups, 8)");
   if (bias.has_value()) check_vector(*bias, N, "bias");
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M), xsum(M * groups);
