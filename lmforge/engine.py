@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from .errors import UserError
 from .kernels import cpu_kernels
 from .model import GPT, SDPAttention
-from .quantize import Int4Linear
 from .pages import collapse, keep_freed_memory, proc_bytes
+from .quantize import Int4Linear
 from .sampling import apply_repetition_penalty, check_sampling, check_stop, sample_next_token
 
 
@@ -360,7 +360,7 @@ def unwrap(model) -> GPT:
 def inference_copy(model: GPT, rows: int = 1) -> GPT:
     """New module objects in eval mode sharing the model's parameters and buffers, with the CPU speed-up modules
     swapped in (fp32 on CPU): DecodeLinear for every nn.Linear, OneQueryAttention for SDPA, FastGELU for GPT-2's
-    GELU, and with AVX2 DecodeInt4Linear for int4 layers of groups of 32, 64, ...."""
+    GELU, and with AVX2 DecodeInt4Linear for int4 layers whose groups are a multiple of 32."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     inference = copy.deepcopy(model, memo=shared).eval()
     inference.sparse_embedding_grad = False  # (no gradients here; a dense lookup compiles into the step's own code)
