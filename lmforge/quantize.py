@@ -12,7 +12,9 @@ On CPU both also round each input row to int8 steps (one scale per row) and take
 does for q8_0 and q4_0: in one call of the kernels of csrc/quant_cpu.cpp (AVX-512 VNNI or AVX2, built for the
 machine on first use by kernels.py), or where those cannot be built, the same computation in PyTorch operators. On
 an AVX2 CPU, many rows at once (a prefill) take the same products in float instead (csrc/decode_cpu.cpp's tiled
-kernels, on the weight dequantized block by block: see TILED_ROWS), the same results to float rounding.
+kernels, on the weight dequantized block by block: see TILED_ROWS), the same results to float rounding. An engine
+on an AVX2 CPU runs its int4 layers through a copy of the codes in blocks of 8 rows (Int4Linear.rows8, the engine's
+DecodeInt4Linear), which doubles their memory there.
 Elsewhere (CUDA) the weight is dequantized on the fly into the input's dtype; inside a compiled step, one input row is
 written as sums of products of the stored codes, which inductor fuses into kernels that read the codes once.
 A tied token embedding becomes the dequantized output matrix, so the run stores that matrix once, quantized.
@@ -61,6 +63,7 @@ def _tiled_rows(which: int) -> float:
     """TILED_ROWS for this machine, int8's (0) or int4's (1); infinity where the kernels did not build."""
     ops = cpu_kernels()
     return math.inf if ops is None else TILED_ROWS.get(ops.vector_lanes(), (math.inf, math.inf))[which]
+
 
 def _keeping_dtypes(module: nn.Module, names: tuple[str, ...], apply) -> nn.Module:
     """Run nn.Module._apply (a cast or a move) but keep these buffers in the dtype they had: moved, never cast."""
