@@ -584,6 +584,28 @@ std::vector<float> int8_steps(const at::Tensor& x, int64_t M, int64_t K) {
   return out;
 }
 
+// y (M, N) = (x rounded per row to int8 steps) @ W^T + bias, W given row by row: row(n, k0, kc, out) writes W[n, k0 ..
+// k0 + kc) to out. Each panel's rows of a block are written row-major first (loops the compiler vectorises), then
+// moved into the panel's layout.
+template <class Row>
+void dequantized_product(const at::Tensor& x, int64_t M, int64_t K, int64_t N, const std::optional<at::Tensor>& bias,
+                         at::Tensor& y, Row row) {
+  const std::vector<float> a = int8_steps(x, M, K);
+  thread_local std::vector<float> rows;  // (the panel's rows of the block, in each thread)
+  tiled_product(a.data(), M, K, N, bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                [&](int64_t k0, int64_t kc, int64_t p, float* block) {
+                  rows.resize(NR * KC);
+                  for (int64_t j = 0; j < NR; ++j) {
+                    float* out = rows.data() + j * KC;
+                    if (p * NR + j < N) row(p * NR + j, k0, kc, out);
+                    else std::fill(out, out + kc, 0.f);
+                  }
+                  for (int64_t k = 0; k < kc; ++k)
+                    for (int64_t j = 0; j < NR; ++j) block[k * NR + j] = rows[j * KC + k];
+                  return const_cast<const float*>(block);
+                });
+}
+
 at::Tensor int8_linear_tiled(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales,
                              const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x_.dim() >= 1 && x_.scalar_type() == at::kFloat && x_.size(-1) > 0, "x: float32 (..., K), K > 0");
@@ -596,28 +618,12 @@ at::Tensor int8_linear_tiled(const at::Tensor& x_, const at::Tensor& w, const at
   check_bias(bias, N);
   at::Tensor y = at::empty(out_shape(x, N), x.options());
   if (M == 0) return y;
-  const std::vector<float> a = int8_steps(x, M, K);
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
-  thread_local std::vector<float> rows;  // (the panel's rows of the block, in each thread)
-  tiled_product(a.data(), M, K, N, bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(),
-                [&](int64_t k0, int64_t kc, int64_t p, float* block) {
-                  rows.resize(NR * KC);  // the panel's rows of the block first (a loop the compiler vectorises)
-                  for (int64_t j = 0; j < NR; ++j) {
-                    const int64_t n = p * NR + j;
-                    float* out = rows.data() + j * KC;
-                    if (n >= N) {
-                      std::fill(out, out + kc, 0.f);
-                      continue;
-                    }
-                    const int8_t* row = wp + n * K + k0;
-                    const float s = sp[n];
-                    for (int64_t k = 0; k < kc; ++k) out[k] = static_cast<float>(row[k]) * s;
-                  }
-                  for (int64_t k = 0; k < kc; ++k)
-                    for (int64_t j = 0; j < NR; ++j) block[k * NR + j] = rows[j * KC + k];
-                  return const_cast<const float*>(block);
-                });
+  dequantized_product(x, M, K, N, bias, y, [&](int64_t n, int64_t k0, int64_t kc, float* out) {
+    const int8_t* codes = wp + n * K + k0;
+    for (int64_t k = 0; k < kc; ++k) out[k] = static_cast<float>(codes[k]) * sp[n];
+  });
   return y;
 }
 
@@ -635,43 +641,25 @@ at::Tensor int4_linear_tiled(const at::Tensor& x_, const at::Tensor& w, const at
   check_bias(bias, N);
   at::Tensor y = at::empty(out_shape(x, N), x.options());
   if (M == 0) return y;
-  const std::vector<float> a = int8_steps(x, M, K);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const at::Half* sp = scales.data_ptr<at::Half>();
   const at::Half* mp = mins.data_ptr<at::Half>();
   const int64_t groups = K / G, half = G / 2;
-  thread_local std::vector<float> rows;  // (the panel's rows of the block, in each thread)
-  tiled_product(a.data(), M, K, N, bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(),
-                [&](int64_t k0, int64_t kc, int64_t p, float* block) {
-                  rows.resize(NR * KC);
-                  // each of the panel's weight rows into rows (row-major, loops the compiler vectorises), then
-                  // into the panel's layout. Element e of a group: the low nibble of its byte e (e < G / 2) or the
-                  // high nibble of byte e - G / 2; W = code * scale + min, as Int4Linear.dequantize computes it
-                  for (int64_t j = 0; j < NR; ++j) {
-                    const int64_t n = p * NR + j;
-                    float* out = rows.data() + j * KC;
-                    if (n >= N) {
-                      std::fill(out, out + kc, 0.f);
-                      continue;
-                    }
-                    const uint8_t* row = wp + n * (K / 2);
-                    for (int64_t k = k0; k < k0 + kc;) {
-                      const int64_t g = k / G, e0 = k % G, e1 = std::min(G, e0 + (k0 + kc - k));
-                      const uint8_t* bytes = row + g * half;
-                      const float scale = static_cast<float>(sp[n * groups + g]);
-                      const float low = static_cast<float>(mp[n * groups + g]);
-                      float* at = out + (k - k0);  // element e of the group goes to at[e - e0]
-                      for (int64_t e = e0; e < std::min(e1, half); ++e)
-                        at[e - e0] = static_cast<float>(bytes[e] & 15) * scale + low;
-                      for (int64_t e = std::max(e0, half); e < e1; ++e)
-                        at[e - e0] = static_cast<float>(bytes[e - half] >> 4) * scale + low;
-                      k += e1 - e0;
-                    }
-                  }
-                  for (int64_t k = 0; k < kc; ++k)
-                    for (int64_t j = 0; j < NR; ++j) block[k * NR + j] = rows[j * KC + k];
-                  return const_cast<const float*>(block);
-                });
+  // Element e of a group: the low nibble of its byte e (e < G / 2) or the high nibble of byte e - G / 2;
+  // W = code * scale + min, as Int4Linear.dequantize computes it
+  dequantized_product(x, M, K, N, bias, y, [&](int64_t n, int64_t k0, int64_t kc, float* out) {
+    const uint8_t* row = wp + n * (K / 2);
+    for (int64_t k = k0; k < k0 + kc;) {
+      const int64_t g = k / G, e0 = k % G, e1 = std::min(G, e0 + (k0 + kc - k));
+      const uint8_t* bytes = row + g * half;
+      const float scale = static_cast<float>(sp[n * groups + g]), low = static_cast<float>(mp[n * groups + g]);
+      float* at = out + (k - k0);  // element e of the group goes to at[e - e0]
+      for (int64_t e = e0; e < std::min(e1, half); ++e) at[e - e0] = static_cast<float>(bytes[e] & 15) * scale + low;
+      for (int64_t e = std::max(e0, half); e < e1; ++e)
+        at[e - e0] = static_cast<float>(bytes[e - half] >> 4) * scale + low;
+      k += e1 - e0;
+    }
+  });
   return y;
 }
 
