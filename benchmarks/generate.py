@@ -8,13 +8,13 @@
     llama.cpp                         llama-cpp-python, an f32 GGUF of the same weights (from lmforge's exporter),
                                       driven token by token through Llama.eval (no sampler: greedy is an argmax)
 
-All four hold the same (random) weights, so their greedy ids must agree: the benchmark checks that first. HF runs
-in a process of its own, driven turn by turn from this one: lmforge's CPU engine asks glibc to keep freed memory in
-its process (lmforge/pages.py), which would speed up HF's prefill beside it too; apart, each side runs as it would
-alone. It also measures the machine's memory read bandwidth: decoding one token reads every weight once, so
+All four hold the same (random) weights, so their greedy ids must agree: the benchmark checks that first. This
+process runs lmforge as `lmforge generate` and `lmforge serve` do, with glibc keeping freed memory
+(lmforge.cpu.keep_freed_memory(), an opt-in of a program that owns its process). HF runs in a process of its own,
+driven turn by turn from this one, so that setting never touches it: each side runs as it would alone. It also measures the machine's memory read bandwidth: decoding one token reads every weight once, so
 bandwidth / weight bytes is the ceiling for tokens/s, and we print the fraction of it each side reaches (bandwidth
 measured on 4 KB and on 2 MB pages, the ceiling from the faster: the compiled engine moves its weights onto 2 MB
-pages, lmforge/pages.py; measured in every round of the runs, between the sides, so that it sees the machine as they
+pages, lmforge/cpu/pages.py; measured in every round of the runs, between the sides, so that it sees the machine as they
 did). A prefill is mostly matrix
 products: its FLOP/s are printed as a fraction of the fastest float32 matrix product here (MatmulRate: MKL's, oneDNN's
 or lmforge's own kernel's), measured the same way. Then continuous batching: 8 requests decoded together by one
@@ -36,9 +36,10 @@ import numpy as np
 import torch
 
 from lmforge import GPT, Engine, ModelConfig, Request
-from lmforge.gguf_export import write_gguf
+from lmforge.gguf import write_gguf
 from lmforge.hf import to_hf_state
-from lmforge.pages import collapse
+from lmforge.cpu import keep_freed_memory
+from lmforge.cpu.pages import collapse
 from lmforge.quantize import quantize_model, quantized_state
 
 
@@ -78,7 +79,7 @@ class MatmulRate:
     decoding's is the read bandwidth. Measured in every round of the runs, like the bandwidth."""
 
     def __init__(self, n=2048):
-        from lmforge.kernels import cpu_kernels
+        from lmforge.cpu.kernels import cpu_kernels
         self.a, self.b = torch.randn(n, n), torch.randn(n, n)
         self.x = torch.randn(n // 2, n)
         self.ops = cpu_kernels()
@@ -219,6 +220,7 @@ def main():
     torch.manual_seed(0)
     model = GPT(ModelConfig.preset("gpt2")).eval()
     hf = HFProcess(model, args.threads)
+    keep_freed_memory()  # as lmforge generate and lmforge serve run (HF's process is apart, started before)
     prompt = torch.randint(0, 50257, (1, args.prompt))
     ids = prompt[0].tolist()
     weight_bytes = model.num_params() * 4

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import lmforge
 from lmforge.data import prepare, read_pairs
-from lmforge.finetune import evaluate_pairs
+from lmforge.pair_eval import evaluate_pairs
 from lmforge.train import read_metrics
 
 
@@ -110,7 +110,8 @@ def lora_vs_full(root: Path, pretrain_seconds: float, tune_seconds: float):
     code = """
 import json, lmforge
 from lmforge.data import read_pairs
-from lmforge.finetune import evaluate_pairs, finetune
+from lmforge.finetune import finetune
+from lmforge.pair_eval import evaluate_pairs
 s = finetune({base!r}, {data!r}, {out!r}, overrides={overrides!r}, lora={lora!r})
 model, tok = lmforge.load({out!r})
 em = evaluate_pairs(model, tok, read_pairs(__import__('pathlib').Path({test!r})))["exact_match"]

@@ -7,7 +7,7 @@ from .version import __version__  # noqa: F401
 from .config import ModelConfig, TrainConfig  # noqa: E402
 from .model import GPT  # noqa: E402
 from .tokenizer import BPETokenizer, CharTokenizer, load_tokenizer  # noqa: E402
-from .checkpoint import load  # noqa: E402
+from .runs import load  # noqa: E402
 from .engine import Engine, Request  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .generation import generate  # noqa: E402

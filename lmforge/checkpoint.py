@@ -1,4 +1,5 @@
-"""Run directories: atomic checkpoints, loading, and resume.
+"""Checkpoints: tensors and JSON written atomically, and read back with their errors named. Knows no run kinds
+(runs.py reads a run folder of any kind).
 
     runs/NAME/
       config.json  tokenizer.json  metrics.jsonl  curves.png  samples.txt
@@ -24,11 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .version import __version__
-from .config import ModelConfig
-from .model import GPT
-from .tokenizer import load_tokenizer
 from .errors import MissingFileError, UserError
+from .version import __version__
 
 CHECKPOINTS = "checkpoints"
 
@@ -88,7 +86,8 @@ def new_folder(out: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_config(model_config: ModelConfig, train_config=None) -> dict:
+def run_config(model_config, train_config=None) -> dict:
+    """What a run's config.json holds: the model config, the training config (or None) and lmforge's version."""
     return {"lmforge_version": __version__, "model": model_config.to_dict(),
             "train": train_config.to_dict() if train_config is not None else None}
 
@@ -163,7 +162,7 @@ def latest_checkpoint(run: Path) -> Path:
     return found[-1]
 
 
-def load_weights(model: GPT, path: Path) -> None:
+def load_weights(model, path: Path) -> None:
     """Load safetensors weights into model (tied weights are stored once)."""
     try:
         state = load_file(str(path))
@@ -192,131 +191,3 @@ def load_trainer_state(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: pickle, zip and torch all raise their own types
         raise UserError(f"{path} is corrupted ({type(e).__name__}); resume from another checkpoint") from None
-
-
-def read_run_config(run: Path) -> dict:
-    path = Path(run) / "config.json"
-    if not path.is_file():
-        raise MissingFileError(f"{run} is not a run directory (no config.json); train one with lmforge train")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is corrupted ({e.msg}); it must be JSON") from None
-
-
-def check_output(run: str | Path, out: str | Path, replace: bool, flag: str = "--force",
-                 checkpoint: str | Path | None = None, folder: bool = True) -> Path:
-    """Where a verb may write what it makes of a run (a folder, or a file when folder=False): not the run or the
-    checkpoint read, not a folder holding either (replacing that would delete it), not inside the run; an existing
-    one only when asked (flag). Returns out, resolved."""
-    run, out = Path(run).resolve(), Path(out).resolve()
-    for source in [run] + ([Path(checkpoint).resolve()] if checkpoint else []):
-        if out == source or out in source.parents:
-            raise UserError(f"--out {out} is or holds {source}, which this reads; replacing it would delete it: "
-                            f"pick a new {'folder' if folder else 'file'}")
-    if run in out.parents:
-        raise UserError(f"--out {out} is inside the run {run}; write it next to the run instead")
-    if out.exists() and folder != out.is_dir():
-        raise UserError(f"--out {out} is a {'file' if folder else 'folder'}; this writes a "
-                        f"{'folder' if folder else 'file'}: pick another path")
-    if out == Path.cwd() or out in Path.cwd().parents:
-        raise UserError(f"--out {out} is or holds the current folder; pick a new folder")
-    if out.exists() and not replace:
-        raise UserError(f"{out} already exists; pass {flag} to replace it")
-    return out
-
-
-def refuse_exporting_quantized(run: str | Path, config: dict, fmt: str) -> None:
-    """Exports take full-precision weights: a quantized run is refused, naming the run to export instead."""
-    spec = config.get("quantization")
-    if spec:
-        source = spec.get("source", "the run it came from")
-        raise UserError(f"{run} is quantized ({spec['method']}); {fmt} export takes full-precision runs (GGUF "
-                        f"quantizes on its own with --type q8_0 or q4_0): export {source} instead")
-
-
-def refuse_quantized(run: str | Path, config: dict) -> None:
-    """Training needs full-precision weights: a quantized run is refused, naming the run to use instead."""
-    spec = config.get("quantization")
-    if spec:
-        raise UserError(f"{run} is quantized ({spec['method']}) and cannot be trained; train or fine-tune the "
-                        f"full-precision run ({spec.get('source', 'the one it came from')}) and quantize the result")
-
-
-def check_device(name: str | torch.device) -> torch.device:
-    """A device this process can use, or a one-line UserError naming what to pass instead."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise UserError(f"device {name!r}: no CUDA device is available (this PyTorch is {build}); use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {name!r}: MPS is not available here; use cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
-    return device
-
-
-def model_folder(run: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """The folder whose weights a run stands for: the checkpoint given, else its latest, else the run folder itself
-    when it holds weights only (imported, exported or merged)."""
-    run = Path(run)
-    if not run.is_dir():
-        raise MissingFileError(f"no run directory at {run}")
-    read_run_config(run)
-    if checkpoint:
-        folder = Path(checkpoint)
-        if not any((folder / w).is_file() for w in WEIGHT_FILES):
-            raise MissingFileError(f"no checkpoint at {folder} (no model.safetensors); pick one under {run / CHECKPOINTS}")
-        return folder
-    if complete_checkpoints(run) or not any((run / w).is_file() for w in WEIGHT_FILES):
-        return latest_checkpoint(run)
-    return run
-
-
-INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A dtype to run a model in, by name or as a torch.dtype; a UserError for anything else."""
-    if dtype in INFERENCE_DTYPES.values():
-        return dtype
-    if dtype not in INFERENCE_DTYPES:
-        raise UserError(f"dtype {dtype!r} is not one of {', '.join(INFERENCE_DTYPES)}")
-    return INFERENCE_DTYPES[dtype]
-
-
-def load(run: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
-         dtype: str | torch.dtype = "float32"):
-    """(model, tokenizer) of a run: its latest checkpoint (or the one given, e.g. runs/NAME/best), in eval mode.
-    A LoRA run loads its base run and applies its adapter. dtype: what the weights are cast to after loading;
-    bfloat16 halves the memory and, on a GPU, about halves the time a token takes (quantized layers keep their
-    scales as stored)."""
-    dtype = check_dtype(dtype)
-    model, tokenizer = _load(run, check_device(device), checkpoint)
-    return (model if dtype == torch.float32 else model.to(dtype)), tokenizer
-
-
-def _load(run: str | Path, device: torch.device, checkpoint: str | Path | None):
-    run = Path(run)
-    folder = model_folder(run, checkpoint)
-    if (folder / "adapter.safetensors").is_file():
-        from .lora import adapter_settings, load_adapter_run  # a feature's file format, loaded on demand
-        return load_adapter_run(folder, run, adapter_settings(folder) or adapter_settings(run), device)
-    config = read_run_config(run)
-    if config.get("quantization"):
-        from .quantize import load_quantized  # a feature's file format, loaded on demand
-        return load_quantized(folder, run, config, device)
-    model_config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text())["model"]
-                                         if (folder / "config.json").is_file() else config["model"])
-    with torch.device("meta"):
-        model = GPT(model_config)
-    model.to_empty(device=device)
-    model.init_weights()  # rebuilds buffers; the weights are overwritten next
-    load_weights(model, folder / "model.safetensors")
-    return model.eval(), load_tokenizer(run / "tokenizer.json")

@@ -163,7 +163,7 @@ def _generate_args(p):
     p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")
 
 
-def _dtype_arg(p):  # the names of checkpoint.INFERENCE_DTYPES (this module imports no torch)
+def _dtype_arg(p):  # the names of runs.INFERENCE_DTYPES (this module imports no torch)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations while decoding (bfloat16: half the memory, on a GPU about half the "
                         "time a token takes)")
@@ -217,7 +217,7 @@ def _merge_args(p):
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
-@verb("quantize", "quantize:quantize_cli", "Quantize a run's weights to int8 or int4, behind a quality gate.",
+@verb("quantize", "quantize_run:quantize_cli", "Quantize a run's weights to int8 or int4, behind a quality gate.",
       "lmforge quantize runs/base --method int8 --out runs/base-int8")
 def _quantize_args(p):
     p.add_argument("run", help="a full-precision run (a LoRA run is quantized with its adapter merged)")
@@ -237,7 +237,7 @@ def _quantize_args(p):
     p.add_argument("--device", default="cpu", help="where to quantize and measure (default cpu)")
 
 
-@verb("export", "hf:export_cli", "Export a run for other tools: Hugging Face, ONNX (with a KV cache) or GGUF.",
+@verb("export", "export:export_cli", "Export a run for other tools: Hugging Face, ONNX (with a KV cache) or GGUF.",
       "lmforge export runs/base --format onnx --out onnx/base")
 def _export_args(p):
     p.add_argument("run", help="run directory (a LoRA run exports with its adapter merged)")
@@ -256,4 +256,7 @@ def _import_args(p):
     p.add_argument("source", help="a folder with config.json, model.safetensors (or pytorch_model.bin) and the "
                                   "tokenizer files, or a hub id such as gpt2 (downloaded when online)")
     p.add_argument("--out", required=True, help="the new run's directory")
+    p.add_argument("--tokenizer", metavar="gpt2|PATH",
+                   help="the tokenizer, for a folder that holds weights only: gpt2 (GPT-2's own), a tokenizer.json, "
+                        "or a folder with vocab.json + merges.txt (default: the folder's own)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")

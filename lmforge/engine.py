@@ -6,41 +6,32 @@
         for event in engine.step(): ...        # Event(id, token, text, finished, finish_reason)
 
 It owns, and builds explicitly:
-- an inference copy of the model: new module objects in eval mode that share the model's parameters, with speed-up
-  modules swapped in for good (on CPU, linears, one-query attention and GPT-2's GELU that call lmforge's kernels,
-  or oneDNN's);
-  the model the caller holds is never touched (its values and addresses; a compiled CPU engine may move its memory
-  onto 2 MB pages, below), so training beside an engine computes exactly what it would without;
+- an inference copy of the model: new module objects in eval mode sharing the model's parameters, with the CPU
+  speed-up modules swapped in for good (lmforge/cpu/); the model the caller holds is never touched, so training
+  beside an engine computes exactly what it would without;
 - a static KV cache of max_batch slots x max_seq_len positions: a request holds one slot from its prefill to its
   last token, its token at position p in cache position p;
-- on CPU, when compiled (or asked: huge_pages=True; False never), the weights and the KV cache moved onto 2 MB
-  pages in place (lmforge/pages.py; huge_page_bytes says how much): a decode step streams every weight once, 1.09x
-  faster on 2 MB pages at GPT-2's size, for about 1.4 s once;
-- on CPU, glibc asked to keep freed memory for reuse (lmforge/pages.py; process-wide, unless the process has its
-  own malloc settings or LMFORGE_KEEP_FREED_MEMORY=0): by default it hands freed activations back and each prefill
-  faults them in afresh (a 128-token prefill at GPT-2's size is 1.07x faster with them kept);
-- the decode step: one forward of one token per row, for a single running request on its own row of the cache,
-  else for the first 4, 16, ... or all slots, whichever is the smallest that holds every running request; when
-  asked, each of these is compiled at construction (a warm-up), and never recompiled silently: if a later step
-  would need a new graph, the engine warns and decodes eagerly from then on; on CUDA each compiled step is also
-  captured as a CUDA graph at construction and replayed (one launch a token instead of hundreds);
-- continuous batching: add() queues a request, step() first decodes one token for every running request, then
-  prefills waiting ones into free slots (each gives its first token), and a request leaves as soon as it ends;
-  cancel() frees a slot at once.
+- on CPU, when compiled (or huge_pages=True), the weights and the cache moved onto 2 MB pages in place
+  (lmforge/cpu/pages.py; huge_page_bytes says how much);
+- the decode step: one token per row, for a lone request on its own row of the cache, else for the first 4, 16, ...
+  or all slots, the smallest bucket holding every running request; with compile=True each is compiled at
+  construction and never recompiled silently (should a step need a new graph, the engine warns and decodes eagerly
+  from then on); on CUDA each compiled step is also captured as a CUDA graph and replayed;
+- continuous batching: add() queues a request; step() decodes one token for every running request, then prefills
+  waiting ones into free slots (each gives its first token); a request leaves as soon as it ends; cancel() frees
+  its slot at once.
 
 Each request carries its own sampling settings, stop conditions and seeded generator, and each row is sampled on
-its own, so a seeded request gives the same tokens alone or batched with others. The packed weights are derived from
-the model's weights when the engine is built: after the weights change (a training step, a load), call refresh() or
-build a new engine. The engine knows token ids; given a tokenizer it also turns them into text pieces (never splitting
-a character) and checks stop strings. It is thread-confined: one thread steps it, others talk to it through a queue.
+its own, so a seeded request gives the same tokens alone or batched. Packed weights are derived when the engine is
+built: after the weights change, call refresh() or build a new engine. The engine knows token ids; given a
+tokenizer it also yields text pieces (never splitting a character) and checks stop strings. It changes nothing
+process-wide, and it is thread-confined: one thread steps it, others talk to it through a queue.
 """
 
 from __future__ import annotations
 
-import codecs
 import copy
 import itertools
-import math
 import operator
 import os
 import re
@@ -48,82 +39,17 @@ import shutil
 import types
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from .cpu.modules import repack, speed_up
+from .cpu.pages import collapse, proc_bytes
 from .errors import UserError
-from .kernels import cpu_kernels
-from .model import GPT, SDPAttention
-from .pages import collapse, keep_freed_memory, proc_bytes
-from .quantize import Int4Linear
+from .model import GPT
+from .request import MAX_LOGPROBS, Event, Logprob, Request, TextStream  # noqa: F401 (MAX_LOGPROBS: the engine's API)
 from .sampling import apply_repetition_penalty, check_sampling, check_stop, sample_next_token
-
-
-# ------------------------------------------------------------------------------------------ requests and events
-
-MAX_LOGPROBS = 20  # top alternatives a request may ask for
-
-@dataclass
-class Request:
-    """What to generate: prompt token ids, how many new tokens at most, how to sample, and when to stop."""
-    prompt: list[int]
-    max_new_tokens: int = 100
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0  # CTRL's rule; 1 = off
-    stop: list[str] = field(default_factory=list)  # stop strings (need the engine's tokenizer); not returned
-    seed: int | None = None  # None: drawn from torch's global generator
-    stop_at_eos: bool = True  # end at the tokenizer's end-of-text (Engine(eos_id=...))
-    logprobs: int | None = None  # report each new token's log-probability and this many top alternatives
-    prompt_logprobs: bool = False  # also report the prompt tokens' log-probabilities (in the first event)
-
-
-@dataclass
-class Logprob:
-    """A token's log-probability under the model's own next-token distribution (before temperature, penalties or
-    truncation) and the top alternatives at its position, most likely first, as (token, logprob)."""
-    token: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class Event:
-    """One request's news from a step: its new token (None when it ended without one), the text that token completes
-    (with a tokenizer; held back while it may begin a stop string), and whether it ended: finish_reason 'stop' (end
-    of text or a stop string) or 'length' (max_new_tokens). With Request.logprobs, logprob scores the new token; with
-    Request.prompt_logprobs, the request's first event scores every prompt token after the first."""
-    request_id: int
-    token: int | None
-    text: str = ""
-    finished: bool = False
-    finish_reason: str | None = None
-    logprob: Logprob | None = None
-    prompt_logprobs: list[Logprob] | None = None
-
-
-class TextStream:
-    """Token bytes in, text out: never splits a multi-byte character, and holds back text that may begin a stop
-    string until it is known not to."""
-
-    def __init__(self, stop: list[str]):
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stop, self.pending, self.stopped = stop, "", False
-        self.hold = max((len(s) for s in stop), default=1) - 1
-
-    def feed(self, data: bytes, final: bool = False) -> str:
-        self.pending += self.decoder.decode(data, final=final)
-        hits = [self.pending.find(s) for s in self.stop if s in self.pending]
-        if hits:
-            out, self.pending, self.stopped = self.pending[:min(hits)], "", True
-            return out
-        cut = len(self.pending) if final else max(0, len(self.pending) - self.hold)
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out
 
 
 @dataclass(eq=False)
@@ -157,197 +83,6 @@ def _available_memory() -> float:
     return float("inf") if available is None else available
 
 
-# ---------------------------------------------------------------------------------------------- speed-up modules
-
-def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-@torch.library.custom_op("lmforge::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """x (N, in) @ a oneDNN-packed weight (+ bias) -> (N, out). An op of its own, so that a compiled graph calls the
-    oneDNN kernel as it is (inductor would otherwise lower a few-row F.linear to a slower generic matrix product)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x, packed, bias, out_features):
-    return x.new_empty(x.size(0), out_features)
-
-
-# Up to how many rows a linear layer streams its weight once with lmforge's few_row_linear kernel rather than running
-# oneDNN's packed kernel, by the float lanes of the vectors the kernel was built for (paired runs over GPT-2's 49 weight
-# matrices, 2 threads):
-# - 16, AVX-512 (the machine before): 1.36x oneDNN at one row, 1.40x at two, 0.74x at three, with the kernel's
-#   earlier form, which read each weight row once per row of x;
-# - 8, AVX2 (an AMD EPYC, Zen 3): 1.37x at one row, 1.41x at two, 1.59x at four, 1.33x at eight, 0.99x at twelve,
-#   0.83x at sixteen, in a minute when memory was fast (a sum at ~29 GB/s); in a slow one, and before the kernel read
-#   two streams for up to four rows, 1.19x, 1.48x, 1.49x, 1.47x, 1.12x and 1.00x. Both with the kernel's form before
-#   its present one, which is 1.02x to 1.07x faster at 1, 2, 4, 7 and 8 rows; with it, in two runs, 1.35x and 1.26x
-#   at eight rows, 1.11x and 1.08x at twelve, 1.09x and 1.03x at sixteen (a 16-slot engine's full step), 1.00x and
-#   0.96x at twenty (the second run with a sum at 31-35 GB/s, a fast minute).
-FEW_ROWS = {16: 2, 8: 16}
-
-# Where products of more rows run lmforge's packed_linear kernel rather than oneDNN's packed one, by the float lanes
-# of the kernels' vectors: with AVX2 (a Zen 3 EPYC, 2 threads), 180-189 GFLOP/s on GPT-2's four weight shapes at 17
-# to 512 rows against oneDNN's 129-155. AVX-512 keeps oneDNN: untimed (this machine has none).
-PACKED_LINEAR_LANES = (8,)
-
-# Where few_row_linear takes the small steps and oneDNN's packed copy the rest, the copy is laid out for at least this
-# many rows: laid out for one row, it made a 128-row prefill's linears 7% to 15% slower and a 16-row step's 23% (AVX2,
-# paired, when oneDNN ran such steps). (Without the kernels it also serves one-row steps, laid out for the batch.)
-PACK_ROWS = 64
-
-
-class DecodeLinear(nn.Module):
-    """nn.Linear for fp32 inference on CPU, sharing the original's parameters.
-
-    - Up to FEW_ROWS rows for the kernel's vectors (a decode step's, or a prompt that short) go to lmforge's
-      few_row_linear kernel (csrc/decode_cpu.cpp), which reads each weight row once for all of them, about as fast
-      as a sum of the same bytes at one row (on an AVX-512 machine, in a paired run, the compiled step decoded 1.15x
-      faster with it than with inductor's loops, and 1.25x faster again with a prefetch ahead of its reads).
-    - More rows (prefills, larger batches) go, with AVX2 (PACKED_LINEAR_LANES), to lmforge's packed_linear kernel,
-      on a copy of the weight laid out for it (pack_linear_weight): on the AVX2 EPYC, 1.2x to 1.4x oneDNN's packed
-      kernel on GPT-2's shapes at 17 to 512 rows, near the FMA units' peak.
-    - Elsewhere (AVX-512, or where lmforge's kernels cannot be built: no C++ compiler, or neither AVX2 nor AVX-512),
-      oneDNN runs on a packed copy of the weight (PyTorch's default kernel for few-row products uses one core: ~8 GB/s
-      on an AVX2 machine, 9-13 on an AVX-512 one; the packed one both). Without the kernels, a single row inside the
-      compiled decode step is written as multiply-and-sum, which inductor turns into a vectorised loop over all
-      cores, fused with its neighbours.
-    The packed copy is made by repack() (the engine's refresh()), so it is exactly as current as the last call to it;
-    the other paths read the weight itself.
-    """
-
-    def __init__(self, linear: nn.Linear, rows: int = 1):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        # up to how many rows go to lmforge's kernel: 0 where it was not built or the CPU has neither AVX-512 nor AVX2
-        ops = cpu_kernels() if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 else None
-        self.few_rows = FEW_ROWS.get(ops.vector_lanes(), 0) if ops is not None else 0
-        # (the overloads: no lookup a call)
-        self.few_row_linear = ops.few_row_linear.default if self.few_rows else None
-        own = self.few_rows and ops.vector_lanes() in PACKED_LINEAR_LANES
-        self.packed_linear = ops.packed_linear.default if own else None
-        # oneDNN's packing (where it serves) is laid out for products of this many rows
-        self.rows = max(rows, PACK_ROWS) if self.few_rows else rows
-        self.register_buffer("packed", None, persistent=False)
-        self.repack()
-
-    @torch.no_grad()
-    def repack(self):
-        w = self.weight.detach()
-        if self.packed_linear is not None and w.device.type == "cpu" and w.dtype == torch.float32:
-            self.packed = cpu_kernels().pack_linear_weight(w)
-        elif _can_pack(w.device, w.dtype):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.rows)
-        else:
-            self.packed = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias  # (each read of a parameter is a module lookup: this runs ~50 times a token)
-        if (self.few_rows and x.dtype == w.dtype == torch.float32 and w.is_contiguous()
-                and (b is None or b.is_contiguous())):  # (any rank in, the same out)
-            if 0 < x.numel() <= self.few_rows * self.in_features:
-                return self.few_row_linear(x, w, b)
-            if self.packed_linear is not None:
-                return self.packed_linear(x, self.packed, b, self.out_features)
-        rows = x.reshape(-1, x.size(-1))
-        if torch.compiler.is_compiling() and rows.size(0) == 1:
-            y = (x.unsqueeze(-2) * self.weight).sum(-1)
-            return y if self.bias is None else y + self.bias
-        elif self.packed is None or self.packed_linear is not None:  # (the latter: x or the weight not float32)
-            return F.linear(x, self.weight, self.bias)
-        elif torch.compiler.is_compiling():
-            y = packed_linear(rows, self.packed, self.bias, self.out_features)
-        else:  # the same kernel, without a custom op's dispatch (~45 us a call)
-            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
-
-
-class DecodeInt4Linear(nn.Module):
-    """Int4Linear for CPU inference with AVX2, sharing the original's buffers: every product runs lmforge's
-    int4_linear_rows8 kernel (csrc/quant_cpu.cpp) on a copy of the codes laid out in blocks of 8 rows
-    (Int4Linear.rows8), which reads x's codes once for 8 weight rows and sums them in vector lanes, where int4_linear
-    unpacks and sums row by row. On the AVX2 EPYC, GPT-2's shapes, 2 threads: 1.47x int4_linear in a compiled decode
-    step (paired); and faster than int4_linear_tiled at 48 to 384 rows (at 128: 2.6 ms against 3.0 for 768 -> 2304,
-    3.4 against 4.2 for 3072 -> 768, 57 against 70 for the output layer), so prefills take it too. The copy (made by
-    repack(), the engine's refresh()) doubles the memory of the int4 weights."""
-
-    def __init__(self, q: Int4Linear):
-        super().__init__()
-        self.q = q
-        self.rows8 = cpu_kernels().int4_linear_rows8.default
-        for name in ("w8", "scales8", "mins8"):
-            self.register_buffer(name, None, persistent=False)
-        self.repack()
-
-    @torch.no_grad()
-    def repack(self):
-        self.w8, self.scales8, self.mins8 = self.q.rows8()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.q
-        if x.device.type != "cpu" or x.numel() == 0:
-            return q(x)
-        rows = x.reshape(-1, q.in_features).float().contiguous()
-        bias = None if q.bias is None else q.bias.float()
-        y = self.rows8(rows, self.w8, self.scales8, self.mins8, bias, q.group_size, q.out_features)
-        return y.to(x.dtype).view(*x.shape[:-1], q.out_features)
-
-
-class OneQueryAttention(SDPAttention):
-    """Attention of one query per row over the KV cache, on CPU. With a causal (bool) mask it calls lmforge's kernel
-    (csrc/decode_cpu.cpp), which reads only the slots the mask allows: each row's positions so far. Inside the
-    compiled decode step, a static graph reads every slot of the cache (at GPT-2's size, 145 us a layer for a
-    384-slot cache became ~50 us at 256 positions); eagerly, PyTorch's fused kernel cost ~160 us a call over the
-    slots in use. Compiled without the kernel (or with ALiBi's float bias) it is written as sums of products, which
-    inductor fuses into loops (a fraction of the fused kernel's cost). Everywhere else (prefill, training shapes, no
-    kernel eagerly) it is SDPAttention."""
-
-    def __init__(self):
-        super().__init__()
-        cpu_kernels()  # built (once, cached) now: a compiled trace cannot build them
-
-    def forward(self, q, k, v, mask, dropout: float) -> torch.Tensor:
-        if not (q.size(-2) == 1 and mask is not None and dropout == 0.0):
-            return super().forward(q, k, v, mask, dropout)
-        ops = cpu_kernels()
-        if (ops is not None and mask.dtype == torch.bool and q.dtype == k.dtype == v.dtype == torch.float32
-                and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
-            return ops.decode_attention(q, k, v, mask, 1 / math.sqrt(q.size(-1)))
-        if not torch.compiler.is_compiling():
-            return super().forward(q, k, v, mask, dropout)
-        B, H, _, D = q.shape
-        Hkv = k.size(1)
-        rep = H // Hkv
-        q = q.view(B, Hkv, rep, 1, D)  # query head h uses key head h // rep
-        scores = (q * k.unsqueeze(2)).sum(-1) / math.sqrt(D)  # (B, Hkv, rep, S)
-        mb, mh = mask.size(0), mask.size(1)
-        mask = mask.reshape(mb, Hkv if mh == H else 1, rep if mh == H else 1, mask.size(-1))
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        weights = scores.softmax(dim=-1)
-        return (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).view(B, H, 1, D)
-
-
-class FastGELU(nn.GELU):
-    """nn.GELU (tanh approximation) computed by lmforge's gelu_tanh kernel (csrc/decode_cpu.cpp) for float32 on CPU,
-    outside compiled code: one pass with a polynomial exp in vectors, where PyTorch's tanh costs ~9 cycles an element
-    (at GPT-2's size, a 128-token prefill spent ~10 ms of ~210 in it on an AVX2 EPYC). It is within 5.2e-7 of the
-    exact function on [-12, 12], and nearer than PyTorch's float32 GELU for negative x, where 1 + tanh cancels; the
-    same whatever the number of threads. Inside a compiled graph, inductor writes its own loop."""
-
-    def __init__(self):
-        super().__init__(approximate="tanh")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = cpu_kernels()
-        if ops is None or torch.compiler.is_compiling() or x.dtype != torch.float32 or x.device.type != "cpu":
-            return super().forward(x)
-        return ops.gelu_tanh(x.contiguous())
-
-
 def unwrap(model) -> GPT:
     """The GPT inside a torch.compile'd or DDP-wrapped model; a UserError for anything else."""
     model = getattr(model, "_orig_mod", model)
@@ -359,28 +94,11 @@ def unwrap(model) -> GPT:
 
 def inference_copy(model: GPT, rows: int = 1) -> GPT:
     """New module objects in eval mode sharing the model's parameters and buffers, with the CPU speed-up modules
-    swapped in (fp32 on CPU): DecodeLinear for every nn.Linear, OneQueryAttention for SDPA, FastGELU for GPT-2's
-    GELU, and with AVX2 DecodeInt4Linear for int4 layers whose groups are a multiple of 32."""
+    swapped in for fp32 on CPU (lmforge/cpu/modules.py: speed_up)."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     inference = copy.deepcopy(model, memo=shared).eval()
     inference.sparse_embedding_grad = False  # (no gradients here; a dense lookup compiles into the step's own code)
-    w = inference.wte.weight
-    if w.device.type != "cpu" or w.dtype != torch.float32:
-        return inference
-    ops = cpu_kernels()  # the modules below call lmforge's kernels: built (once, cached) now, never in a compiled trace
-    vectors = ops is not None and ops.vector_lanes() > 1  # (without vectors, PyTorch's GELU is the faster)
-    for parent in list(inference.modules()):
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear:
-                setattr(parent, name, DecodeLinear(child, rows))
-            elif type(child) is SDPAttention:
-                setattr(parent, name, OneQueryAttention())
-            elif type(child) is nn.GELU and child.approximate == "tanh" and vectors:
-                setattr(parent, name, FastGELU())
-            elif (type(child) is Int4Linear and child.group_size % 32 == 0 and vectors and ops.vector_lanes() == 8
-                  and child.weight.device.type == "cpu"):
-                setattr(parent, name, DecodeInt4Linear(child))
-    return inference
+    return speed_up(inference, rows)
 
 
 def _decode_step(model: GPT, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -471,12 +189,10 @@ class Engine:
             if "alloc" not in str(e):
                 raise
             raise too_big from None
-        # 2 MB pages under what each CPU decode step streams (lmforge/pages.py): by default for a compiled engine, the
+        # 2 MB pages under what each CPU decode step streams (lmforge/cpu/pages.py): by default for a compiled engine, the
         # long-lived, speed-first kind
         self.huge_pages = (compile if huge_pages is None else huge_pages) and self.device.type == "cpu"
         self.huge_page_bytes = self._collapse()
-        if self.device.type == "cpu":  # freed activations reused, not faulted in again (pages.py; process-wide)
-            keep_freed_memory()
         self._rows = [self.cache.rows(i, i + 1) for i in range(max_batch)]  # each slot's row, as a cache of its own
         # Several running requests decode on the first b slots, for the smallest b of these buckets that holds them
         # all (a request takes the lowest free slot, so b follows how many run): powers of 4, then every slot.
@@ -578,9 +294,7 @@ class Engine:
     def refresh(self):
         """Remake what the engine derived from the weights (the packed copies on CPU): call it after they change.
         (The CUDA graphs need no call: they read the weights in place, and are recaptured when one moves.)"""
-        for module in self.model.modules():
-            if isinstance(module, (DecodeLinear, DecodeInt4Linear)):
-                module.repack()
+        repack(self.model)
         self.huge_page_bytes = self._collapse()  # (weights given new memory since are moved too)
 
     @torch.no_grad()

@@ -1,9 +1,9 @@
 """Fine-tuning a run on prompt->completion pairs, fully or with LoRA, through the training loop (train.py); merging
-an adapter back into its base; and scoring a run on held-out pairs by exact match.
+an adapter back into its base (pair_eval.py scores a run on held-out pairs by exact match).
 
     lmforge finetune runs/base --data pairs.jsonl --out runs/tuned [--lora-rank 8] [--lr=1e-3 ...]
     lmforge merge runs/tuned --out runs/merged
-    lmforge eval runs/tuned --pairs test.jsonl
+    lmforge eval runs/tuned --pairs test.jsonl                                          (pair_eval.py)
 
 finetune builds a TrainConfig whose model is the base run's, init_from the base run, and (with --lora-rank) LoRA
 settings; then it is an ordinary training run: checkpoints, exact resume (`lmforge train --resume runs/tuned`),
@@ -17,15 +17,13 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
-from .checkpoint import (check_output, load, new_folder, read_run_config, refuse_quantized, run_config,
-                         weights_for_saving, write_json_atomic)
+from .checkpoint import complete_checkpoints, new_folder, run_config, weights_for_saving, write_json_atomic
 from .config import ModelConfig, TrainConfig
-from .data import Dataset, pair_arrays, pair_batch, prepare, read_pairs
-from .engine import Engine, Request
+from .data import Dataset, prepare
 from .errors import UserError
-from .generation import run_requests
+from .lora import adapter_settings, merge_lora
+from .runs import check_output, load, read_run_config, refuse_quantized
+from .train import print_summary, train
 
 # Settings that fit fine-tuning better than training's defaults; --field=value and --config override them.
 FINETUNE_DEFAULTS = {"max_steps": 300, "warmup_steps": 20, "eval_interval": 50, "eval_steps": 10, "batch_size": 16,
@@ -58,8 +56,6 @@ def finetune_config(base: str | Path, data: str, out: str, overrides: dict | Non
 def finetune(base: str | Path, data: str, out: str, val: str | None = None, overrides: dict | None = None,
              config_file: str | None = None, lora: dict | None = None, resume: bool = False) -> dict:
     """Fine-tune base on data (a prepared folder, or a pairs .jsonl prepared here with the base's tokenizer)."""
-    from .checkpoint import complete_checkpoints
-    from .train import train
     base, out = Path(base), Path(out)
     read_run_config(base)
     if out.resolve() == base.resolve() or base.resolve() in out.resolve().parents:
@@ -72,14 +68,14 @@ def finetune(base: str | Path, data: str, out: str, val: str | None = None, over
         shutil.rmtree(out)  # start over: nothing of the old run (adapter or weights) may linger beside the new one
     created = not out.exists()
     try:
-        return _finetune(base, data, out, val, overrides, config_file, lora, resume, train)
+        return _finetune(base, data, out, val, overrides, config_file, lora, resume)
     except BaseException:
         if created and out.exists() and not complete_checkpoints(out):  # a failed start leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _finetune(base: Path, data: str, out: Path, val, overrides, config_file, lora, resume: bool, train) -> dict:
+def _finetune(base: Path, data: str, out: Path, val, overrides, config_file, lora, resume: bool) -> dict:
     if str(data).endswith(".jsonl"):
         prepared = out / "data"
         if not resume:
@@ -112,7 +108,6 @@ def _parameter_counts(cfg: TrainConfig) -> tuple[int, int]:
 
 def merge(run: str | Path, out: str | Path, force: bool = False) -> Path:
     """A LoRA run's adapter folded into its base's weights, written as an ordinary weights-only run."""
-    from .lora import adapter_settings, merge_lora
     run, out = Path(run), Path(out)
     if adapter_settings(run) is None:
         raise UserError(f"{run} has no LoRA adapter (adapter_config.json); only a LoRA run can be merged")
@@ -132,49 +127,10 @@ def merge(run: str | Path, out: str | Path, force: bool = False) -> Path:
     return out
 
 
-# --------------------------------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate_pairs(model, tokenizer, pairs: list[tuple[str, str]], max_batch: int = 16, examples: int = 3) -> dict:
-    """Exact match of greedy completions (generated through one engine, max_batch at a time), the mean loss per
-    completion token (end-of-text included), and a few examples. A pair longer than the context keeps the end of its
-    prompt, as training does."""
-    if not pairs:
-        raise UserError("no pairs to evaluate")
-    block = model.config.block_size
-    tokens, index = pair_arrays(tokenizer, pairs)
-    prompts, wanted = [], []
-    for start, p_len, total in index:
-        completion = tokens[start + p_len:start + total].tolist()
-        room = max(1, block + 1 - len(completion))  # what training keeps of the prompt (pair_batch)
-        prompts.append(tokens[start:start + p_len].tolist()[-room:])
-        wanted.append(completion)
-    longest = max(len(p) + len(w) - 1 for p, w in zip(prompts, wanted))
-    engine = Engine(model, None, max_batch=min(max_batch, len(pairs)), max_seq_len=longest, eos_id=tokenizer.eot_id)
-    outs = run_requests(engine, [Request(p, len(w), temperature=0.0) for p, w in zip(prompts, wanted)])
-    hits = [out == w for out, w in zip(outs, wanted)]
-    losses, counts = [], []
-    device = model.wte.weight.device
-    for i in range(0, len(index), max_batch):
-        x, y, attn, loss_mask = pair_batch(tokens, index, range(i, min(i + max_batch, len(index))), block,
-                                           tokenizer.eot_id)
-        logits, _ = model(x.to(device), attention_mask=attn.to(device))
-        per_token = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
-                                                      reduction="none")
-        mask = loss_mask.to(device).flatten().float()
-        losses.append(float((per_token * mask).sum()))
-        counts.append(float(mask.sum()))
-    shown = [{"prompt": p, "expected": c, "generated": tokenizer.decode([t for t in out if t != tokenizer.eot_id]),
-              "match": hit} for (p, c), out, hit in list(zip(pairs, outs, hits))[:examples]]
-    return {"pairs": len(pairs), "exact_match": sum(hits) / len(hits), "loss": sum(losses) / max(sum(counts), 1),
-            "examples": shown}
-
-
 # ------------------------------------------------------------------------------------------------------------ CLI
 
 def finetune_cli(args) -> int:
     from .config import parse_overrides
-    from .train import print_summary
     lora = None
     if args.lora_rank:
         lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets,
@@ -195,16 +151,4 @@ def finetune_cli(args) -> int:
 def merge_cli(args) -> int:
     out = merge(args.run, args.out, args.force)
     print(f"merged {args.run} into {out}")
-    return 0
-
-
-def eval_pairs_cli(args) -> int:
-    model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint)
-    result = evaluate_pairs(model, tokenizer, read_pairs(Path(args.pairs)))
-    print(f"{args.pairs}: exact match {result['exact_match']:.1%} of {result['pairs']} pairs, "
-          f"loss {result['loss']:.4f} per completion token")
-    for ex in result["examples"]:
-        verdict = "ok " if ex["match"] else "BAD"
-        expected = "" if ex["match"] else f" (expected {ex['expected']!r})"
-        print(f"  {verdict} {ex['prompt']!r} -> {ex['generated']!r}{expected}")
     return 0

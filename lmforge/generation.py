@@ -310,7 +310,7 @@ def _texts(tokenizer, outs: list[list[int]], stop: list[str], many: bool):
 def generate_cli(args) -> int:
     import sys
     from pathlib import Path
-    from .checkpoint import load
+    from .runs import load
     if args.num_samples < 1:
         raise UserError(f"--num-samples {args.num_samples} must be at least 1")
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -332,6 +332,9 @@ def generate_cli(args) -> int:
     if is_onnx_dir(args.run):
         return _generate_onnx(args, prompt)
     model, tokenizer = load(args.run, device=args.device, checkpoint=args.checkpoint, dtype=args.dtype)
+    if model.wte.weight.device.type == "cpu":  # this command owns its process: freed activations are reused
+        from .cpu import keep_freed_memory
+        keep_freed_memory()
     cfg = model.config
     compile = args.compile and args.num_beams == 1  # beam search decodes eagerly
     # one engine for every sample and every interactive line, so --compile compiles once; a model that goes past

@@ -4,6 +4,7 @@ and TGI load), a GPT-2 folder (or hub id) imported as a run, and a LoRA run's ad
     export_hf("runs/base", "hf/base")                 # config.json, model.safetensors, vocab.json + merges.txt
     import_hf("hf/gpt2", "runs/gpt2")                 # the reverse: an ordinary run (generate, eval, finetune, serve)
     model, tok = load_hf("gpt2")                      # a hub id downloads through huggingface_hub when online
+    model = load_hf_model("hf/weights-only")          # config.json + model.safetensors: GPT.from_pretrained's path
     save_peft_adapter("runs/tuned", "runs/tuned/peft")   # adapter_config.json + adapter_model.safetensors
 
 GPT-2 stores its projections as Conv1D, (in, out): our (out, in) Linear weights are transposed on the way. A run GPT-2
@@ -76,8 +77,9 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False, checkpoint:
     """A run as a GPT2LMHeadModel folder (a LoRA run exports with its adapter merged). Written atomically."""
     from safetensors.torch import save_file
 
-    from .checkpoint import check_output, load, new_folder, read_run_config, refuse_exporting_quantized
+    from .checkpoint import new_folder
     from .lora import merge_lora
+    from .runs import check_output, load, read_run_config, refuse_exporting_quantized
     from .tokenizer import BPETokenizer
     refuse_exporting_quantized(run, read_run_config(run), "Hugging Face")
     out = check_output(run, out, force, checkpoint=checkpoint)
@@ -229,9 +231,9 @@ def from_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) 
     return out
 
 
-def load_hf(path_or_id: str | Path, device: str = "cpu"):
-    """(GPT, tokenizer) of a Hugging Face GPT-2 folder or hub id: model.safetensors (or pytorch_model.bin, read with
-    weights_only=True) and vocab.json + merges.txt (or tokenizer.json)."""
+def load_hf_model(path_or_id: str | Path, device: str = "cpu"):
+    """The GPT of a Hugging Face GPT-2 folder or hub id, in eval mode: config.json and model.safetensors (or
+    pytorch_model.bin, read with weights_only=True). Tokenizer files are not needed."""
     from .checkpoint import load_weights
     from .model import GPT
     folder = resolve_hf(path_or_id)
@@ -250,69 +252,104 @@ def load_hf(path_or_id: str | Path, device: str = "cpu"):
     with tempfile.TemporaryDirectory() as tmp:  # one weights loader for every path (tied weights, checks)
         from safetensors.torch import save_file
         save_file(state, f"{tmp}/model.safetensors")
-        model = GPT(cfg)
+        model = GPT.empty(cfg)
         load_weights(model, Path(tmp) / "model.safetensors")
-    return model.to(device).eval(), _read_gpt2_tokenizer(folder)
+    return model.to(device).eval()
+
+
+def load_hf(path_or_id: str | Path, device: str = "cpu", tokenizer: str | Path | None = None):
+    """(GPT, tokenizer) of a Hugging Face GPT-2 folder or hub id. tokenizer: the folder's own (vocab.json +
+    merges.txt, or tokenizer.json) when None; "gpt2" for GPT-2's own ranks (BPETokenizer.gpt2()); or a path: a
+    tokenizer.json (ours or Hugging Face's byte-level BPE) or a folder holding one, or vocab.json + merges.txt."""
+    model = load_hf_model(path_or_id, device)
+    if tokenizer is not None:
+        return model, tokenizer_from(tokenizer)
+    folder = resolve_hf(path_or_id)
+    if not _has_gpt2_tokenizer(folder):
+        raise UserError(f"{folder} holds the model's weights but no tokenizer (vocab.json + merges.txt, or "
+                        f"tokenizer.json); pass --tokenizer gpt2 for GPT-2's own, or --tokenizer PATH")
+    return model, _read_gpt2_tokenizer(folder)
+
+
+def _has_gpt2_tokenizer(folder: Path) -> bool:
+    return ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) or (
+        folder / "tokenizer.json").is_file()
+
+
+def tokenizer_from(spec: str | Path):
+    """A tokenizer named on the command line: "gpt2", an lmforge tokenizer.json (or a run or data folder holding
+    one), a Hugging Face byte-level BPE tokenizer.json, or a folder with vocab.json + merges.txt."""
+    from .tokenizer import BPETokenizer, load_tokenizer
+    if str(spec) == "gpt2":
+        return BPETokenizer.gpt2()
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"--tokenizer {spec}: no such file or folder; give gpt2, a tokenizer.json, or a folder "
+                        f"with vocab.json + merges.txt")
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if file.is_file() and _is_lmforge_tokenizer(file):
+        return load_tokenizer(file)
+    if path.is_dir() and _has_gpt2_tokenizer(path):
+        return _read_gpt2_tokenizer(path)
+    if path.is_file():
+        return _read_hf_tokenizer_json(path)
+    raise UserError(f"--tokenizer {spec}: the folder holds no tokenizer.json, nor vocab.json + merges.txt")
+
+
+def _is_lmforge_tokenizer(path: Path) -> bool:
+    from .tokenizer import FORMAT
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def _read_gpt2_tokenizer(folder: Path):
     from .tokenizer import BPETokenizer
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return BPETokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
-    if (folder / "tokenizer.json").is_file():
-        model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
-        if model.get("type") != "BPE":
-            raise UserError(f"{folder}/tokenizer.json is not a byte-level BPE tokenizer")
-        with tempfile.TemporaryDirectory() as tmp:
-            merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-            Path(tmp, "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
-            Path(tmp, "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
-            return BPETokenizer.from_gpt2_files(Path(tmp, "vocab.json"), Path(tmp, "merges.txt"))
-    raise UserError(f"{folder} has no tokenizer (vocab.json + merges.txt, or tokenizer.json)")
+    return _read_hf_tokenizer_json(folder / "tokenizer.json")
 
 
-def import_hf(path_or_id: str | Path, out: str | Path, force: bool = False) -> Path:
-    """A Hugging Face GPT-2 checkpoint as an ordinary run folder (config.json, model.safetensors, tokenizer.json)."""
+def _read_hf_tokenizer_json(path: Path):
+    """A Hugging Face tokenizer.json of a byte-level BPE (GPT-2's kind) as our BPETokenizer."""
+    from .tokenizer import BPETokenizer
+    try:
+        model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"{path} is not a tokenizer.json ({e})") from None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise UserError(f"{path} is not a byte-level BPE tokenizer")
+    with tempfile.TemporaryDirectory() as tmp:
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        Path(tmp, "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
+        Path(tmp, "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+        return BPETokenizer.from_gpt2_files(Path(tmp, "vocab.json"), Path(tmp, "merges.txt"))
+
+
+def import_hf(path_or_id: str | Path, out: str | Path, force: bool = False, tokenizer: str | Path | None = None) -> Path:
+    """A Hugging Face GPT-2 checkpoint as an ordinary run folder (config.json, model.safetensors, tokenizer.json).
+    tokenizer: see load_hf (needed when the folder holds weights only)."""
     from safetensors.torch import save_file
 
     from .checkpoint import new_folder, run_config, weights_for_saving, write_json_atomic
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    model, tokenizer = load_hf(path_or_id)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"{path_or_id}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
-                        f"{model.config.vocab_size}")
+    model, tok = load_hf(path_or_id, tokenizer=tokenizer)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"{path_or_id}: the tokenizer has {tok.vocab_size} tokens, the model "
+                        f"{model.config.vocab_size}; pass the tokenizer the model was trained with")
     with new_folder(out) as tmp:
         save_file(weights_for_saving(model.state_dict(), True), str(tmp / "model.safetensors"))
         config = run_config(model.config)
         config["imported_from"] = str(path_or_id)
         write_json_atomic(tmp / "config.json", config)
-        tokenizer.save(tmp / "tokenizer.json")
+        tok.save(tmp / "tokenizer.json")
     return out
 
 
 def import_cli(args) -> int:
-    out = import_hf(args.source, args.out, force=args.force)
+    out = import_hf(args.source, args.out, force=args.force, tokenizer=args.tokenizer)
     print(f"imported {args.source} into {out}: an ordinary run (lmforge generate {out} ...)")
-    return 0
-
-
-def export_cli(args) -> int:
-    """`lmforge export`: every format's exporter is imported only when asked for."""
-    if args.type is not None and args.format != "gguf":
-        raise UserError(f"--type is for --format gguf (f32, f16, q8_0 or q4_0); --format {args.format} writes fp32")
-    if args.format == "hf":
-        out = export_hf(args.run, args.out, force=args.force, checkpoint=args.checkpoint)
-        print(f"exported {args.run} to {out} (GPT2LMHeadModel; load it with transformers' from_pretrained)")
-    elif args.format == "onnx":
-        from .onnx import export_onnx
-        out = export_onnx(args.run, args.out, checkpoint=args.checkpoint, force=args.force)
-        print(f"exported {args.run} to {out} (prefill.onnx, decode.onnx, onnx.json; run it with "
-              f"lmforge generate {out})")
-    else:
-        from .gguf_export import export_gguf
-        out = export_gguf(args.run, args.out, args.type or "f32", checkpoint=args.checkpoint, force=args.force)
-        print(f"exported {args.run} to {out} ({args.type or 'f32'} GGUF for llama.cpp, "
-              f"{out.stat().st_size / 1e6:.1f} MB)")
     return 0

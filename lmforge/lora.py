@@ -2,27 +2,27 @@
 
     targets = apply_lora(model, ["attn", "mlp"], rank=8, alpha=16)   # swaps each matched Linear for a LoRALinear
     ... train: only the A and B matrices require grad, the base weights stay bit for bit what they were ...
-    save_adapter(model, "runs/X", base="runs/base", config)           # adapter.safetensors + adapter_config.json
+    lora_state(model)                                                 # the adapter's tensors (adapter.safetensors)
     merge_lora(model)                                                 # W + scale * B @ A folded in, wrappers gone
 
 forward = base(x) + scale * B(A(dropout(x))), scale = alpha / rank, with B zero at the start: the first forward of a
 wrapped model equals the base model's exactly. Targets name modules by the pieces of their dotted path: "attn"
 matches every Linear under an `attn` module (c_attn and c_proj), "mlp" every MLP Linear, "c_attn" only the fused
 qkv projections, "lm_head" the output layer; a target that matches nothing is an error listing the names there are.
+A LoRA run (adapter.safetensors + adapter_config.json beside its base) is written by train.py and read by runs.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import MissingFileError, UserError
+from .errors import UserError
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
@@ -145,47 +145,3 @@ def adapter_settings(folder: Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is corrupted ({e.msg})") from None
-
-
-def base_identity(base: Path, run: Path) -> dict:
-    """What an adapter records of its base: where it is (relative to the adapter's run, and absolute), which
-    weights file it was trained on (relative to the base) and that file's sha256, so a base that changed since is
-    refused rather than silently used."""
-    from .checkpoint import model_folder
-    from .download import sha256_file
-    folder = model_folder(base)
-    weights = folder / "model.safetensors"
-    return {"base": os.path.relpath(base.resolve(), run.resolve()), "base_absolute": str(base.resolve()),
-            "base_weights": os.path.relpath(weights.resolve(), base.resolve()), "base_sha256": sha256_file(weights)}
-
-
-def _find_base(run: Path, settings: dict) -> Path:
-    for candidate in (run / settings["base"], Path(settings.get("base_absolute", settings["base"]))):
-        if candidate.is_dir():
-            return candidate
-    raise MissingFileError(f"{run} is a LoRA adapter on {settings['base']} (relative to the run) or "
-                           f"{settings.get('base_absolute')}, which are not there; restore the base run")
-
-
-def load_adapter_run(folder: Path, run: Path, settings: dict | None, device):
-    """(model, tokenizer) of a LoRA run: its base run loaded (the exact weights it was trained on), the adapter
-    applied and filled from `folder`."""
-    from safetensors.torch import load_file
-
-    from .checkpoint import load
-    from .download import sha256_file
-    if settings is None:
-        raise UserError(f"{folder} holds an adapter but no {ADAPTER_CONFIG}; the run is incomplete")
-    base = _find_base(run, settings)
-    weights = base / settings.get("base_weights", "model.safetensors")
-    changed = UserError(f"the base {base} has changed since this adapter was trained on it ({weights} is gone or "
-                        f"differs); restore that base or fine-tune again")
-    if not weights.is_file():
-        raise changed
-    model, tokenizer = load(base, device=device, checkpoint=str(weights.parent) if weights.parent != base else None)
-    apply_lora(model, settings["targets"], settings["rank"], settings["alpha"], settings.get("dropout", 0.0))
-    load_lora_state(model, load_file(str(Path(folder) / ADAPTER_WEIGHTS), device=str(device)),
-                    f"the adapter in {folder}")  # another base's shapes are named here
-    if "base_sha256" in settings and sha256_file(weights) != settings["base_sha256"]:
-        raise changed
-    return model.eval(), tokenizer

@@ -4,9 +4,9 @@
     -> Block -> GPT
 
 Every option of ModelConfig maps to one small named piece here. The model imports only torch: it knows nothing about
-tokenizers, files or training (GPT.from_pretrained hands over to hf.py, imported only when called). One forward path serves training (no cache), prefill and decoding: the inference
-engine owns a static KV cache and passes it to forward() with the position of every new token, so training never
-depends on cache state and decoding never changes a shape from one step to the next.
+tokenizers, files or training (GPT.from_pretrained hands over to hf.py when called). One forward path serves
+training (no cache), prefill and decoding: the engine owns a static KV cache and passes it to forward() with the
+position of every new token, so training never depends on cache state and no decode step changes a shape.
 """
 
 from __future__ import annotations
@@ -316,15 +316,24 @@ class GPT(nn.Module):
         # With tied weights the output layer's gradient is dense anyway, so the embedding lookup can hand back only
         # its rows (sparse) and skip a zero-filled vocabulary-sized gradient. FSDP needs it off.
         self.sparse_embedding_grad = cfg.tie_embeddings
-        self.tie_weights()
         self.init_weights()
 
     @classmethod
     def from_pretrained(cls, path_or_id: str) -> GPT:
-        """A Hugging Face GPT-2 checkpoint (a folder, or a hub id when online) as a GPT, in eval mode. Its tokenizer
-        comes with lmforge.hf.load_hf(path_or_id), which this calls: the conversion lives there, not here."""
-        from .hf import load_hf
-        return load_hf(path_or_id)[0]
+        """A Hugging Face GPT-2 checkpoint (a folder, or a hub id when online) as a GPT, in eval mode: config.json and
+        the weights are enough. The conversion lives in hf.py (lmforge.hf.load_hf also gives the tokenizer)."""
+        from .hf import load_hf_model
+        return load_hf_model(path_or_id)
+
+    @classmethod
+    def empty(cls, cfg, device="cpu") -> GPT:
+        """A GPT whose weights are uninitialised memory on device, for a loader to fill: built on the meta device, so
+        no time goes on an initialisation the weights overwrite, and no random numbers are drawn."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        model.init_buffers()
+        return model
 
     def tie_weights(self):
         if self.config.tie_embeddings:
@@ -332,16 +341,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """GPT-2 initialisation, in one place. Also rebuilds the non-persistent buffers (after to_empty()).
-
+        """GPT-2 initialisation, in one place, drawn from torch's global generator (as nn.Linear's own is):
         - every Linear weight and both embeddings: normal(0, init_std)
         - residual projections (attn.c_proj, mlp.c_proj): normal(0, init_std / sqrt(2 * n_layer)), so the
           residual stream's variance does not grow with depth
-        - biases: 0; norm weights: 1, norm biases: 0
-        - the output layer shares the token embedding when tied
+        - biases: 0; norm weights: 1, norm biases: 0; the output layer shares the token embedding when tied
         """
         cfg = self.config
-        self.tie_weights()
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj") else cfg.init_std
@@ -355,12 +361,19 @@ class GPT(nn.Module):
         nn.init.normal_(self.wte.weight, mean=0.0, std=cfg.init_std)
         if isinstance(self.wpe, LearnedPositions):
             nn.init.normal_(self.wpe.weight, mean=0.0, std=cfg.init_std)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self):
+        """The output layer tied, and the buffers that are not saved (position frequencies, ALiBi slopes) computed:
+        what to_empty() leaves undone. No random numbers."""
+        self.tie_weights()
         if isinstance(self.wpe, SinusoidalPositions):
-            self.wpe.inv_freq.copy_(SinusoidalPositions(cfg).inv_freq.to(self.wpe.inv_freq.device))
+            self.wpe.inv_freq.copy_(SinusoidalPositions(self.config).inv_freq.to(self.wpe.inv_freq.device))
         if self.rotary is not None:
             self.rotary.inv_freq.copy_(self.rotary.frequencies(self.rotary.inv_freq.device))
         if self.alibi is not None:
-            self.alibi.copy_(alibi_slopes(cfg.n_head))
+            self.alibi.copy_(alibi_slopes(self.config.n_head))
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (tied ones too); non_embedding leaves out the position embedding."""
@@ -382,15 +395,13 @@ class GPT(nn.Module):
                 attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 last_only: bool = False, kv_len: int | None = None):
-        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
-
-        Without a cache (training, evaluation, the naive reference): attention_mask (B, T), 1 = token, 0 = padding;
-        positions count real tokens only, so left padding does not shift them.
-        With kv_cache (made by make_kv_cache()): positions (B|1, T) are the positions of the new tokens, which are
-        also their cache slots (default 0..T-1: a prefill). The queries attend slots [0, kv_len): by default every
-        slot when positions are given (static shapes, so a compiled decode step never changes), the T new ones
-        otherwise; the mask hides each row's slots past its own position.
-        loss_mask (B, T): loss only where it is 1. last_only: logits for the last position only, (B, 1, V).
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None). loss_mask (B, T): loss only where it is 1;
+        last_only: logits of the last position only, (B, 1, V).
+        Without a cache (training, evaluation): attention_mask (B, T), 1 = token, 0 = padding; positions count real
+        tokens only, so left padding does not shift them.
+        With kv_cache (make_kv_cache()): positions (B|1, T) of the new tokens are also their cache slots (default
+        0..T-1: a prefill). Queries attend slots [0, kv_len): by default every slot when positions are given (static
+        shapes for a compiled decode step), else the T new ones; the mask hides each row's slots past its position.
         """
         self._check_inputs(idx, targets, attention_mask, kv_cache, positions, loss_mask, kv_len)
         B, T = idx.shape

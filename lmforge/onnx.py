@@ -119,7 +119,8 @@ def _export_graph(model: GPT, path: Path, with_past: bool) -> dict:
 
 def export_onnx(run: str | Path, out: str | Path, checkpoint: str | None = None, force: bool = False) -> Path:
     """Write prefill.onnx, decode.onnx, onnx.json and tokenizer.json for a run (fp32, CPU)."""
-    from .checkpoint import check_output, load, new_folder, read_run_config, refuse_exporting_quantized
+    from .checkpoint import new_folder
+    from .runs import check_output, load, read_run_config, refuse_exporting_quantized
     from .lora import merge_lora
     _need("onnx"), _need("onnxscript")
     run = Path(run)

@@ -1,7 +1,7 @@
-"""Weight quantization as module swaps, saved as runs, behind a quality gate.
+"""Weight quantization as module swaps, and the quality report that measures what they change.
 
-    lmforge quantize runs/base --method int8 --out runs/base-int8          # or --method int4 [--group-size 32]
-    model, tok = lmforge.load("runs/base-int8")                          # generate, eval and serve as usual
+    small = quantize_model(model, "int8")                                # or "int4", group_size=32: a quantized copy
+    report = quality_report(model, small, held_out_tokens)               # perplexities, ΔPPL, KL
 
 Every nn.Linear of the model (the output layer included) is replaced, for good, by one of:
 - Int8Linear: per-output-channel symmetric int8 weights, W ~ scales[:, None] * weight.
@@ -9,9 +9,9 @@ Every nn.Linear of the model (the output layer included) is replaced, for good, 
   0..15 packed two to a byte (a group's first half in the low nibbles, its second half in the high ones), scales and
   minimums in float16.
 On CPU both also round each input row to int8 steps (one scale per row) and take integer dot products, as llama.cpp
-does for q8_0 and q4_0: in one call of the kernels of csrc/quant_cpu.cpp (AVX-512 VNNI or AVX2, built for the
-machine on first use by kernels.py), or where those cannot be built, the same computation in PyTorch operators. On
-an AVX2 CPU, many rows at once (a prefill) take the same products in float instead (csrc/decode_cpu.cpp's tiled
+does for q8_0 and q4_0: in one call of the kernels of cpu/csrc/quant_cpu.cpp (AVX-512 VNNI or AVX2, built for the
+machine on first use by cpu/kernels.py), or where those cannot be built, the same computation in PyTorch operators. On
+an AVX2 CPU, many rows at once (a prefill) take the same products in float instead (cpu/csrc/decode_cpu.cpp's tiled
 kernels, on the weight dequantized block by block: see TILED_ROWS), the same results to float rounding. An engine
 on an AVX2 CPU runs its int4 layers through a copy of the codes in blocks of 8 rows (Int4Linear.rows8, the engine's
 DecodeInt4Linear), which doubles their memory there.
@@ -19,32 +19,26 @@ Elsewhere (CUDA) the weight is dequantized on the fly into the input's dtype; in
 written as sums of products of the stored codes, which inductor fuses into kernels that read the codes once.
 A tied token embedding becomes the dequantized output matrix, so the run stores that matrix once, quantized.
 
-Before writing, quantize() compares the quantized model with the original on held-out tokens (the run's val split,
-or --data): perplexities and the mean KL divergence of their next-token distributions. Above max_kl it refuses to
-write the run (unless forced). The report goes into the run as quality.json; config.json records the method.
-A quantized run can be used, not trained: training or fine-tuning one is refused.
+The `quantize` verb (quantize_run.py) writes a quantized run behind the quality report; runs.py reads one back.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cpu.kernels import cpu_kernels
 from .errors import UserError
-from .kernels import cpu_kernels
 from .model import GPT
 
 METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 32  # int4 inputs per scale (llama.cpp's q4_0 block)
-DEFAULT_MAX_KL = 0.05  # nats per token; int8 is ~1e-4, int4 ~1e-2 on the models measured
-DEFAULT_EVAL_TOKENS = 16_384
+DEFAULT_EVAL_TOKENS = 16_384  # held-out tokens the quality report measures
 
 
 # ------------------------------------------------------------------------------------------------- the modules
@@ -246,7 +240,7 @@ QUANTIZED = (Int8Linear, Int4Linear)
 
 # ----------------------------------------------------------------------------------------------- the swapping
 
-def _check_method(method: str, group_size: int | None) -> int | None:
+def check_method(method: str, group_size: int | None) -> int | None:
     if method not in METHODS:
         raise UserError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
     if method == "int8":
@@ -271,7 +265,7 @@ def _untie(model: GPT) -> None:
 def quantize_model(model: GPT, method: str, group_size: int | None = None) -> GPT:
     """A quantized copy of model (eval mode, no gradients): every nn.Linear replaced by Int8Linear or Int4Linear;
     a tied embedding becomes the dequantized output matrix. The model passed in is not changed."""
-    group_size = _check_method(method, group_size)
+    group_size = check_method(method, group_size)
     from .lora import LoRALinear, merge_lora
     model = copy.deepcopy(model).eval().requires_grad_(False)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
@@ -290,7 +284,7 @@ def quantize_model(model: GPT, method: str, group_size: int | None = None) -> GP
 
 def empty_quantized(model: GPT, method: str, group_size: int | None) -> GPT:
     """Swap model's nn.Linears (in place) for quantized modules of the same shapes, to load a quantized state into."""
-    group_size = _check_method(method, group_size)
+    group_size = check_method(method, group_size)
     _untie(model)
     for parent, name, linear in _linears(model):
         args = (linear.in_features, linear.out_features, linear.bias is not None)
@@ -305,43 +299,6 @@ def quantized_state(model: GPT) -> dict[str, torch.Tensor]:
     if model.config.tie_embeddings:
         state.pop("wte.weight")
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-
-
-def load_quantized(folder: Path, run: Path, config: dict, device: torch.device):
-    """(model, tokenizer) of a quantized run (checkpoint.load sends these here)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from .config import ModelConfig
-    from .tokenizer import load_tokenizer
-    spec = config["quantization"]
-    model_config = ModelConfig.from_dict(config["model"])
-    with torch.device("meta"):
-        model = GPT(model_config)
-    model.to_empty(device=device)
-    model.init_weights()  # rebuilds buffers; the weights are overwritten next
-    empty_quantized(model, spec["method"], spec.get("group_size"))
-    path = folder / "model.safetensors"
-    try:
-        state = load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is corrupted or not a safetensors file ({e}); quantize the run again") from None
-    if model_config.tie_embeddings:
-        state["wte.weight"] = model.wte.weight  # placeholder: rebuilt from the output matrix below
-    expected = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} {v.dtype} vs {tuple(expected[k].shape)} {expected[k].dtype}"
-             for k, v in state.items()
-             if k in expected and (v.shape != expected[k].shape or v.dtype != expected[k].dtype)]
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if wrong or missing or unexpected:
-        fix = ("quantize the run again" if folder == run
-               else f"{folder} is not one of {run}'s folders: drop --checkpoint")
-        raise UserError(f"{path} does not hold the {spec['method']} model of this configuration "
-                        f"({'; '.join(wrong[:2]) or f'missing {missing[:3]}, unexpected {unexpected[:3]}'}); {fix}")
-    model.load_state_dict(state)
-    if model_config.tie_embeddings:
-        with torch.no_grad():
-            model.wte.weight.copy_(model.lm_head.dequantize())
-    return model.eval(), load_tokenizer(run / "tokenizer.json")
 
 
 # ---------------------------------------------------------------------------------------------- the quality gate
@@ -374,78 +331,3 @@ def quality_report(original: GPT, quantized: GPT, tokens: np.ndarray, max_tokens
     ppl_a, ppl_b = math.exp(nll_a / n), math.exp(nll_b / n)
     return {"tokens": n, "ppl": ppl_a, "ppl_quantized": ppl_b, "delta_ppl_percent": 100 * (ppl_b / ppl_a - 1),
             "kl_mean": kl / n, "kl_worst_window": worst}
-
-
-def _held_out(run: Path, config: dict, data: str | None):
-    from .data import Dataset
-    source = data or (config.get("train") or {}).get("data")
-    if not source:
-        raise UserError(f"{run} does not name its data (an imported run); pass --data with a prepared data "
-                        f"directory to measure the quantized model on")
-    path = Path(source)
-    if not path.is_dir() and not path.is_absolute() and (run / source).is_dir():
-        path = run / source
-    if not (path / "meta.json").is_file():
-        raise UserError(f"no prepared data at {source} to measure the quantized model on; pass --data DIR "
-                        f"(a folder made by lmforge prepare with this run's tokenizer)")
-    dataset = Dataset(path)
-    tokens = dataset.tokens("val")
-    if len(tokens) == 0:
-        tokens = dataset.tokens("train")
-    return dataset, tokens
-
-
-# ------------------------------------------------------------------------------------------------------ the verb
-
-def quantize(run: str | Path, out: str | Path, method: str = "int8", group_size: int | None = None,
-             data: str | None = None, max_kl: float = DEFAULT_MAX_KL, force: bool = False,
-             eval_tokens: int = DEFAULT_EVAL_TOKENS, overwrite: bool = False, checkpoint: str | None = None,
-             device: str = "cpu") -> dict:
-    """Quantize a run into a new run folder, after the quality gate. Returns the quality report."""
-    from .checkpoint import check_device, check_output, load, new_folder, read_run_config, write_json_atomic
-    run = Path(run)
-    if method == "int8" and group_size is not None:
-        raise UserError("--group-size is for int4 (int8 has one scale per output channel); drop it")
-    group_size = _check_method(method, group_size)
-    if not (isinstance(max_kl, (int, float)) and max_kl >= 0):
-        raise UserError(f"--max-kl {max_kl!r} must be a number >= 0")
-    if eval_tokens < 1:
-        raise UserError(f"--eval-tokens {eval_tokens} must be at least 1")
-    config = read_run_config(run)
-    out = check_output(run, out, overwrite, "--overwrite", checkpoint=checkpoint)
-    if config.get("quantization"):
-        raise UserError(f"{run} is already quantized ({config['quantization']['method']}); quantize the "
-                        f"full-precision run it came from")
-    device = check_device(device)
-    original, tokenizer = load(run, device=device, checkpoint=checkpoint)
-    dataset, tokens = _held_out(run, config, data)
-    if json.loads((dataset.path / "tokenizer.json").read_text()) != json.loads((run / "tokenizer.json").read_text()):
-        raise UserError(f"the data at {dataset.path} was prepared with another tokenizer than {run}'s; pass --data "
-                        f"prepared with it (lmforge prepare ... --tokenizer-from {run})")
-    model = quantize_model(original, method, group_size)
-    report = {"method": method, "group_size": group_size, "data": str(dataset.path),
-              **quality_report(original, model, tokens, eval_tokens)}
-    print(f"{method}: perplexity {report['ppl']:.4f} -> {report['ppl_quantized']:.4f} "
-          f"({report['delta_ppl_percent']:+.2f}%), mean KL {report['kl_mean']:.5f} nats/token "
-          f"over {report['tokens']:,} held-out tokens")
-    if report["kl_mean"] > max_kl and not force:
-        raise UserError(f"{method} changes the model too much: mean KL {report['kl_mean']:.4f} > --max-kl {max_kl} "
-                        f"(perplexity {report['delta_ppl_percent']:+.2f}%); nothing was written. Try int8 or a "
-                        f"smaller --group-size, or pass --force to write it anyway")
-    from safetensors.torch import save_file
-    with new_folder(out) as tmp:
-        save_file(quantized_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        saved = {**config, "quantization": {"method": method, "group_size": group_size, "source": str(run)}}
-        write_json_atomic(tmp / "config.json", saved)
-        write_json_atomic(tmp / "quality.json", report)
-        tokenizer.save(tmp / "tokenizer.json")
-    size = (out / "model.safetensors").stat().st_size
-    print(f"wrote {out} ({size / 1e6:.1f} MB of weights)")
-    return report
-
-
-def quantize_cli(args) -> int:
-    quantize(args.run, args.out, args.method, args.group_size, args.data, args.max_kl, args.force,
-             args.eval_tokens, args.overwrite, args.checkpoint, args.device)
-    return 0
-

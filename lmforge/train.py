@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (check_device, complete_checkpoints, latest_checkpoint, load_trainer_state, load_weights,
-                         model_folder, read_run_config, refuse_quantized, run_config, save_checkpoint,
-                         weights_for_saving, write_json_atomic)
+from .checkpoint import (complete_checkpoints, latest_checkpoint, load_trainer_state, load_weights, run_config,
+                         save_checkpoint, weights_for_saving, write_json_atomic)
 from .config import ModelConfig, TrainConfig
 from .data import Dataset, get_batch, get_pair_batch
-from .model import GPT
 from .errors import MissingFileError, UserError
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_settings, apply_lora, load_lora_state, lora_state
+from .model import GPT
+from .runs import base_identity, check_device, model_folder, read_run_config, refuse_quantized
 
 
 class TrainingError(UserError):
@@ -261,10 +262,13 @@ def _load_optimizers(model: GPT, optimizers, states: list[dict], cfg: TrainConfi
 # ------------------------------------------------------------------------------------------------------ the loop
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Train (or resume) the run cfg.out on cfg.data. Returns a summary: step, losses, paths."""
+    """Train (or resume) the run cfg.out on cfg.data. Returns a summary: step, losses, paths. The run seeds its own
+    random number generators (cfg.seed, or the checkpoint's states on resume); the caller's are as they were after."""
     info = init_distributed(cfg.device)
     try:
-        summary = _train(cfg, resume, info)
+        device = resolve_device(cfg.device, info)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            summary = _train(cfg, resume, info, device)
     except BaseException:
         if info.owns_group:
             dist.destroy_process_group()
@@ -276,8 +280,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     return summary
 
 
-def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
-    device = resolve_device(cfg.device, info)
+def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> dict:
     run = Path(cfg.out)
     data = Dataset(cfg.data)
     check_fits(cfg, data)
@@ -301,8 +304,6 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
     if cfg.lora_rank:
         if cfg.fsdp and info.world > 1:
             raise TrainingError("LoRA with FSDP is not supported; use DDP (fsdp=false) or one process")
-        from .lora import apply_lora
-        from .lora import base_identity
         targets = apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         adapter = {**base_identity(Path(cfg.init_from), run), "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
                    "targets": cfg.lora_targets, "dropout": cfg.lora_dropout, "modules": targets}
@@ -310,8 +311,6 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
     if ckpt is not None:
         if adapter is not None:
             from safetensors.torch import load_file
-
-            from .lora import adapter_settings, load_lora_state
             saved = adapter_settings(ckpt) or {}
             if saved.get("base_sha256") not in (None, adapter["base_sha256"]):
                 raise TrainingError(f"cannot resume {run}: its base {cfg.init_from} has changed since the adapter was "
@@ -371,7 +370,6 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist) -> dict:
             trainer_state = {"step": step, "optimizers": opt_states, "scaler": scaler.state_dict(), "rng": rng,
                              "best_val": best_val, "train_seconds": train_seconds, "tokens_seen": tokens_seen}
             if adapter is not None:  # the adapter alone: the base weights are init_from's, untouched
-                from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_state
                 save_checkpoint(run, weights_for_saving(lora_state(model), False), trainer_state, config,
                                 cfg.keep_last, is_best, ADAPTER_WEIGHTS, {ADAPTER_CONFIG: adapter})
                 from .hf import gpt2_mismatches, save_peft_adapter
@@ -537,7 +535,7 @@ def _write_sample(run: Path, model: GPT, data: Dataset, cfg: TrainConfig, step: 
 
 
 def _pair_samples(model: GPT, data: Dataset, cfg: TrainConfig, n: int = 3) -> str:
-    from .finetune import evaluate_pairs
+    from .pair_eval import evaluate_pairs
     tok, tokens = data.tokenizer, data.tokens("val")
     pairs = [(tok.decode(tokens[s:s + p].tolist()), tok.decode(tokens[s + p:s + t - 1].tolist()))
              for s, p, t in data.index("val")[:n]]
@@ -558,14 +556,13 @@ def check_sample_prompt(cfg: TrainConfig, data: Dataset) -> None:
 
 def plot_curves(run: Path) -> Path:
     """curves.png: train and validation loss against step, and the learning rate below."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # (not pyplot: no backend or global figure state of the caller's changes)
     rows = read_metrics(run)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig = Figure(figsize=(8, 6))
+    ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     if train:
         ax.plot(*zip(*train), label="train", color="tab:blue", alpha=0.8)
     if val:
@@ -585,7 +582,6 @@ def plot_curves(run: Path) -> Path:
     out = Path(run) / "curves.png"
     tmp = out.with_name(".curves.tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     tmp.replace(out)
     return out
 
@@ -596,7 +592,7 @@ def plot_curves(run: Path) -> Path:
 def evaluate_run(run: str | Path, data_dir: str | Path | None = None, split: str = "val", batches: int = 50,
                  batch_size: int = 16, seed: int = 0, device: str = "cpu", checkpoint: str | None = None) -> dict:
     """Loss and perplexity of a run's latest checkpoint on a prepared data directory (default: its own data)."""
-    from .checkpoint import load
+    from .runs import load
     if batches < 1 or batch_size < 1:
         raise UserError(f"batches={batches} and batch_size={batch_size} must be at least 1")
     model, tokenizer = load(run, device=device, checkpoint=checkpoint)
@@ -658,7 +654,7 @@ def eval_cli(args) -> int:
     if args.pairs:
         if args.data:
             raise UserError("--pairs and --data are two different evaluations; give one")
-        from .finetune import eval_pairs_cli
+        from .pair_eval import eval_pairs_cli
         return eval_pairs_cli(args)
     r = evaluate_run(args.run, args.data, args.split, args.batches, args.batch_size, device=args.device,
                      checkpoint=args.checkpoint)

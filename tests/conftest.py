@@ -14,7 +14,7 @@ def _seed():
 @pytest.fixture
 def kernel_ops():
     """torch.ops.lmforge_cpu, built for this machine; the test is skipped where the kernels cannot be built."""
-    from lmforge.kernels import cpu_kernels
+    from lmforge.cpu.kernels import cpu_kernels
     ops = cpu_kernels()
     if ops is None:
         pytest.skip("lmforge's CPU kernels cannot be built here (no C++ compiler or ninja)")

@@ -25,7 +25,7 @@ SURFACE = {
     "quantize": ["--checkpoint", "--data", "--device", "--eval-tokens", "--force", "--group-size", "--max-kl",
                  "--method", "--out", "--overwrite", "run"],
     "export": ["--checkpoint", "--force", "--format", "--out", "--type", "run"],
-    "import-hf": ["--force", "--out", "source"],
+    "import-hf": ["--force", "--out", "--tokenizer", "source"],
     "generate": ["--checkpoint", "--compile", "--device", "--dtype", "--early-stopping", "--interactive", "--length-penalty",
                  "--max-new-tokens", "--num-beams", "--num-samples", "--prompt", "--prompt-file",
                  "--repetition-penalty", "--seed", "--stop", "--temperature", "--top-k", "--top-p", "run"],
@@ -130,7 +130,7 @@ def test_a_user_mistake_is_one_line_and_exit_status_2(world, capsys, argv, needl
 
 
 def test_the_dtype_choices_are_what_load_accepts():
-    from lmforge.checkpoint import INFERENCE_DTYPES
+    from lmforge.runs import INFERENCE_DTYPES
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for verb in ("generate", "serve"):
         action = next(a for a in sub.choices[verb]._actions if "--dtype" in a.option_strings)

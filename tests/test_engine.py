@@ -325,7 +325,7 @@ def test_two_interleaved_streams_on_one_model_both_finish_correctly():
 
 
 def test_samples_written_during_training_equal_the_naive_path(tmp_path):
-    from lmforge.checkpoint import load
+    from lmforge.runs import load
     from lmforge.data import prepare
     src = tmp_path / "corpus.txt"
     src.write_text(TEXT * 20)

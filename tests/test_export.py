@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lmforge import GPT, ModelConfig
-from lmforge.checkpoint import load, run_config, save_checkpoint, weights_for_saving, write_json_atomic
+from lmforge.checkpoint import run_config, save_checkpoint, weights_for_saving, write_json_atomic
+from lmforge.runs import load
 from lmforge.cli import main
 from lmforge.generation import generate_naive
 from lmforge.tokenizer import BPETokenizer, CharTokenizer
@@ -96,7 +97,7 @@ def _bpe_run(tmp_path, **model):
 def test_gguf_reads_back_with_names_shapes_types_and_tokenizer(tmp_path, kind):
     import gguf
 
-    from lmforge.gguf_export import export_gguf, gguf_name
+    from lmforge.gguf import export_gguf, gguf_name
     from lmforge.hf import gpt2_vocab_and_merges
     run, tok = _bpe_run(tmp_path)
     path = export_gguf(run, tmp_path / "model.gguf", kind)

@@ -11,10 +11,11 @@ import torch
 
 import lmforge
 from lmforge import GPT, ModelConfig
-from lmforge.checkpoint import load
+from lmforge.runs import load
 from lmforge.cli import main
 from lmforge.data import Dataset, encode_pair, pair_batch, pair_arrays, prepare
-from lmforge.finetune import evaluate_pairs, finetune, merge
+from lmforge.finetune import finetune, merge
+from lmforge.pair_eval import evaluate_pairs
 from lmforge.generation import generate_naive
 from lmforge.lora import LoRALinear, apply_lora, lora_state, merge_lora
 from lmforge.tokenizer import BPETokenizer

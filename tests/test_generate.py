@@ -341,7 +341,7 @@ NO_ONEDNN = not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 def test_decode_linear_equals_linear_and_is_as_current_as_its_last_repack(in_features, bias):
     """Few rows (the few_row_linear kernel where it builds), one row, and many (lmforge's packed_linear kernel where
     it builds, else oneDNN's), eagerly and compiled."""
-    from lmforge.engine import DecodeLinear
+    from lmforge.cpu.modules import DecodeLinear
     linear = torch.nn.Linear(in_features, 24, bias=bias)
     fast = DecodeLinear(linear)
     few, one, many = torch.randn(1, 2, in_features), torch.randn(1, 1, in_features), torch.randn(4, 10, in_features)
@@ -365,8 +365,8 @@ def test_decode_linear_equals_linear_and_is_as_current_as_its_last_repack(in_fea
 @pytest.mark.skipif(NO_ONEDNN, reason="this PyTorch build has no oneDNN (mkldnn) linear kernels")
 @pytest.mark.parametrize("kernels", [True, False])
 def test_decode_linear_takes_no_rows_with_or_without_lmforge_kernels(kernels, monkeypatch):
-    from lmforge import kernels as k
-    from lmforge.engine import DecodeLinear
+    from lmforge.cpu import kernels as k
+    from lmforge.cpu.modules import DecodeLinear
     if not kernels:
         monkeypatch.setitem(k._state, "ops", None)  # as where they cannot be built
     linear = torch.nn.Linear(16, 24)
@@ -433,7 +433,7 @@ def test_the_packed_kernel_equals_a_float64_product_and_each_row_is_computed_alo
 def test_one_query_attention_equals_sdpa_compiled_or_not(kv_heads, alibi, compiled):
     """Compiled: lmforge's kernel for a bool mask, sums of products for ALiBi's bias; eagerly: the kernel, or SDPA."""
     import torch.nn.functional as F
-    from lmforge.engine import OneQueryAttention
+    from lmforge.cpu.modules import OneQueryAttention
     from lmforge.model import alibi_slopes
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, kv_heads, 10, 8), torch.randn(3, kv_heads, 10, 8)
@@ -474,7 +474,7 @@ def test_the_gelu_kernel_equals_torchs_tanh_gelu(n, kernel_ops):
     torch.testing.assert_close(ops.gelu_tanh(special), F.gelu(special, approximate="tanh"), equal_nan=True,
                                atol=0, rtol=1e-6)
     with torch.no_grad():
-        from lmforge.engine import FastGELU
+        from lmforge.cpu.modules import FastGELU
         y = torch.randn(3, 5, 19)
         torch.testing.assert_close(FastGELU()(y), F.gelu(y, approximate="tanh"), atol=1e-6, rtol=1e-6)
         strided = y.transpose(0, 2)  # not contiguous: FastGELU copies it first

@@ -10,7 +10,8 @@ import torch
 import lmforge
 import lmforge.data
 from lmforge import GPT, BPETokenizer, ModelConfig
-from lmforge.checkpoint import load, run_config, save_checkpoint, weights_for_saving, write_json_atomic
+from lmforge.checkpoint import run_config, save_checkpoint, weights_for_saving, write_json_atomic
+from lmforge.runs import load
 from lmforge.cli import main
 from lmforge.hf import export_hf
 
@@ -198,3 +199,51 @@ def test_the_full_gpt2_shape_imports_with_transformers_logits(tmp_path):
     x = torch.randint(0, 50257, (1, 64))
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_a_weights_only_folder_loads_as_a_model_and_imports_with_a_named_tokenizer(tmp_path, capsys):
+    """config.json + model.safetensors, what save_pretrained of a model alone writes: from_pretrained gives the model
+    (transformers' logits); import-hf asks for --tokenizer with a one-line error, and takes a tokenizer folder, our
+    tokenizer.json, or GPT-2's own ranks (gpt2); a tokenizer larger than the model's vocabulary is refused."""
+    from lmforge.hf import import_hf
+    tok = BPETokenizer.train(TEXT, 300)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    hf.save_pretrained(tmp_path / "weights")
+    assert not any((tmp_path / "weights" / f).exists() for f in ("vocab.json", "merges.txt", "tokenizer.json"))
+    model = GPT.from_pretrained(str(tmp_path / "weights"))
+    x = torch.randint(0, tok.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], hf(x).logits, atol=1e-4, rtol=0)
+    capsys.readouterr()
+
+    assert main(["import-hf", str(tmp_path / "weights"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tokenizer gpt2" in err and "--tokenizer PATH" in err, err
+    assert not (tmp_path / "run").exists()
+
+    from lmforge.hf import _write_gpt2_tokenizer
+    (tmp_path / "tok").mkdir()
+    _write_gpt2_tokenizer(tok, tmp_path / "tok", 64)  # vocab.json + merges.txt
+    tok.save(tmp_path / "ours.json")
+    for i, spec in enumerate([tmp_path / "tok", tmp_path / "ours.json"]):
+        assert main(["import-hf", str(tmp_path / "weights"), "--out", str(tmp_path / f"run{i}"),
+                     "--tokenizer", str(spec)]) == 0
+        loaded, loaded_tok = load(tmp_path / f"run{i}")
+        assert loaded_tok.ranks == tok.ranks and loaded_tok.encode(TEXT) == tok.encode(TEXT)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x)[0], hf(x).logits, atol=1e-4, rtol=0)
+
+    gpt2_shaped = tmp_path / "gpt2-vocab"  # GPT-2's vocabulary size, so its own tokenizer fits
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2)
+                                 ).save_pretrained(gpt2_shaped)
+    run = import_hf(gpt2_shaped, tmp_path / "gpt2-run", tokenizer="gpt2")
+    assert load(run)[1].encode("Hello world") == [15496, 995]  # GPT-2's own ids
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "weights"), "--out", str(tmp_path / "bad"), "--tokenizer", "gpt2"]) == 2
+    assert f"50257 tokens, the model {tok.vocab_size}" in capsys.readouterr().err
+    assert main(["import-hf", str(tmp_path / "weights"), "--out", str(tmp_path / "bad"),
+                 "--tokenizer", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such file" in err and not (tmp_path / "bad").exists()

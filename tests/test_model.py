@@ -190,6 +190,22 @@ def test_meta_build_then_init_matches_a_normal_build():
         torch.testing.assert_close(model.eval()(idx)[0], ref(idx)[0], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("position", ["rope", "sinusoidal", "alibi"])
+def test_an_empty_model_draws_no_random_numbers_and_loads_to_the_same_logits(position):
+    """GPT.empty (what a loader builds): real memory, buffers computed (not saved in checkpoints), tied layers, and
+    the global generator left as it was."""
+    cfg = tiny(position=position)
+    ref = GPT(cfg).eval()
+    state = torch.get_rng_state()
+    model = GPT.empty(cfg)
+    assert torch.equal(torch.get_rng_state(), state) and not any(p.is_meta for p in model.parameters())
+    assert model.lm_head.weight is model.wte.weight
+    model.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(idx)[0], ref(idx)[0], atol=0, rtol=0)
+
+
 def test_weight_tying_and_untying():
     tied = GPT(tiny())
     assert tied.lm_head.weight is tied.wte.weight

@@ -1,4 +1,4 @@
-"""2 MB pages (lmforge/pages.py): collapsing moves memory in place, keeps every value, and the engine decodes the same
+"""2 MB pages (lmforge/cpu/pages.py): collapsing moves memory in place, keeps every value, and the engine decodes the same
 tokens from collapsed weights."""
 
 import platform
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge import GPT, Engine, ModelConfig, Request
-from lmforge import pages
+from lmforge.cpu import pages
 from lmforge.generation import generate_naive
 
 MB = 1 << 20
@@ -101,10 +101,27 @@ def test_nothing_is_moved_where_huge_pages_are_turned_off(tmp_path, monkeypatch)
 
 
 FAULTS_SCRIPT = """
-import resource, sys, torch
-from lmforge import GPT, Engine, ModelConfig, pages
-if sys.argv[1] == "engine":  # a CPU engine asks glibc to keep freed memory
-    Engine(GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)), max_batch=1)
+import ctypes, resource, sys
+touched = []  # a spy on glibc's mallopt: every lookup of it through ctypes, whoever makes it
+class SpyCDLL(ctypes.CDLL):
+    def __getattr__(self, name):
+        if name == "mallopt":
+            touched.append(name)
+        return super().__getattr__(name)
+    def __getitem__(self, name):
+        if name == "mallopt":
+            touched.append(name)
+        return super().__getitem__(name)
+ctypes.CDLL = SpyCDLL
+import torch
+from lmforge import GPT, Engine, ModelConfig, Request
+from lmforge.cpu import keep_freed_memory, pages
+engine = Engine(GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)), max_batch=1)
+engine.add(Request([1, 2], max_new_tokens=3, seed=0))
+while engine.has_work():
+    engine.step()
+if sys.argv[1] == "opt-in":  # what lmforge generate and lmforge serve do for their own process
+    keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def forward():  # four 20 MB activations freed together: 80 MB free at the top of the heap, past the most glibc
@@ -114,16 +131,15 @@ forward(); forward()
 before = faults()
 for _ in range(10):
     forward()
-print(pages._state.get("kept"), (faults() - before) / 10)
+print(pages._state.get("kept"), bool(touched), (faults() - before) / 10)
 """
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
-def test_a_cpu_engine_has_freed_memory_reused_without_page_faults():
-    """Once a CPU engine is built (keep_freed_memory), a forward's freed activations are reused by the next without a
-    page fault. Where glibc hands freed memory back, as it does by default when enough lies free at the top of the
-    heap (how much depends on the allocation history) and always with a small trim threshold, the same forwards fault
-    their memory in again; a process started with its own malloc settings keeps them, and so does one that says
+def test_freed_memory_is_kept_only_when_the_process_opts_in():
+    """An engine built and run leaves glibc's malloc settings as they were (a spy on mallopt sees no lookup of it).
+    A process that opts in (lmforge.cpu.keep_freed_memory(), as the CLI and the server do) has a forward's freed activations reused
+    by the next without a page fault; one started with its own malloc settings keeps them, and so does one that says
     LMFORGE_KEEP_FREED_MEMORY=0."""
     import os
     import subprocess
@@ -134,14 +150,15 @@ def test_a_cpu_engine_has_freed_memory_reused_without_page_faults():
 
     def run(mode, **env):
         base = {k: v for k, v in os.environ.items() if k not in ours}
-        kept, faults = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True,
-                                      check=True, env={**base, **env}).stdout.split()
-        return kept, float(faults)
+        kept, touched, faults = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True,
+                                               text=True, check=True, env={**base, **env}).stdout.split()
+        return kept, touched == "True", float(faults)
 
-    kept, faults = run("engine")
-    assert kept == "True" and faults < 1024  # (0 alone; 512 pages once in a full parallel test run: 2 MB of the
-    # 80, where trimming faults in all 20,480 pages)
-    kept, faults = run("engine", MALLOC_TRIM_THRESHOLD_="131072")  # the process's own setting stands: glibc trims,
-    assert kept == "False" and faults > 10_000  # and 80 MB a forward (20,480 pages) are faulted in again
-    assert run("engine", LMFORGE_KEEP_FREED_MEMORY="0")[0] == "False"
-    assert run("default")[0] == "None"  # (nothing asks for it without an engine)
+    kept, touched, _ = run("engine")  # a library call: mallopt is never looked up, glibc's settings stand (whether
+    assert kept == "None" and not touched  # glibc then trims depends on the allocation history: not asserted)
+    kept, touched, faults = run("opt-in")
+    assert kept == "True" and touched and faults < 1024  # (0 alone; 512 pages once in a full parallel test run: 2 MB
+    # of the 80, where trimming faults in all 20,480 pages)
+    kept, _, faults = run("opt-in", MALLOC_TRIM_THRESHOLD_="131072")  # the process's own setting stands: glibc
+    assert kept == "False" and faults > 10_000  # trims, and the 80 MB (20,480 pages) are faulted in again
+    assert run("opt-in", LMFORGE_KEEP_FREED_MEMORY="0")[0] == "False"

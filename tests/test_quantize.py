@@ -12,13 +12,14 @@ import torch.nn.functional as F
 
 import lmforge
 from lmforge import GPT, ModelConfig
-from lmforge.checkpoint import load
+from lmforge.runs import load
 from lmforge.cli import main
 from lmforge.data import prepare
 from lmforge.engine import Engine, Request
 from lmforge.errors import UserError
 from lmforge.generation import generate_naive
-from lmforge.quantize import Int4Linear, Int8Linear, quantize, quantize_model
+from lmforge.quantize import Int4Linear, Int8Linear, quantize_model
+from lmforge.quantize_run import quantize
 
 WORDS = "the king and queen of a castle by the sea rode out at dawn to meet their people in the green field".split()
 
@@ -83,7 +84,7 @@ def test_the_cpu_kernels_compute_what_the_pytorch_path_computes(shape, bias, mon
     """int8: bit for bit (integer dot products, the same float steps), or to float rounding where the rows take the
     tiled float kernel (TILED_ROWS); int4: to float rounding, for group sizes the vector path takes (multiples of 32)
     and those it leaves to plain loops."""
-    from lmforge import kernels
+    from lmforge.cpu import kernels
     ops = kernel_ops
     N, K, M = shape
     linear = nn.Linear(K, N, bias=bias)
@@ -150,7 +151,7 @@ def test_the_8_row_int4_kernel_equals_int4_linear(K, N, group, kernel_ops):
     than one thread's share) against int4_linear, to float rounding: 1 to 20 rows of x, bias or none, a row holding
     NaN, K a single group; and through DecodeInt4Linear, which the engine swaps in (with AVX2), eagerly and
     compiled. The copy is checked for its shape, not only its size."""
-    from lmforge.engine import DecodeInt4Linear
+    from lmforge.cpu.modules import DecodeInt4Linear
     ops = kernel_ops
     torch.manual_seed(0)
     q4 = Int4Linear.from_linear(nn.Linear(K, N), group)
@@ -198,7 +199,7 @@ def test_the_int8_kernel_takes_every_int8_code_minus_128_included(monkeypatch, k
     """Quantizing never writes -128, but a loaded state may hold it: the kernel's vector trick (multiplying unsigned by
     signed bytes) must not negate it, so the product stays bit for bit the PyTorch path's. (kernel_ops: skipped where
     the kernels cannot be built.)"""
-    from lmforge import kernels
+    from lmforge.cpu import kernels
     torch.manual_seed(0)
     q8 = Int8Linear.from_linear(nn.Linear(200, 9))
     q8.weight.copy_(torch.randint(-128, 128, q8.weight.shape, dtype=torch.int8))
@@ -401,7 +402,7 @@ def test_the_one_row_form_of_the_compiled_gpu_step_equals_the_dequantized_produc
 def test_kernel_cache_key_tells_cpus_apart_on_x86_and_arm():
     """The kernels' build folder is keyed by the CPU: two ARM cores of different parts (no "model name" line on ARM)
     or two x86 CPUs with different flags get different keys; the per-core repeats of a line do not matter."""
-    from lmforge.kernels import _cpu_id
+    from lmforge.cpu.kernels import _cpu_id
     arm = "processor\t: {i}\nFeatures\t: fp asimd {f}\nCPU implementer\t: 0x41\nCPU part\t: {p}\n\n"
     a72 = "".join(arm.format(i=i, f="crc32", p="0xd08") for i in range(4))
     n1 = "".join(arm.format(i=i, f="crc32 sve", p="0xd0c") for i in range(4))
@@ -409,3 +410,33 @@ def test_kernel_cache_key_tells_cpus_apart_on_x86_and_arm():
     assert "0xd08" in _cpu_id(a72) and _cpu_id(a72).count("CPU part") == 1
     x86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 {f}\n\n"
     assert _cpu_id(x86.format(f="avx2")) != _cpu_id(x86.format(f="avx2 avx512f"))
+
+
+def test_a_run_that_names_no_data_is_measured_on_the_built_in_held_out_text(tmp_path, capsys):
+    """An imported run has no prepared data: the gate measures it on the built-in held-out text (Shakespeare's last
+    texts, tokenized with the run's tokenizer) and says so; --data still overrides; a tokenizer that cannot encode
+    that text is a one-line error naming --data."""
+    from lmforge import BPETokenizer, CharTokenizer
+    from lmforge.checkpoint import run_config, save_checkpoint, weights_for_saving, write_json_atomic
+
+    def weights_only_run(path, tok):
+        cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size)
+        path.mkdir()
+        write_json_atomic(path / "config.json", run_config(cfg))  # no training config: no data named
+        tok.save(path / "tokenizer.json")
+        save_checkpoint(path, weights_for_saving(GPT(cfg).state_dict(), True), {"step": 1}, run_config(cfg))
+        return path
+
+    run = weights_only_run(tmp_path / "imported", BPETokenizer.train(" ".join(WORDS) * 20, 300))
+    assert main(["quantize", str(run), "--method", "int8", "--out", str(tmp_path / "q"), "--eval-tokens", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "names no data: measuring on the built-in held-out text" in out and "--data DIR" in out
+    report = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert report["data"].startswith("built-in held-out text") and report["tokens"] >= 2048 - 64
+    assert 0 <= report["kl_mean"] < 0.05 and lmforge.load(tmp_path / "q")[0].config == lmforge.load(run)[0].config
+
+    chars = weights_only_run(tmp_path / "chars", CharTokenizer.train("abc "))
+    assert main(["quantize", str(chars), "--method", "int8", "--out", str(tmp_path / "q2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot encode the built-in held-out text" in err and "--data" in err
+    assert not (tmp_path / "q2").exists()

@@ -28,6 +28,8 @@ def serve_cli(args) -> int:
     _require_extra()
     import uvicorn
 
+    from ..cpu import keep_freed_memory
+    from ..runs import check_device
     from .app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -36,6 +38,8 @@ def serve_cli(args) -> int:
     if args.max_body_bytes < 1024:
         raise UserError(f"--max-body-bytes={args.max_body_bytes} must be at least 1024")
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    if check_device(args.device).type == "cpu":  # the server owns its process: freed activations are reused
+        keep_freed_memory()
     holder = {}
 
     def failed(error: BaseException):  # the engine could not be built: say why and stop the server

@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..checkpoint import check_dtype, read_run_config
+from ..runs import check_dtype, read_run_config
 from ..engine import MAX_LOGPROBS, Engine, Logprob, Request
 from ..errors import UserError
 from .loop import Busy, EngineLoop, Job, Metrics
@@ -151,7 +151,7 @@ class Server:
         self.metrics = Metrics()
 
         def build() -> Engine:
-            from ..checkpoint import load
+            from ..runs import load
             model, tokenizer = load(run, device=device, checkpoint=checkpoint, dtype=dtype)
             engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=self.max_seq_len,
                             compile=_should_compile(compile, model))

@@ -1,5 +1,5 @@
 // The decode step's own CPU kernels, for the engine (lmforge/engine.py); built with quant_cpu.cpp by
-// lmforge/kernels.py. Each has the same computation in PyTorch operators beside it, and the tests compare them.
+// lmforge/cpu/kernels.py. Each has the same computation in PyTorch operators beside it, and the tests compare them.
 // - lmforge_cpu::decode_attention: one query per (row, head) over a static KV cache, reading only the cache slots
 //   the mask allows (a row's positions so far), where a static-shape graph reads every slot of the cache.
 // - lmforge_cpu::few_row_linear: x (M, K) @ w^T for a few rows in float32, streaming each weight row once for all

@@ -1,6 +1,6 @@
 // Weight-only quantized linears for CPU, with the input quantized to int8 per row (as llama.cpp's q8_0 and q4_0
 // dot products do): int8 x int8 and int4 x int8 dot products with AVX-512 VNNI where the CPU has it, AVX2 where it
-// has that, plain loops elsewhere. Built on first use by lmforge/kernels.py; the operators are lmforge_cpu::int8_linear
+// has that, plain loops elsewhere. Built on first use by lmforge/cpu/kernels.py; the operators are lmforge_cpu::int8_linear
 // and lmforge_cpu::int4_linear, and int4_linear_rows8 on a copy laid out in blocks of 8 rows (the engine's); and
 // lmforge/quantize.py holds the same computation in PyTorch (the tests compare them).
 #include <ATen/Parallel.h>

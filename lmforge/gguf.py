@@ -117,7 +117,7 @@ def _add_tokenizer(w, gguf, tok, symbols, merge_of) -> None:
 
 def export_gguf(run: str | Path, out: str | Path, type: str = "f32", checkpoint: str | None = None,
                 force: bool = False) -> Path:
-    from .checkpoint import check_output, load, read_run_config, refuse_exporting_quantized
+    from .runs import check_output, load, read_run_config, refuse_exporting_quantized
     from .lora import merge_lora
     run = Path(run)
     refuse_exporting_quantized(run, read_run_config(run), "GGUF")

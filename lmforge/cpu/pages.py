@@ -2,7 +2,7 @@
 memory kept for reuse rather than handed back to the system.
 
     collapse(model.parameters())   # -> bytes moved onto 2 MB pages (0 where the system cannot or should not)
-    keep_freed_memory()            # -> whether glibc now keeps freed memory in the process (once per process)
+    keep_freed_memory()            # -> whether glibc now keeps freed memory in the process (an opt-in, once)
 
 Decoding one token reads every weight once, so on a CPU it runs at the speed memory is read. With the usual 4 KB
 pages that read stalls on a page-table walk every 4 KB; on 2 MB pages the same step decoded GPT-2 124M 1.09x faster
@@ -124,7 +124,8 @@ TRIM_ABOVE = 1 << 30  # and freed heap memory goes back to the system only past 
 
 
 def keep_freed_memory() -> bool:
-    """Have glibc keep the memory a forward pass frees for the next one, process-wide: allocations up to 32 MB come
+    """Have glibc keep the memory a forward pass frees for the next one. Process-wide, so no library call makes it:
+    a program that owns its process opts in (`lmforge generate` and `lmforge serve` do, on CPU). Allocations up to 32 MB come
     from the heap, and the heap goes back to the system only past 1 GB free. By default glibc returns the top of the
     heap whenever more than about twice its largest recent allocation lies free there, so every prefill asked the
     system for its activations again, and each page of them was a page fault that zeroes 4 KB: a 128-token GPT-2
