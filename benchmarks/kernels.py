@@ -6,7 +6,8 @@ project only while it is ahead here by a margin worth its lines.
                         kernel (the engine's path without lmforge's kernels) and MKL's F.linear
     packed_linear       a prefill's linears (32-512 rows) over the 48 block matrices, against the same two
     decode_attention    one query per row over a 1024-slot cache with 256 positions filled, 12 heads of 64, against
-                        PyTorch's SDPA over the slots in use (the eager path without the kernel)
+                        PyTorch's SDPA over the slots in use (the eager path without the kernel) and against the
+                        multiply-and-sum over every slot that inductor compiles (the compiled step's path without it)
     gelu_tanh           GPT-2's GELU on a 128-token prefill's (128, 3072), against F.gelu(approximate="tanh")
     int8_linear, int4_linear, int4_linear_rows8, int8_linear_tiled, int4_linear_tiled
                         the quantized layers over the 48 block matrices, against their PyTorch paths (the same
@@ -88,9 +89,10 @@ def main():
     dnn = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w, _ in mats]
     dnn_head = torch.ops.mkldnn._reorder_linear_weight(head, 64)
     packed = [ops.pack_linear_weight(w) for w, _ in mats]
+    packed_head = ops.pack_linear_weight(head)
 
     print("few_row_linear: GPT-2's 49 weight matrices (48 blocks + the output layer), one step's rows")
-    for rows in (1, 2, 4, 8, 12, 16):
+    for rows in (1, 2, 4, 8, 12, 16, 20, 24):  # (past FEW_ROWS, what the engine runs instead: packed_linear)
         xs = {i: torch.randn(rows, i) for i in (768, 3072)}
         sides = {
             "lmforge": lambda: ([ops.few_row_linear(xs[w.size(1)], w, b) for w, b in mats],
@@ -100,10 +102,14 @@ def main():
                                torch.ops.mkldnn._linear_pointwise(xs[768], dnn_head, None, "none", [], "")),
             "MKL": lambda: ([F.linear(xs[w.size(1)], w, b) for w, b in mats], F.linear(xs[768], head)),
         }
+        if rows >= 12:
+            sides["packed_linear"] = lambda: ([ops.packed_linear(xs[w.size(1)], p, b, w.size(0))
+                                               for (w, b), p in zip(mats, packed)],
+                                              ops.packed_linear(xs[768], packed_head, None, VOCAB))
         row("few_row_linear", f"{rows} rows", compare("few", sides, args.repeat))
 
     print("\npacked_linear: the 48 block matrices, a prefill's rows")
-    for rows in (32, 128, 512):
+    for rows in (17, 32, 64, 128, 512):
         xs = {i: torch.randn(rows, i) for i in (768, 3072)}
         sides = {
             "lmforge": lambda: [ops.packed_linear(xs[w.size(1)], p, b, w.size(0)) for (w, b), p in zip(mats, packed)],
@@ -111,10 +117,13 @@ def main():
                                for (w, b), p in zip(mats, dnn)],
             "MKL": lambda: [F.linear(xs[w.size(1)], w, b) for w, b in mats],
         }
-        row("packed_linear", f"{rows} rows", compare("packed", sides, max(5, args.repeat // 3)))
+        row("packed_linear", f"{rows} rows", compare("packed", sides, args.repeat))
 
     print("\ndecode_attention: one query per row, 12 heads of 64, a 1024-slot cache with 256 positions filled, "
           "x 12 layers")
+    from lmforge.cpu.modules import OneQueryAttention
+    # without the kernel, OneQueryAttention inside a compiled step is a multiply-and-sum over every slot
+    fallback = torch.compile(OneQueryAttention(), dynamic=False)
     for batch in (1, 8):
         q = torch.randn(batch, 12, 1, 64)
         k, v = torch.randn(batch, 12, 1024, 64), torch.randn(batch, 12, 1024, 64)
@@ -124,6 +133,7 @@ def main():
             "lmforge": lambda: [ops.decode_attention(q, k, v, mask, 0.125) for _ in range(LAYERS)],
             "SDPA": lambda: [F.scaled_dot_product_attention(q, k[:, :, :256], v[:, :, :256], attn_mask=used)
                              for _ in range(LAYERS)],
+            "inductor": without_kernels(lambda: [fallback(q, k, v, mask, 0.0) for _ in range(LAYERS)]),
         }
         row("decode_attention", f"batch {batch}", compare("attn", sides, args.repeat))
 

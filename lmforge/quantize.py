@@ -192,7 +192,7 @@ class Int4Linear(nn.Module):
 
     @torch.no_grad()
     def rows8(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The codes, scales and minimums laid out for lmforge_cpu::int4_linear_rows8 (csrc/quant_cpu.cpp): rows in
+        """The codes, scales and minimums laid out for lmforge_cpu::int4_linear_rows8 (cpu/csrc/quant_cpu.cpp): rows in
         blocks of 8 (the last padded with zeros), each block's packed bytes as (K / 8, 8, 4), 4 bytes of each of
         its rows side by side, and its scales and minimums as (groups, 8)."""
         pad = -self.out_features % 8

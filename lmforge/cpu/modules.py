@@ -23,32 +23,33 @@ def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-@torch.library.custom_op("lmforge::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+@torch.library.custom_op("lmforge::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """x (N, in) @ a oneDNN-packed weight (+ bias) -> (N, out). An op of its own, so that a compiled graph calls the
     oneDNN kernel as it is (inductor would otherwise lower a few-row F.linear to a slower generic matrix product)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-@packed_linear.register_fake
+@onednn_linear.register_fake
 def _(x, packed, bias, out_features):
     return x.new_empty(x.size(0), out_features)
 
 
 # Up to how many rows a linear layer streams its weight once with few_row_linear rather than running a packed
-# matrix product, by the float lanes of the vectors the kernel was built for: where it measured ahead of oneDNN's
-# packed kernel on GPT-2's 49 weight matrices (benchmarks/kernels.py; with AVX2 1.26x-1.35x at 8 rows, 1.08x-1.11x at
-# 12, 1.03x-1.09x at 16, 0.96x-1.00x at 20; with AVX-512 ahead at 1 and 2 rows only).
-FEW_ROWS = {16: 2, 8: 16}
+# matrix product, by the float lanes of the vectors the kernel was built for: as far as it measures ahead of the
+# packed kernel that would run instead, on GPT-2's 49 weight matrices (benchmarks/kernels.py, docs/benchmarks.md).
+# With AVX2 that is lmforge's packed_linear: 1.2x at 4 rows, even at 6 to 10, 0.84x-0.9x at 12-16. With AVX-512,
+# oneDNN's: ahead at 1 and 2 rows only.
+FEW_ROWS = {16: 2, 8: 8}
 
 # Where products of more rows run lmforge's packed_linear kernel rather than oneDNN's packed one, by the float lanes
-# of the kernels' vectors: with AVX2 (a Zen 3 EPYC, 2 threads), 180-189 GFLOP/s on GPT-2's four weight shapes at 17
-# to 512 rows against oneDNN's 129-155. AVX-512 keeps oneDNN: untimed (this machine has none).
+# of the kernels' vectors: with AVX2, 1.27x-1.33x oneDNN at 17-32 rows and 1.06x-1.17x at 64-512 (benchmarks/
+# kernels.py). AVX-512 keeps oneDNN: untimed there.
 PACKED_LINEAR_LANES = (8,)
 
 # Where few_row_linear takes the small steps and oneDNN's packed copy the rest, the copy is laid out for at least this
-# many rows: laid out for one row, it made a 128-row prefill's linears 7% to 15% slower and a 16-row step's 23% (AVX2,
-# paired, when oneDNN ran such steps). (Without the kernels it also serves one-row steps, laid out for the batch.)
+# many rows: laid out for one row, it makes a 128-row prefill's linears 7% to 15% slower and a 16-row step's 23%
+# (AVX2, paired). (Without the kernels it also serves one-row steps, laid out for the batch.)
 PACK_ROWS = 64
 
 
@@ -57,11 +58,9 @@ class DecodeLinear(nn.Module):
 
     - Up to FEW_ROWS rows for the kernel's vectors (a decode step's, or a prompt that short) go to lmforge's
       few_row_linear kernel (csrc/decode_cpu.cpp), which reads each weight row once for all of them, about as fast
-      as a sum of the same bytes at one row (on an AVX-512 machine, in a paired run, the compiled step decoded 1.15x
-      faster with it than with inductor's loops, and 1.25x faster again with a prefetch ahead of its reads).
+      as a sum of the same bytes at one row.
     - More rows (prefills, larger batches) go, with AVX2 (PACKED_LINEAR_LANES), to lmforge's packed_linear kernel,
-      on a copy of the weight laid out for it (pack_linear_weight): on the AVX2 EPYC, 1.2x to 1.4x oneDNN's packed
-      kernel on GPT-2's shapes at 17 to 512 rows, near the FMA units' peak.
+      on a copy of the weight laid out for it (pack_linear_weight).
     - Elsewhere (AVX-512, or where lmforge's kernels cannot be built: no C++ compiler, or neither AVX2 nor AVX-512),
       oneDNN runs on a packed copy of the weight (PyTorch's default kernel for few-row products uses one core: ~8 GB/s
       on an AVX2 machine, 9-13 on an AVX-512 one; the packed one both). Without the kernels, a single row inside the
@@ -112,7 +111,7 @@ class DecodeLinear(nn.Module):
         elif self.packed is None or self.packed_linear is not None:  # (the latter: x or the weight not float32)
             return F.linear(x, self.weight, self.bias)
         elif torch.compiler.is_compiling():
-            y = packed_linear(rows, self.packed, self.bias, self.out_features)
+            y = onednn_linear(rows, self.packed, self.bias, self.out_features)
         else:  # the same kernel, without a custom op's dispatch (~45 us a call)
             y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
