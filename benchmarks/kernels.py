@@ -2,9 +2,10 @@
 are not built, on GPT-2 124M's shapes, interleaved in one process (2 threads by default). A kernel stays in the
 project only while it is ahead here by a margin worth its lines.
 
-    few_row_linear      a decode step's linears (1-16 rows) over GPT-2's 49 weight matrices, against oneDNN's packed
-                        kernel (the engine's path without lmforge's kernels) and MKL's F.linear
-    packed_linear       a prefill's linears (32-512 rows) over the 48 block matrices, against the same two
+    few_row_linear      a decode step's linears (1-24 rows) over GPT-2's 49 weight matrices, against oneDNN's packed
+                        kernel (the engine's path without lmforge's kernels), MKL's F.linear and, with AVX2,
+                        lmforge's packed_linear (what the engine runs past FEW_ROWS)
+    packed_linear       a prefill's linears (17-512 rows) over the 48 block matrices, against oneDNN and MKL
     decode_attention    one query per row over a 1024-slot cache with 256 positions filled, 12 heads of 64, against
                         PyTorch's SDPA over the slots in use (the eager path without the kernel) and against the
                         multiply-and-sum over every slot that inductor compiles (the compiled step's path without it)
@@ -17,7 +18,7 @@ project only while it is ahead here by a margin worth its lines.
 Each figure is the median of --repeat interleaved timings of the whole set of matrices; "ahead" is the library
 path's time over the kernel's.
 
-    python benchmarks/kernels.py [--threads 2] [--repeat 15]
+    python benchmarks/kernels.py [--threads 2] [--repeat 15] [--only few_row,packed,attention,gelu,quantized]
 """
 
 import argparse
@@ -76,12 +77,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--only", default="few_row,packed,attention,gelu,quantized", help="the sections to run")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ops = kernels.cpu_kernels()
     if ops is None:
-        raise SystemExit("lmforge's CPU kernels cannot be built here: nothing to compare")
+        print("lmforge's CPU kernels cannot be built here (no C++ compiler?): nothing to compare")
+        return
     print(f"{platform.processor() or platform.machine()}, vector lanes {ops.vector_lanes()}, {args.threads} threads, "
           f"torch {torch.__version__}\n")
     mats = [(torch.randn(o, i) * 0.02, torch.zeros(o)) for o, i in BLOCK for _ in range(LAYERS)]
@@ -92,7 +96,7 @@ def main():
     packed_head = ops.pack_linear_weight(head)
 
     print("few_row_linear: GPT-2's 49 weight matrices (48 blocks + the output layer), one step's rows")
-    for rows in (1, 2, 4, 8, 12, 16, 20, 24):  # (past FEW_ROWS, what the engine runs instead: packed_linear)
+    for rows in (1, 2, 4, 6, 8, 10, 12, 16, 20, 24) if "few_row" in only else ():
         xs = {i: torch.randn(rows, i) for i in (768, 3072)}
         sides = {
             "lmforge": lambda: ([ops.few_row_linear(xs[w.size(1)], w, b) for w, b in mats],
@@ -102,14 +106,14 @@ def main():
                                torch.ops.mkldnn._linear_pointwise(xs[768], dnn_head, None, "none", [], "")),
             "MKL": lambda: ([F.linear(xs[w.size(1)], w, b) for w, b in mats], F.linear(xs[768], head)),
         }
-        if rows >= 12:
+        if rows >= 2 and ops.vector_lanes() == 8:  # (with AVX2, past FEW_ROWS the engine runs packed_linear)
             sides["packed_linear"] = lambda: ([ops.packed_linear(xs[w.size(1)], p, b, w.size(0))
                                                for (w, b), p in zip(mats, packed)],
                                               ops.packed_linear(xs[768], packed_head, None, VOCAB))
         row("few_row_linear", f"{rows} rows", compare("few", sides, args.repeat))
 
     print("\npacked_linear: the 48 block matrices, a prefill's rows")
-    for rows in (17, 32, 64, 128, 512):
+    for rows in (17, 32, 64, 128, 512) if "packed" in only else ():
         xs = {i: torch.randn(rows, i) for i in (768, 3072)}
         sides = {
             "lmforge": lambda: [ops.packed_linear(xs[w.size(1)], p, b, w.size(0)) for (w, b), p in zip(mats, packed)],
@@ -124,7 +128,7 @@ def main():
     from lmforge.cpu.modules import OneQueryAttention
     # without the kernel, OneQueryAttention inside a compiled step is a multiply-and-sum over every slot
     fallback = torch.compile(OneQueryAttention(), dynamic=False)
-    for batch in (1, 8):
+    for batch in (1, 8) if "attention" in only else ():
         q = torch.randn(batch, 12, 1, 64)
         k, v = torch.randn(batch, 12, 1024, 64), torch.randn(batch, 12, 1024, 64)
         mask = (torch.arange(1024) < 256).view(1, 1, 1, 1024).expand(batch, 1, 1, 1024).contiguous()
@@ -141,14 +145,15 @@ def main():
     x = torch.randn(128, 3072)
     sides = {"lmforge": lambda: [ops.gelu_tanh(x) for _ in range(LAYERS)],
              "PyTorch": lambda: [F.gelu(x, approximate="tanh") for _ in range(LAYERS)]}
-    row("gelu_tanh", "(128, 3072)", compare("gelu", sides, args.repeat))
+    if "gelu" in only:
+        row("gelu_tanh", "(128, 3072)", compare("gelu", sides, args.repeat))
 
     print("\nquantized layers: the 48 block matrices")
     int8 = [Int8Linear.from_linear(torch.nn.Linear(i, o).requires_grad_(False)) for o, i in BLOCK for _ in range(LAYERS)]
     int4 = [Int4Linear.from_linear(torch.nn.Linear(i, o).requires_grad_(False), 32) for o, i in BLOCK
             for _ in range(LAYERS)]
     rows8 = [q.rows8() for q in int4]
-    for rows in (1, 8, 128):
+    for rows in (1, 8, 128) if "quantized" in only else ():
         xs = {i: torch.randn(rows, i) for i in (768, 3072)}
         sides = {
             "lmforge": lambda: [ops.int8_linear(xs[q.in_features], q.weight, q.scales, q.bias) for q in int8],

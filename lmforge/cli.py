@@ -253,8 +253,9 @@ def _export_args(p):
 @verb("import-hf", "hf:import_cli", "Import a Hugging Face GPT-2 checkpoint (folder or hub id) as a run.",
       "lmforge import-hf path/to/gpt2-folder --out runs/gpt2")
 def _import_args(p):
-    p.add_argument("source", help="a folder with config.json, model.safetensors (or pytorch_model.bin) and the "
-                                  "tokenizer files, or a hub id such as gpt2 (downloaded when online)")
+    p.add_argument("source", help="a folder with config.json and model.safetensors (or pytorch_model.bin), and its "
+                                  "tokenizer unless --tokenizer names one; or a hub id such as gpt2 (downloaded "
+                                  "when online)")
     p.add_argument("--out", required=True, help="the new run's directory")
     p.add_argument("--tokenizer", metavar="gpt2|PATH",
                    help="the tokenizer, for a folder that holds weights only: gpt2 (GPT-2's own), a tokenizer.json, "

@@ -189,7 +189,8 @@ def resolve_hf(path_or_id: str | Path) -> Path:
         return Path(snapshot_download(str(path_or_id), allow_patterns=HF_FILES))
     except Exception as e:  # offline, unknown id, gated: the hub client raises many types
         raise UserError(f"could not download {path_or_id} from the Hugging Face hub ({type(e).__name__}); "
-                        f"offline, pass a local folder holding {', '.join(HF_FILES[:3])} and the tokenizer files") from None
+                        f"offline, pass a local folder holding config.json and model.safetensors (or "
+                        f"pytorch_model.bin)") from None
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
@@ -258,17 +259,17 @@ def load_hf_model(path_or_id: str | Path, device: str = "cpu"):
 
 
 def load_hf(path_or_id: str | Path, device: str = "cpu", tokenizer: str | Path | None = None):
-    """(GPT, tokenizer) of a Hugging Face GPT-2 folder or hub id. tokenizer: the folder's own (vocab.json +
-    merges.txt, or tokenizer.json) when None; "gpt2" for GPT-2's own ranks (BPETokenizer.gpt2()); or a path: a
-    tokenizer.json (ours or Hugging Face's byte-level BPE) or a folder holding one, or vocab.json + merges.txt."""
-    model = load_hf_model(path_or_id, device)
+    """(GPT, tokenizer) of a Hugging Face GPT-2 folder or hub id. tokenizer: the folder's own when None (read as
+    tokenizer_from reads a folder); otherwise what tokenizer_from takes ("gpt2", or a path)."""
+    folder = resolve_hf(path_or_id)
+    model = load_hf_model(folder, device)
     if tokenizer is not None:
         return model, tokenizer_from(tokenizer)
-    folder = resolve_hf(path_or_id)
-    if not _has_gpt2_tokenizer(folder):
+    if not (_has_gpt2_tokenizer(folder) or _is_lmforge_tokenizer(folder / "tokenizer.json")):
         raise UserError(f"{folder} holds the model's weights but no tokenizer (vocab.json + merges.txt, or "
-                        f"tokenizer.json); pass --tokenizer gpt2 for GPT-2's own, or --tokenizer PATH")
-    return model, _read_gpt2_tokenizer(folder)
+                        f"tokenizer.json); name one: --tokenizer gpt2 for GPT-2's own, or --tokenizer PATH "
+                        f"(tokenizer= in Python)")
+    return model, tokenizer_from(folder, what=str(folder))
 
 
 def _has_gpt2_tokenizer(folder: Path) -> bool:
@@ -276,24 +277,26 @@ def _has_gpt2_tokenizer(folder: Path) -> bool:
         folder / "tokenizer.json").is_file()
 
 
-def tokenizer_from(spec: str | Path):
-    """A tokenizer named on the command line: "gpt2", an lmforge tokenizer.json (or a run or data folder holding
-    one), a Hugging Face byte-level BPE tokenizer.json, or a folder with vocab.json + merges.txt."""
+def tokenizer_from(spec: str | Path, what: str | None = None):
+    """A tokenizer by name or path: "gpt2" (GPT-2's own ranks, BPETokenizer.gpt2(), unless a folder of that name is
+    here), an lmforge tokenizer.json or a run or data folder holding one, a Hugging Face tokenizer.json of a
+    byte-level BPE in GPT-2's layout, or a folder with vocab.json + merges.txt. In that order for a folder."""
     from .tokenizer import BPETokenizer, load_tokenizer
-    if str(spec) == "gpt2":
-        return BPETokenizer.gpt2()
+    what = what or f"--tokenizer {spec}"
     path = Path(spec)
+    if str(spec) == "gpt2" and not path.exists():
+        return BPETokenizer.gpt2()
     if not path.exists():
-        raise UserError(f"--tokenizer {spec}: no such file or folder; give gpt2, a tokenizer.json, or a folder "
-                        f"with vocab.json + merges.txt")
+        raise UserError(f"{what}: no such file or folder; give gpt2, a tokenizer.json, or a folder with vocab.json "
+                        f"+ merges.txt")
     file = path / "tokenizer.json" if path.is_dir() else path
     if file.is_file() and _is_lmforge_tokenizer(file):
         return load_tokenizer(file)
-    if path.is_dir() and _has_gpt2_tokenizer(path):
-        return _read_gpt2_tokenizer(path)
-    if path.is_file():
-        return _read_hf_tokenizer_json(path)
-    raise UserError(f"--tokenizer {spec}: the folder holds no tokenizer.json, nor vocab.json + merges.txt")
+    if path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return BPETokenizer.from_gpt2_files(path / "vocab.json", path / "merges.txt")
+    if file.is_file():
+        return _read_hf_tokenizer_json(file)
+    raise UserError(f"{what}: the folder holds no tokenizer.json, nor vocab.json + merges.txt")
 
 
 def _is_lmforge_tokenizer(path: Path) -> bool:
@@ -304,27 +307,29 @@ def _is_lmforge_tokenizer(path: Path) -> bool:
         return False
 
 
-def _read_gpt2_tokenizer(folder: Path):
-    from .tokenizer import BPETokenizer
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        return BPETokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
-    return _read_hf_tokenizer_json(folder / "tokenizer.json")
-
-
 def _read_hf_tokenizer_json(path: Path):
-    """A Hugging Face tokenizer.json of a byte-level BPE (GPT-2's kind) as our BPETokenizer."""
+    """A Hugging Face tokenizer.json of a byte-level BPE in GPT-2's layout (the 256 byte tokens, then one token per
+    merge, in merge order) as our BPETokenizer. Other families' tokenizers are not read here."""
     from .tokenizer import BPETokenizer
     try:
-        model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        model = spec.get("model", {})
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise UserError(f"{path} is not a tokenizer.json ({e})") from None
-    if not isinstance(model, dict) or model.get("type") != "BPE":
-        raise UserError(f"{path} is not a byte-level BPE tokenizer")
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    if not (isinstance(model, dict) and model.get("type") == "BPE" and byte_level
+            and isinstance(model.get("vocab"), dict) and isinstance(model.get("merges"), list)):
+        raise UserError(f"{path} is not a byte-level BPE tokenizer (a BPE model with vocab and merges, pre-tokenized "
+                        f"by ByteLevel); only GPT-2's kind is read here")
     with tempfile.TemporaryDirectory() as tmp:
         merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
         Path(tmp, "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
         Path(tmp, "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
-        return BPETokenizer.from_gpt2_files(Path(tmp, "vocab.json"), Path(tmp, "merges.txt"))
+        try:
+            return BPETokenizer.from_gpt2_files(Path(tmp, "vocab.json"), Path(tmp, "merges.txt"))
+        except UserError:
+            raise UserError(f"{path}: its ids do not follow GPT-2's layout (the 256 byte tokens, then one token per "
+                            f"merge in merge order), the only one read here") from None
 
 
 def import_hf(path_or_id: str | Path, out: str | Path, force: bool = False, tokenizer: str | Path | None = None) -> Path:

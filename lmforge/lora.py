@@ -30,14 +30,16 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, init: bool = True):
+        """init=False leaves A uninitialised (no random numbers drawn): for an adapter about to be loaded."""
         super().__init__()
         self.base, self.rank, self.scale = base, rank, alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device,
                                                dtype=base.weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device,
                                                dtype=base.weight.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init (and PEFT's)
+        if init:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init (and PEFT's)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         base.weight.requires_grad_(False)
         if base.bias is not None:
@@ -49,8 +51,9 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """The base Linear with the update folded into its weight (a new module; this one is left as it is)."""
-        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                           device=self.base.weight.device, dtype=self.base.weight.dtype)
+        linear = torch.nn.utils.skip_init(nn.Linear, self.base.in_features, self.base.out_features,  # (no RNG)
+                                          bias=self.base.bias is not None, device=self.base.weight.device,
+                                          dtype=self.base.weight.dtype)
         linear.weight.copy_(self.base.weight + self.scale * (self.lora_B @ self.lora_A))
         if self.base.bias is not None:
             linear.bias.copy_(self.base.bias)
@@ -67,9 +70,10 @@ def _matches(name: str, target: str) -> bool:
 
 
 def apply_lora(model: nn.Module, targets: list[str] | str, rank: int, alpha: float,
-               dropout: float = 0.0) -> list[str]:
+               dropout: float = 0.0, init: bool = True) -> list[str]:
     """Wrap every nn.Linear whose dotted name holds a target piece; freeze everything else. Returns the wrapped
-    names. A tied output layer (lm_head sharing the token embedding) cannot be a target."""
+    names. A tied output layer (lm_head sharing the token embedding) cannot be a target. init=False: A left
+    uninitialised, for an adapter loaded next."""
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -94,7 +98,7 @@ def apply_lora(model: nn.Module, targets: list[str] | str, rank: int, alpha: flo
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(linears[name], rank, alpha, dropout))
+        setattr(parent, child, LoRALinear(linears[name], rank, alpha, dropout, init))
     return chosen
 
 

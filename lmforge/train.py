@@ -291,7 +291,10 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
         raise TrainingError(f"{run} already holds checkpoints; resume it with --resume {run}, pick another --out, "
                             "or pass --overwrite=true to start over")
 
-    torch.manual_seed(cfg.seed)
+    torch.default_generator.manual_seed(cfg.seed)  # the generators the run uses, and no other (not every GPU's)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(cfg.seed)  # (this device's generator only)
     model = GPT(model_cfg).to(device)
     if cfg.init_from:
         base = model_folder(cfg.init_from)

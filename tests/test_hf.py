@@ -247,3 +247,20 @@ def test_a_weights_only_folder_loads_as_a_model_and_imports_with_a_named_tokeniz
                  "--tokenizer", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such file" in err and not (tmp_path / "bad").exists()
+
+    import tokenizers  # tokenizer.json files the tokenizers library writes, of kinds we do not read: named so
+    from tokenizers import models, pre_tokenizers, trainers
+    words = tokenizers.Tokenizer(models.BPE())
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=100))
+    words.save(str(tmp_path / "words.json"))
+    other_layout = tokenizers.Tokenizer(models.BPE())
+    other_layout.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    other_layout.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    other_layout.save(str(tmp_path / "other.json"))
+    for name, message in (("words.json", "is not a byte-level BPE tokenizer"), ("other.json", "GPT-2's layout")):
+        assert main(["import-hf", str(tmp_path / "weights"), "--out", str(tmp_path / "bad"),
+                     "--tokenizer", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and str(tmp_path / name) in err, err

@@ -162,3 +162,42 @@ def test_freed_memory_is_kept_only_when_the_process_opts_in():
     kept, _, faults = run("opt-in", MALLOC_TRIM_THRESHOLD_="131072")  # the process's own setting stands: glibc
     assert kept == "False" and faults > 10_000  # trims, and the 80 MB (20,480 pages) are faulted in again
     assert run("opt-in", LMFORGE_KEEP_FREED_MEMORY="0")[0] == "False"
+
+
+CLI_SCRIPT = """
+import sys
+from lmforge.cli import main
+from lmforge.cpu import pages
+code = main(sys.argv[1:])
+print(code, pages._state.get("kept"))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_the_generate_and_serve_commands_opt_in_for_their_own_process(tmp_path):
+    """`lmforge generate` and `lmforge serve` own their process and keep freed memory on CPU (serve opts in before it
+    loads the run, so a run that is not there still shows it)."""
+    import os
+    import subprocess
+    import sys
+
+    from lmforge.checkpoint import run_config, save_checkpoint, weights_for_saving, write_json_atomic
+    from lmforge.tokenizer import CharTokenizer
+    tok = CharTokenizer.train("to be or not")
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json_atomic(run / "config.json", run_config(cfg))
+    tok.save(run / "tokenizer.json")
+    save_checkpoint(run, weights_for_saving(GPT(cfg).state_dict(), True), {"step": 1}, run_config(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
+                                                            "GLIBC_TUNABLES", "LD_PRELOAD", "LMFORGE_KEEP_FREED_MEMORY")}
+
+    def run_cli(*argv):
+        out = subprocess.run([sys.executable, "-c", CLI_SCRIPT, *argv], capture_output=True, text=True, env=env,
+                             timeout=300)
+        return out.stdout.split()[-2:]
+
+    assert run_cli("generate", str(run), "--prompt", "to", "--max-new-tokens", "3", "--seed", "0") == ["0", "True"]
+    assert run_cli("serve", str(tmp_path / "missing")) == ["2", "True"]
+    assert run_cli("eval", str(run), "--data", str(tmp_path / "missing")) == ["2", "None"]  # (nothing else does)

@@ -1,7 +1,7 @@
 """A library call changes nothing process-wide: thread counts, the global random number generators, warning filters,
 signal handlers, the environment, torch's global switches, logging and matplotlib's backend are as they were after
-preparing data, training (with its evaluations, samples and curves), loading, generating, stepping an engine and
-quantizing.
+preparing data, training (with its evaluations, samples and curves), loading, generating, stepping an engine,
+quantizing, and fine-tuning with LoRA, loading and merging the adapter.
 (glibc's malloc settings: tests/test_pages.py, by the page faults they cause.) It runs in a fresh process, so that
 nothing another test did is mistaken for the library's doing."""
 
@@ -18,6 +18,7 @@ import matplotlib
 # filter; building C++ extensions imports setuptools, which adds its vendored path): imported first, they are not
 # mistaken for lmforge's doing
 import torch._dynamo, torch.utils.cpp_extension
+os.environ.pop("MPLBACKEND", None)  # (so that a backend switch would show as one)
 
 def state():
     return {
@@ -30,8 +31,8 @@ def state():
                   torch.are_deterministic_algorithms_enabled(), torch.get_float32_matmul_precision(),
                   torch.backends.mkldnn.enabled, torch.backends.cudnn.benchmark, torch.is_anomaly_enabled()],
         "logging": [logging.getLogger().level, [repr(h) for h in logging.getLogger().handlers]],
-        "matplotlib": [matplotlib.rcParams["backend"] if "backend" in matplotlib.rcParams else None,
-                       "matplotlib.pyplot" in sys.modules],
+        # (read without rcParams' own lookup, which would import pyplot and resolve the backend itself)
+        "matplotlib": ["matplotlib.pyplot" in sys.modules, repr(dict.__getitem__(matplotlib.rcParams, "backend"))],
         "sys.path": list(sys.path),
         "stdio": [id(sys.stdout), id(sys.stderr)],
     }
@@ -60,6 +61,15 @@ while engine.has_work():
     engine.step()
 small = quantize_model(model, "int8")
 small(torch.tensor([tok.encode("To be")]))
+from lmforge.finetune import finetune, merge
+with open(f"{root}/pairs.jsonl", "w") as f:
+    f.write("".join(json.dumps({"prompt": "To be", "completion": ", or not"}) + "\n" for _ in range(40)))
+lora = {"rank": 2, "alpha": 4.0, "targets": "attn", "dropout": 0.0}
+finetune(f"{root}/run", f"{root}/pairs.jsonl", f"{root}/lora", lora=lora,
+         overrides={"max_steps": "2", "eval_interval": "2", "eval_steps": "1", "sample_tokens": "0", "progress": "false"})
+lora_model, _ = lmforge.load(f"{root}/lora")
+merge(f"{root}/lora", f"{root}/merged")
+quantize_model(lora_model, "int4")
 after = state()
 print(json.dumps({"before": before, "after": after}))
 '''

@@ -434,6 +434,11 @@ def test_a_run_that_names_no_data_is_measured_on_the_built_in_held_out_text(tmp_
     report = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert report["data"].startswith("built-in held-out text") and report["tokens"] >= 2048 - 64
     assert 0 <= report["kl_mean"] < 0.05 and lmforge.load(tmp_path / "q")[0].config == lmforge.load(run)[0].config
+    (tmp_path / "mine.txt").write_text(" ".join(WORDS) * 200)
+    data = prepare(str(tmp_path / "mine.txt"), tmp_path / "mine", tokenizer_from=str(run / "tokenizer.json")).path
+    assert main(["quantize", str(run), "--method", "int8", "--out", str(tmp_path / "q3"), "--data", str(data)]) == 0
+    assert "names no data" not in capsys.readouterr().out  # --data overrides the built-in text
+    assert json.loads((tmp_path / "q3" / "quality.json").read_text())["data"] == str(data)
 
     chars = weights_only_run(tmp_path / "chars", CharTokenizer.train("abc "))
     assert main(["quantize", str(chars), "--method", "int8", "--out", str(tmp_path / "q2")]) == 2

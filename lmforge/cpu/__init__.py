@@ -12,7 +12,8 @@ path. What each buys there (AMD EPYC, Zen 3: AVX2 + FMA, 2 threads; GPT-2 124M's
 
     kernel (csrc/)                  runs                                   ahead of the library path it replaces
     few_row_linear (decode_cpu)     decode steps' linears, up to 8 rows    1.3x-1.8x oneDNN's packed kernel at 1-8 rows;
-                                    with AVX2 (FEW_ROWS), eager/compiled   1.2x packed_linear at 4 rows, even at 8
+                                    with AVX2 (FEW_ROWS), eager/compiled   1.1x-1.2x packed_linear at 2-4 rows, even
+                                                                           at 6-10, behind from 12
     packed_linear (decode_cpu)      linears of more rows (prefill, large   1.2x-1.3x oneDNN at 17 rows, 1.06x-1.17x
                                     batches), AVX2                         at 64; at 128-512, 0.87x-1.17x (drift);
                                                                            a row's bits independent of the others
