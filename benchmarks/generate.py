@@ -11,7 +11,8 @@
 All four hold the same (random) weights, so their greedy ids must agree: the benchmark checks that first. This
 process runs lmforge as `lmforge generate` and `lmforge serve` do, with glibc keeping freed memory
 (lmforge.cpu.keep_freed_memory(), an opt-in of a program that owns its process). HF runs in a process of its own,
-driven turn by turn from this one, so that setting never touches it: each side runs as it would alone. It also measures the machine's memory read bandwidth: decoding one token reads every weight once, so
+driven turn by turn from this one, so that setting never touches it: each side runs as it would alone. It also
+measures the machine's memory read bandwidth: decoding one token reads every weight once, so
 bandwidth / weight bytes is the ceiling for tokens/s, and we print the fraction of it each side reaches (bandwidth
 measured on 4 KB and on 2 MB pages, the ceiling from the faster: the compiled engine moves its weights onto 2 MB
 pages, lmforge/cpu/pages.py; measured in every round of the runs, between the sides, so that it sees the machine as they

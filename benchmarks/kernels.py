@@ -149,7 +149,8 @@ def main():
         row("gelu_tanh", "(128, 3072)", compare("gelu", sides, args.repeat))
 
     print("\nquantized layers: the 48 block matrices")
-    int8 = [Int8Linear.from_linear(torch.nn.Linear(i, o).requires_grad_(False)) for o, i in BLOCK for _ in range(LAYERS)]
+    int8 = [Int8Linear.from_linear(torch.nn.Linear(i, o).requires_grad_(False)) for o, i in BLOCK
+            for _ in range(LAYERS)]
     int4 = [Int4Linear.from_linear(torch.nn.Linear(i, o).requires_grad_(False), 32) for o, i in BLOCK
             for _ in range(LAYERS)]
     rows8 = [q.rows8() for q in int4]

@@ -1,7 +1,7 @@
 """The `export` verb: a run written for other tools, one format a module, each imported only when asked for.
 
-    lmforge export runs/base --format hf --out hf/base          # hf.py: a Hugging Face folder (transformers, vLLM, TGI)
-    lmforge export runs/base --format onnx --out onnx/base      # onnx.py: prefill and decode graphs, KV cache in and out
+    lmforge export runs/base --format hf --out hf/base          # hf.py: a Hugging Face folder (transformers, vLLM)
+    lmforge export runs/base --format onnx --out onnx/base      # onnx.py: prefill and decode graphs, KV cache in/out
     lmforge export runs/base --format gguf --out base.gguf      # gguf.py: one file for llama.cpp (--type f16, q8_0, q4_0)
 """
 

@@ -332,7 +332,8 @@ def _read_hf_tokenizer_json(path: Path):
                             f"merge in merge order), the only one read here") from None
 
 
-def import_hf(path_or_id: str | Path, out: str | Path, force: bool = False, tokenizer: str | Path | None = None) -> Path:
+def import_hf(path_or_id: str | Path, out: str | Path, force: bool = False,
+              tokenizer: str | Path | None = None) -> Path:
     """A Hugging Face GPT-2 checkpoint as an ordinary run folder (config.json, model.safetensors, tokenizer.json).
     tokenizer: see load_hf (needed when the folder holds weights only)."""
     from safetensors.torch import save_file

@@ -138,8 +138,8 @@ print(pages._state.get("kept"), bool(touched), (faults() - before) / 10)
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_freed_memory_is_kept_only_when_the_process_opts_in():
     """An engine built and run leaves glibc's malloc settings as they were (a spy on mallopt sees no lookup of it).
-    A process that opts in (lmforge.cpu.keep_freed_memory(), as the CLI and the server do) has a forward's freed activations reused
-    by the next without a page fault; one started with its own malloc settings keeps them, and so does one that says
+    A process that opts in (lmforge.cpu.keep_freed_memory(), as the CLI and the server do) has a forward's freed
+    activations reused by the next without a page fault; one started with its own malloc settings keeps them, and so does one that says
     LMFORGE_KEEP_FREED_MEMORY=0."""
     import os
     import subprocess

@@ -66,7 +66,8 @@ with open(f"{root}/pairs.jsonl", "w") as f:
     f.write("".join(json.dumps({"prompt": "To be", "completion": ", or not"}) + "\n" for _ in range(40)))
 lora = {"rank": 2, "alpha": 4.0, "targets": "attn", "dropout": 0.0}
 finetune(f"{root}/run", f"{root}/pairs.jsonl", f"{root}/lora", lora=lora,
-         overrides={"max_steps": "2", "eval_interval": "2", "eval_steps": "1", "sample_tokens": "0", "progress": "false"})
+         overrides={"max_steps": "2", "eval_interval": "2", "eval_steps": "1", "sample_tokens": "0",
+                    "progress": "false"})
 lora_model, _ = lmforge.load(f"{root}/lora")
 merge(f"{root}/lora", f"{root}/merged")
 quantize_model(lora_model, "int4")

@@ -125,8 +125,8 @@ TRIM_ABOVE = 1 << 30  # and freed heap memory goes back to the system only past 
 
 def keep_freed_memory() -> bool:
     """Have glibc keep the memory a forward pass frees for the next one. Process-wide, so no library call makes it:
-    a program that owns its process opts in (`lmforge generate` and `lmforge serve` do, on CPU). Allocations up to 32 MB come
-    from the heap, and the heap goes back to the system only past 1 GB free. By default glibc returns the top of the
+    a program that owns its process opts in (`lmforge generate` and `lmforge serve` do, on CPU). Allocations up to
+    32 MB come from the heap, and the heap goes back to the system only past 1 GB free. By default glibc returns the top of the
     heap whenever more than about twice its largest recent allocation lies free there, so every prefill asked the
     system for its activations again, and each page of them was a page fault that zeroes 4 KB: a 128-token GPT-2
     prefill faulted in 11-22 MB each time (~3 us a page under this machine's hypervisor) and was 1.07x faster
