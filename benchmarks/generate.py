@@ -38,7 +38,7 @@ import torch
 
 from lmforge import GPT, Engine, ModelConfig, Request
 from lmforge.gguf import write_gguf
-from lmforge.hf import to_hf_state
+from lmforge.hf import hf_state
 from lmforge.cpu import keep_freed_memory
 from lmforge.cpu.pages import collapse
 from lmforge.quantize import quantize_model, quantized_state
@@ -136,7 +136,7 @@ def hf_twin(model: GPT):
     c = model.config
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
                                     n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
-    state = to_hf_state(model.state_dict())  # GPT-2's names, Conv1D weights transposed
+    state = hf_state(model)  # GPT-2's names, Conv1D weights transposed
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and all("attn.bias" in m or "masked_bias" in m or m == "lm_head.weight" for m in missing), (
         missing, unexpected)

@@ -242,22 +242,24 @@ def _quantize_args(p):
 def _export_args(p):
     p.add_argument("run", help="run directory (a LoRA run exports with its adapter merged)")
     p.add_argument("--format", required=True, choices=["hf", "onnx", "gguf"],
-                   help="hf: a GPT2LMHeadModel folder (GPT-2-shaped runs); onnx: prefill and decode graphs with the "
-                        "KV cache in and out; gguf: one file for llama.cpp (GPT-2-shaped runs with a BPE tokenizer)")
+                   help="hf: the family's folder (GPT-2, Llama, Qwen2 or Qwen3, by the run's block); onnx: prefill "
+                        "and decode graphs with the KV cache in and out; gguf: one file for llama.cpp, tokenizer inside")
     p.add_argument("--out", required=True, help="output folder (a file for gguf)")
     p.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"], help="GGUF weight type (default f32)")
     p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
-@verb("import-hf", "hf:import_cli", "Import a Hugging Face GPT-2 checkpoint (folder or hub id) as a run.",
-      "lmforge import-hf path/to/gpt2-folder --out runs/gpt2")
+@verb("import-hf", "hf:import_cli", "Import a Hugging Face checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3) as a run.",
+      "lmforge import-hf path/to/SmolLM2-135M --out runs/smol")
 def _import_args(p):
-    p.add_argument("source", help="a folder with config.json and model.safetensors (or pytorch_model.bin), and its "
-                                  "tokenizer unless --tokenizer names one; or a hub id such as gpt2 (downloaded "
-                                  "when online)")
+    p.add_argument("source", help="a folder with config.json and model.safetensors (or its shards and "
+                                  "model.safetensors.index.json, or pytorch_model.bin), and its tokenizer unless "
+                                  "--tokenizer names one; or a hub id such as gpt2 (downloaded when online)")
     p.add_argument("--out", required=True, help="the new run's directory")
     p.add_argument("--tokenizer", metavar="gpt2|PATH",
                    help="the tokenizer, for a folder that holds weights only: gpt2 (GPT-2's own), a tokenizer.json, "
                         "or a folder with vocab.json + merges.txt (default: the folder's own)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="the run's weight type (default float32; auto keeps the checkpoint's, e.g. bfloat16)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -37,6 +37,23 @@ def _check_choice(field_name: str, value: str, options: tuple[str, ...]) -> None
                          f"choose one of {', '.join(options)}")
 
 
+# RoPE scalings the model implements (as transformers computes them), and the keys each needs beside "type".
+ROPE_SCALING = {
+    "linear": ("factor",),  # every frequency divided by factor (positions interpolated)
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),  # Llama 3.1+
+}
+
+
+def check_rope_scaling(scaling) -> None:
+    kind = scaling.get("type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALING:
+        raise UserError(f"rope_scaling type {kind!r} is not implemented; lmforge implements "
+                        f"{', '.join(ROPE_SCALING)} (as {{'type': ..., 'factor': ...}})")
+    missing = [k for k in ROPE_SCALING[kind] if not isinstance(scaling.get(k), (int, float))]
+    if missing:
+        raise UserError(f"rope_scaling type {kind!r} needs the number(s) {', '.join(missing)}")
+
+
 def _coerce(field_name: str, value: Any, kind: type) -> Any:
     """Convert a value read from text (CLI, TOML) to the field's type, or fail with a one-line message."""
     if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
@@ -121,6 +138,7 @@ class ModelConfig(_ConfigMixin):
     n_head: int = 12  # number of query heads
     n_kv_head: int | None = None  # key/value heads: None = n_head (multi-head), 1 = multi-query, else grouped-query
     n_embd: int = 768  # width of the residual stream
+    head_size: int | None = None  # width of each attention head: None = n_embd // n_head (Qwen3 sets its own)
     mlp: str = "gelu"  # MLP kind: relu | gelu (tanh approximation, as GPT/GPT-2) | swiglu | relu2 (squared ReLU)
     mlp_hidden: int | None = None  # MLP hidden width: None = 4 * n_embd (swiglu: 8/3 * n_embd, rounded up to 64)
     norm: str = "layernorm"  # normalisation: layernorm | rmsnorm
@@ -129,9 +147,11 @@ class ModelConfig(_ConfigMixin):
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention scores
     position: str = "learned"  # positions: learned | sinusoidal | alibi | rope | none
     rope_theta: float = 10000.0  # RoPE base frequency
+    rope_scaling: dict | None = None  # RoPE frequencies rescaled for long context: see ROPE_SCALING; None = as trained
     attention: str = "sdpa"  # sdpa (F.scaled_dot_product_attention, fast) | manual (explicit fp32 softmax, readable)
     dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
     bias: bool = True  # biases in Linear layers and LayerNorm
+    attn_bias: bool | None = None  # biases on the query, key and value projections: None = as bias (Qwen2: True)
     tie_embeddings: bool = True  # share the token embedding matrix with the output layer
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(n_embd) (original Transformer)
     init_std: float = 0.02  # std of the normal init; residual projections get init_std / sqrt(2 * n_layer)
@@ -146,7 +166,9 @@ class ModelConfig(_ConfigMixin):
         _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
         _check_choice("position", self.position, POSITION_KINDS)
         _check_choice("attention", self.attention, ATTENTION_KINDS)
-        if self.n_embd % self.n_head:
+        if self.head_size is not None and (not isinstance(self.head_size, int) or self.head_size < 1):
+            raise UserError(f"head_size={self.head_size!r} must be a positive integer or None (= n_embd // n_head)")
+        if self.head_size is None and self.n_embd % self.n_head:
             raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                              f"pick n_embd as a multiple of n_head (e.g. {self.n_head * max(1, round(self.n_embd / self.n_head))})")
         if self.n_kv_head is not None:
@@ -156,8 +178,10 @@ class ModelConfig(_ConfigMixin):
                 raise UserError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
                                  "use a divisor of n_head (1 = multi-query, n_head = multi-head)")
         if self.position == "rope" and self.head_dim % 2:
-            raise UserError(f"position='rope' needs an even head size, but n_embd/n_head = {self.head_dim}; "
-                             "change n_embd or n_head")
+            raise UserError(f"position='rope' needs an even head size, but it is {self.head_dim}; "
+                             "change n_embd, n_head or head_size")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
         if self.position == "sinusoidal" and self.n_embd % 2:
             raise UserError(f"position='sinusoidal' needs an even n_embd, got {self.n_embd}")
         if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1):
@@ -171,7 +195,11 @@ class ModelConfig(_ConfigMixin):
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size if self.head_size is not None else self.n_embd // self.n_head
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.bias if self.attn_bias is None else self.attn_bias
 
     @property
     def kv_heads(self) -> int:

@@ -1,11 +1,16 @@
-"""GGUF export for llama.cpp and the tools built on it: a GPT-2-shaped run as llama.cpp's 'gpt2' architecture,
-with its byte-level BPE tokenizer inside, written with the `gguf` package.
+"""GGUF export for llama.cpp and the tools built on it (llama-server, ollama): a run as the llama.cpp architecture of
+its family (gpt2, llama, qwen2, qwen3; families.py maps the tensors), its tokenizer inside, written with the `gguf`
+package one tensor at a time.
 
     lmforge export runs/base --format gguf --out base.gguf [--type f32|f16|q8_0|q4_0]
 
 Matrices are stored in the type asked for (q8_0: blocks of 32 int8 weights with an f16 scale; q4_0: blocks of 32
-4-bit weights with an f16 scale); norms and biases stay f32, as llama.cpp's own converter writes them. A tied output
-layer is left out: llama.cpp then multiplies by token_embd.
+4-bit weights with an f16 scale); norms, biases and matrices whose rows are not a multiple of 32 stay f32, as
+llama.cpp's own converter writes them. A tied output layer is left out: llama.cpp then multiplies by token_embd.
+
+The tokenizer: a byte-level BPE (ours, GPT-2's) as llama.cpp's `gpt2` model, tokens in GPT-2's byte alphabet with
+their merges. A character vocabulary as its `llama` (SentencePiece) model: one piece per character, a space as
+U+2581, no space prefix, so llama.cpp splits text into characters and finds each one.
 """
 
 from __future__ import annotations
@@ -17,22 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .families import Family, family_of, model_shapes
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
-BLOCK_PARTS = {"norm_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "norm_2": "ffn_norm",
-               "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-TOP_LEVEL = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
-             "norm_f.weight": "output_norm.weight", "norm_f.bias": "output_norm.bias",
-             "lm_head.weight": "output.weight"}
-
-
-def gguf_name(name: str) -> str:
-    """Our parameter name -> llama.cpp's gpt2 tensor name."""
-    if name.startswith("blocks."):
-        _, i, rest = name.split(".", 2)
-        module, kind = rest.rsplit(".", 1)
-        return f"blk.{i}.{BLOCK_PARTS[module]}.{kind}"
-    return TOP_LEVEL[name]
 
 
 def _gguf():
@@ -45,17 +37,19 @@ def _gguf():
 
 
 def write_gguf(model, tokenizer, path: str | Path, type: str = "f32") -> Path:
-    """Write a GPT-2-shaped model and its byte-level BPE tokenizer as one GGUF file (atomically)."""
-    from .hf import byte_symbols, check_gpt2_shaped, merge_of
-    from .tokenizer import BPETokenizer
+    """Write a GPT and its tokenizer as one GGUF file, atomically."""
+    state = model.state_dict()
+    return write_gguf_tensors(model.config, tokenizer, lambda name: state[name].detach().cpu(), path, type)
+
+
+def write_gguf_tensors(cfg, tokenizer, tensor, path: str | Path, type: str = "f32", name: str | None = None) -> Path:
+    """Write a model given as its config, tokenizer and tensor(name) (each tensor made when written) as one GGUF
+    file, atomically."""
     gguf = _gguf()
     if type not in TYPES:
         raise UserError(f"unknown GGUF type {type!r}; use one of {', '.join(TYPES)}")
-    c = model.config
-    check_gpt2_shaped(c, "this run", "llama.cpp's gpt2 architecture")
-    if not isinstance(tokenizer, BPETokenizer):
-        raise UserError("GGUF files carry a byte-level BPE tokenizer, and this run's is character-level; train on "
-                        "data prepared with --tokenizer bpe:N or gpt2 to export it")
+    family = family_of(cfg, "this run")
+    _check_tokenizer(tokenizer)
     quant = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[type]
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -65,24 +59,24 @@ def write_gguf(model, tokenizer, path: str | Path, type: str = "f32") -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        w = gguf.GGUFWriter(tmp, "gpt2")
-        w.add_name(path.stem)
-        w.add_context_length(c.block_size)
-        w.add_embedding_length(c.n_embd)
-        w.add_feed_forward_length(c.hidden_dim)
-        w.add_block_count(c.n_layer)
-        w.add_head_count(c.n_head)
-        w.add_layer_norm_eps(c.norm_eps)
+        w = gguf.GGUFWriter(tmp, family.gguf_arch)
+        w.add_name(name or path.stem)
         w.add_file_type(file_type)
-        _add_tokenizer(w, gguf, tokenizer, byte_symbols(), merge_of)
-        for name, tensor in model.state_dict().items():
-            if name == "lm_head.weight" and c.tie_embeddings:
-                continue
-            data = tensor.detach().float().cpu().numpy()  # nn.Linear's (out, in) is ggml's {in, out}
-            if data.ndim == 2 and quant != gguf.GGMLQuantizationType.F32 and data.shape[1] % 32 == 0:
-                w.add_tensor(gguf_name(name), gguf.quants.quantize(data, quant), raw_dtype=quant)
-            else:
-                w.add_tensor(gguf_name(name), data.astype(np.float32))
+        _add_hyperparameters(w, family, cfg)
+        _add_tokenizer(w, gguf, tokenizer)
+        for ours in model_shapes(cfg):
+            for gguf_name, t in family.to_family(ours, tensor(ours).float(), cfg, gguf=True):
+                data = t.numpy()  # nn.Linear's (out, in) is ggml's {in, out}
+                if data.ndim == 2 and quant != gguf.GGMLQuantizationType.F32 and data.shape[1] % 32 == 0:
+                    w.add_tensor(gguf_name, gguf.quants.quantize(data, quant), raw_dtype=quant)
+                else:
+                    w.add_tensor(gguf_name, data.astype(np.float32))
+        if cfg.rope_scaling and cfg.rope_scaling["type"] == "llama3":
+            import torch
+
+            from .model import rope_factors
+            plain = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
+            w.add_tensor("rope_freqs.weight", rope_factors(plain, cfg.rope_scaling).numpy().astype(np.float32))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -95,32 +89,73 @@ def write_gguf(model, tokenizer, path: str | Path, type: str = "f32") -> Path:
     return path
 
 
-def _add_tokenizer(w, gguf, tok, symbols, merge_of) -> None:
-    """GPT-2's tokenizer fields: tokens in GPT-2's printable byte alphabet, their types, the merges in rank order."""
-    by_id = {i: t for t, i in tok.ranks.items()}
+def _add_hyperparameters(w, family: Family, c) -> None:
+    w.add_context_length(c.block_size)
+    w.add_embedding_length(c.n_embd)
+    w.add_feed_forward_length(c.hidden_dim)
+    w.add_block_count(c.n_layer)
+    w.add_head_count(c.n_head)
+    w.add_vocab_size(c.vocab_size)
+    if family.name == "gpt2":
+        w.add_layer_norm_eps(c.norm_eps)
+        return
+    w.add_head_count_kv(c.kv_heads)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    if c.rope_scaling and c.rope_scaling["type"] == "linear":
+        import gguf
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
+
+
+def _check_tokenizer(tok) -> None:
+    from .tokenizer import BPETokenizer, CharTokenizer
+    if not isinstance(tok, (BPETokenizer, CharTokenizer)):
+        raise UserError("this run's tokenizer is a Hugging Face tokenizer.json, whose pre-tokenizer llama.cpp knows "
+                        "by name, not by its rules; export --format hf and convert that folder with llama.cpp's "
+                        "convert_hf_to_gguf.py")
+
+
+def _add_tokenizer(w, gguf, tok) -> None:
+    """The tokenizer's fields: ids in order, each token's text and type, and for BPE the merges in rank order."""
+    from .tokenizer import BPETokenizer, _readable
     specials = {i: s for s, i in tok.special_tokens.items()}
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list([specials[i] if i in specials else "".join(symbols[b] for b in by_id[i])
-                      for i in range(tok.vocab_size)])
+    if isinstance(tok, BPETokenizer):
+        by_id = {i: t for t, i in tok.ranks.items()}
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")  # our split pattern is GPT-2's
+        tokens = [specials[i] if i in specials else _readable(by_id[i]) for i in range(tok.vocab_size)]
+        w.add_token_merges(tok.vocab_and_merges()[1])
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        tokens = [specials[i] if i in specials else tok.chars[i].replace(" ", "\u2581") for i in range(tok.vocab_size)]
+        if len(set(tokens)) != len(tokens):
+            raise UserError("the character vocabulary holds both ' ' and U+2581, which SentencePiece cannot tell "
+                            "apart; llama.cpp cannot load it")
+        w.add_token_scores([0.0] * len(tokens))
+        w.add_add_space_prefix(False)
+        w.add_unk_token_id(tok.special_tokens.get(tok.unk_token, tok.eot_id) if tok.unk_token else tok.eot_id)
+    w.add_token_list(tokens)
     w.add_token_types([gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL
                        for i in range(tok.vocab_size)])
-    merges = []
-    for token, _ in sorted(((t, i) for t, i in tok.ranks.items() if len(t) > 1), key=lambda x: x[1]):
-        a, b = merge_of(tok.ranks, token)
-        merges.append("".join(symbols[x] for x in a) + " " + "".join(symbols[x] for x in b))
-    w.add_token_merges(merges)
-    if tok.eot_id is not None:
-        w.add_bos_token_id(tok.eot_id)
-        w.add_eos_token_id(tok.eot_id)
+    w.add_bos_token_id(tok.eot_id)
+    w.add_eos_token_id(tok.eot_id)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
 
 
 def export_gguf(run: str | Path, out: str | Path, type: str = "f32", checkpoint: str | None = None,
                 force: bool = False) -> Path:
-    from .runs import check_output, load, read_run_config, refuse_exporting_quantized
-    from .lora import merge_lora
+    from .runs import check_output, read_run_config, refuse_exporting_quantized, run_weights
     run = Path(run)
     refuse_exporting_quantized(run, read_run_config(run), "GGUF")
     out = check_output(run, out, force, checkpoint=checkpoint, folder=False)
-    model, tokenizer = load(run, checkpoint=checkpoint)
-    return write_gguf(merge_lora(model), tokenizer, out, type)
+    cfg, tokenizer, tensor = run_weights(run, checkpoint)
+    family_of(cfg, str(run))  # refused before anything is written
+    _check_tokenizer(tokenizer)
+    return write_gguf_tensors(cfg, tokenizer, tensor, out, type, name=run.name)
+

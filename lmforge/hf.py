@@ -1,177 +1,118 @@
-"""Hugging Face interop for GPT-2-shaped runs: a run exported as a `GPT2LMHeadModel` folder (what transformers, vLLM
-and TGI load), a GPT-2 folder (or hub id) imported as a run, and a LoRA run's adapter in PEFT's format.
+"""Hugging Face interop for every family in families.py (gpt2, llama, qwen2, qwen3): a checkpoint folder (or hub id)
+imported as a run, a run exported as its family's folder (what transformers, vLLM and TGI load), a LoRA run's
+adapter in PEFT's format.
 
-    export_hf("runs/base", "hf/base")                 # config.json, model.safetensors, vocab.json + merges.txt
-    import_hf("hf/gpt2", "runs/gpt2")                 # the reverse: an ordinary run (generate, eval, finetune, serve)
-    model, tok = load_hf("gpt2")                      # a hub id downloads through huggingface_hub when online
-    model = load_hf_model("hf/weights-only")          # config.json + model.safetensors: GPT.from_pretrained's path
-    save_peft_adapter("runs/tuned", "runs/tuned/peft")   # adapter_config.json + adapter_model.safetensors
+    import_hf("hf/SmolLM2-135M", "runs/smol")         # config.json, model.safetensors (or shards + index), tokenizer
+    model, tok = load_hf("hf/Qwen2.5-0.5B")           # a hub id downloads through huggingface_hub when online
+    model = load_hf_model("hf/weights-only", dtype="auto")   # GPT.from_pretrained's path; auto keeps bf16 as bf16
+    export_hf("runs/base", "hf/base")                 # LlamaForCausalLM (or GPT2LMHeadModel, Qwen2/3ForCausalLM)
+    save_peft_adapter(model, settings, "runs/tuned/peft")   # adapter_config.json + adapter_model.safetensors
 
-GPT-2 stores its projections as Conv1D, (in, out): our (out, in) Linear weights are transposed on the way. A run GPT-2
-cannot express (RoPE, RMSNorm, SwiGLU, untied embeddings, ...) is refused with the fields that differ. Only
-safetensors and JSON are written; transformers is needed to read the folder back, not to write it.
+Conversion goes tensor by tensor: each shard is opened for the one tensor read from it (safetensors maps the file,
+so nothing else of it comes into memory), and a run or folder is written by stream_safetensors, which takes one
+tensor at a time. Only safetensors and JSON are written; transformers is needed to read the folder back, not to
+write it.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
+import math
+import os
+import struct
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .config import ModelConfig
 from .errors import UserError
+from .families import FAMILIES, Family, family_for_hf, family_of, model_shapes
 
-CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # HF GPT-2's Conv1D modules: weights (in, out)
-
-
-def gpt2_mismatches(cfg: ModelConfig) -> list[str]:
-    """The fields that keep cfg from being a GPT-2 architecture, as 'field=value (GPT-2: value)'."""
-    want = {"position": "learned", "norm": "layernorm", "norm_position": "pre", "mlp": "gelu", "bias": True,
-            "tie_embeddings": True, "qk_norm": False, "scale_embeddings": False}
-    out = [f"{k}={getattr(cfg, k)!r} (GPT-2: {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
-    if cfg.n_kv_head not in (None, cfg.n_head):
-        out.append(f"n_kv_head={cfg.n_kv_head} (GPT-2: n_head={cfg.n_head})")
-    if cfg.mlp_hidden not in (None, 4 * cfg.n_embd):
-        out.append(f"mlp_hidden={cfg.mlp_hidden} (GPT-2: 4 * n_embd = {4 * cfg.n_embd})")
-    return out
+HF_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "vocab.json",
+            "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+                      torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # saved by older transformers; not weights
 
 
-def check_gpt2_shaped(cfg: ModelConfig, what: str = "this run", fmt: str = "the Hugging Face GPT-2 format") -> None:
-    bad = gpt2_mismatches(cfg)
-    if bad:
-        raise UserError(f"{what} is not GPT-2-shaped, so {fmt} cannot hold it: {', '.join(bad)}")
+# ------------------------------------------------------------------------------------------------ tensor files
 
+class Checkpoint:
+    """The weights of a Hugging Face folder: model.safetensors, shards named by model.safetensors.index.json, or
+    pytorch_model.bin (read with weights_only=True). get() reads one tensor."""
 
-def hf_name(name: str) -> str:
-    """Our parameter name -> GPT2LMHeadModel's."""
-    if name.startswith("blocks."):
-        name = "transformer.h." + name[len("blocks."):]
-        return name.replace(".norm_1.", ".ln_1.").replace(".norm_2.", ".ln_2.")
-    return {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.weight",
-            "norm_f.weight": "transformer.ln_f.weight", "norm_f.bias": "transformer.ln_f.bias"}.get(name, name)
-
-
-def to_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict in GPT-2's names and layouts (Conv1D weights transposed; the tied lm_head left out)."""
-    out = {}
-    for name, tensor in state.items():
-        if name == "lm_head.weight":
-            continue
-        if name.endswith(".weight") and any(f".{m}." in f".{name}" for m in CONV1D):
-            tensor = tensor.t()
-        out[hf_name(name)] = tensor.detach().to("cpu").contiguous()
-    return out
-
-
-def hf_config(cfg: ModelConfig, eot_id: int | None) -> dict:
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-            "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": cfg.init_std,
-            "bos_token_id": eot_id, "eos_token_id": eot_id, "tie_word_embeddings": True}
-
-
-def export_hf(run: str | Path, out: str | Path, force: bool = False, checkpoint: str | None = None) -> Path:
-    """A run as a GPT2LMHeadModel folder (a LoRA run exports with its adapter merged). Written atomically."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import new_folder
-    from .lora import merge_lora
-    from .runs import check_output, load, read_run_config, refuse_exporting_quantized
-    from .tokenizer import BPETokenizer
-    refuse_exporting_quantized(run, read_run_config(run), "Hugging Face")
-    out = check_output(run, out, force, checkpoint=checkpoint)
-    model, tokenizer = load(run, checkpoint=checkpoint)
-    check_gpt2_shaped(model.config, str(run))
-    merge_lora(model)
-    with new_folder(out) as tmp:
-        save_file(to_hf_state(model.state_dict()), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer.eot_id), indent=2) + "\n")
-        if isinstance(tokenizer, BPETokenizer):
-            _write_gpt2_tokenizer(tokenizer, tmp, model.config.block_size)
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+        self.folder, self._bin = folder, None
+        index = folder / "model.safetensors.index.json"
+        if (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", "pt") as f:
+                self.files = {name: folder / "model.safetensors" for name in f.keys()}
+        elif index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{index} is not a shard index (no weight_map)") from None
+            self.files = {name: folder / file for name, file in weight_map.items()}
+            missing = sorted({str(p.name) for p in self.files.values() if not p.is_file()})
+            if missing:
+                raise UserError(f"{index} names {missing[0]}, which is not in {folder}"
+                                f"{f' (nor {len(missing) - 1} more shards)' if len(missing) > 1 else ''}; download "
+                                f"every shard")
+        elif (folder / "pytorch_model.bin").is_file():
+            self._bin = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+            self.files = {name: folder / "pytorch_model.bin" for name in self._bin}
         else:
-            print(f"note: {run}'s character tokenizer has no Hugging Face equivalent; only the model was written "
-                  f"(its token ids follow {Path(run) / 'tokenizer.json'})")
-    return out
+            shards = sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
+            raise UserError(f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+                            + (f" (shards {', '.join(shards[:2])}... without their index)" if shards else ""))
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+        if self._bin is not None:
+            return self._bin[name]
+        try:
+            with safe_open(self.files[name], "pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{self.files[name]} cannot be read ({e}); download it again") from None
+
+    def dtype(self) -> torch.dtype:
+        first = next(n for n in self.files if not n.endswith(BUFFERS))
+        return self.get(first).dtype
 
 
-# ------------------------------------------------------------------------------------------------- the tokenizer
-
-def byte_symbols() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte (the alphabet of its vocab.json)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def merge_of(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
-    """The pair whose merge made this token: BPE on its bytes with only the merges ranked before it."""
-    rank, parts = ranks[token], [bytes([b]) for b in token]
-    while len(parts) > 2:
-        pairs = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
-        best, i = min(pairs)
-        assert best < rank, token
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return parts[0], parts[1]
-
-
-def gpt2_vocab_and_merges(tok) -> tuple[dict[str, int], list[str]]:
-    """A byte-level BPE tokenizer as GPT-2's vocab.json mapping and merges.txt lines."""
-    symbols = byte_symbols()
-    vocab = {"".join(symbols[b] for b in token): i for token, i in tok.ranks.items()}
-    vocab.update(tok.special_tokens)
-    merges = []
-    for token, _ in sorted(((t, i) for t, i in tok.ranks.items() if len(t) > 1), key=lambda x: x[1]):
-        a, b = merge_of(tok.ranks, token)
-        merges.append("".join(symbols[x] for x in a) + " " + "".join(symbols[x] for x in b))
-    return vocab, merges
-
-
-def _write_gpt2_tokenizer(tok, folder: Path, context: int) -> None:
-    vocab, merges = gpt2_vocab_and_merges(tok)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    eot = "<|endoftext|>"
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
-         "model_max_length": context, "add_prefix_space": False}, indent=2) + "\n")
-
-
-# --------------------------------------------------------------------------------------------------- PEFT adapters
-
-def save_peft_adapter(model, settings: dict, out: str | Path) -> Path:
-    """A LoRA model's adapter as PEFT saves one for GPT2LMHeadModel: adapter_model.safetensors with
-    base_model.model.<hf name>.lora_A/B.weight, and an adapter_config.json (fan_in_fan_out: GPT-2's Conv1D)."""
-    from safetensors.torch import save_file
-
-    from .lora import lora_state
-    check_gpt2_shaped(model.config, "the adapter's base")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for key, tensor in lora_state(model).items():
-        name, kind = key.rsplit(".", 1)
-        tensors[f"base_model.model.{hf_name(name + '.weight')[:-len('.weight')]}.{kind}.weight"] = tensor.cpu()
-    targets = sorted(hf_name(m + ".weight")[:-len(".weight")] for m in settings["modules"])  # exact module names
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings["rank"], "lora_alpha": settings["alpha"],
-              "lora_dropout": settings.get("dropout", 0.0), "target_modules": targets, "fan_in_fan_out": True,
-              "bias": "none", "base_model_name_or_path": None, "inference_mode": True, "modules_to_save": None,
-              "init_lora_weights": True}
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
+def stream_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                       tensor: Callable[[str], torch.Tensor], metadata: dict | None = None) -> Path:
+    """Write a safetensors file one tensor at a time, in the format's own layout (a little-endian u64 header size, the
+    JSON header padded to 8 bytes, the data in header order): specs name every tensor, its shape and dtype up front;
+    tensor(name) makes each when its turn comes, so no more than one is in memory. safetensors' own save_file takes
+    the whole dict at once."""
+    header, offset = {}, 0
+    for name, shape, dtype in specs:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape, dtype in specs:
+            t = tensor(name)
+            assert tuple(t.shape) == tuple(shape) and t.dtype == dtype, (name, t.shape, shape, t.dtype, dtype)
+            f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------- import
-
-HF_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "vocab.json", "merges.txt", "tokenizer.json"]
-
 
 def resolve_hf(path_or_id: str | Path) -> Path:
     """A local folder as it is; otherwise a hub id, downloaded (cached) through huggingface_hub."""
@@ -179,7 +120,7 @@ def resolve_hf(path_or_id: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.exists() or str(path_or_id).startswith((".", "/")) or str(path_or_id).count("/") > 1:
-        raise UserError(f"{path_or_id} is not a folder of a Hugging Face GPT-2 checkpoint")
+        raise UserError(f"{path_or_id} is not a folder of a Hugging Face checkpoint")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -193,109 +134,131 @@ def resolve_hf(path_or_id: str | Path) -> Path:
                         f"pytorch_model.bin)") from None
 
 
-def config_from_hf(hf: dict, where: str) -> ModelConfig:
-    if hf.get("model_type") != "gpt2":
-        raise UserError(f"{where}: model_type {hf.get('model_type')!r} is not gpt2; only GPT-2 checkpoints import")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UserError(f"{where}: activation {hf['activation_function']!r} differs from GPT-2's tanh GELU")
-    n_embd = hf["n_embd"]
-    if hf.get("n_inner") not in (None, 4 * n_embd):
-        raise UserError(f"{where}: n_inner={hf['n_inner']} differs from 4 * n_embd")
-    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                       n_head=hf["n_head"], n_embd=n_embd, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                       init_std=hf.get("initializer_range", 0.02), dropout=0.0)
+def read_hf_config(folder: Path) -> tuple[Family, ModelConfig, dict]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder} is not a Hugging Face checkpoint: it has no config.json")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    family = family_for_hf(hf, str(folder))
+    try:
+        return family, family.config_from_hf(hf, str(folder)), hf
+    except KeyError as e:
+        raise UserError(f"{path} lacks {e.args[0]!r}, which a {family.name} config.json has") from None
 
 
-def from_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
-    """GPT-2's state dict in our names and layouts; every tensor's shape is checked (and named when wrong)."""
-    from .model import GPT
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in GPT(cfg).state_dict().items()}
-    by_hf = {hf_name(k): k for k in shapes}
-    out = {}
-    for name, tensor in state.items():
-        name = name[len("model."):] if name.startswith("model.") else name
-        name = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue  # causal-mask buffers, and the output layer tied to the embedding
-        key = by_hf.get(name)
-        if key is None:
-            raise UserError(f"{where}: unexpected tensor {name}; this is not a GPT-2 checkpoint")
-        conv1d = key.endswith(".weight") and any(f".{m}." in f".{key}" for m in CONV1D)
-        want = tuple(shapes[key])[::-1] if conv1d else tuple(shapes[key])  # in GPT-2's own layout
-        if tuple(tensor.shape) != want:
-            raise UserError(f"{where}: {name} has shape {tuple(tensor.shape)}, but config.json implies {want}")
-        out[key] = (tensor.t() if conv1d else tensor).contiguous()
-    missing = sorted(set(shapes) - set(out) - {"lm_head.weight"})
-    if missing:
-        raise UserError(f"{where}: missing tensors {', '.join(hf_name(m) for m in missing[:3])}")
-    return out
+def converted(files: Checkpoint, family: Family, cfg: ModelConfig, shapes: dict[str, torch.Size],
+              dtype: torch.dtype | None) -> Callable[[str], torch.Tensor]:
+    """tensor(our name) for a checkpoint: the family's tensors read, shape-checked (named when wrong), joined and
+    cast. Checks first that every tensor is there and none is left over."""
+    present = {n for n in files.files if not n.endswith(BUFFERS)}
+    alias = {}
+    for n in list(present):  # GPT-2's own files name tensors without the transformer. prefix
+        if family.name == "gpt2" and not n.startswith(("transformer.", "lm_head.")):
+            alias["transformer." + n] = n
+    wanted = {ours: family.hf_names(ours) for ours in shapes}
+    found = present | set(alias)
+    missing = [n for names in wanted.values() for n in names if n not in found]
+    if missing and not (cfg.tie_embeddings and missing == ["lm_head.weight"]):
+        raise UserError(f"{files.folder}: the {family.name} checkpoint lacks the tensor "
+                        f"{next(n for n in missing if n != 'lm_head.weight')}")
+    used = {alias.get(n, n) for names in wanted.values() for n in names}
+    extra = sorted(present - used)
+    if extra:
+        raise UserError(f"{files.folder}: the tensor {extra[0]} has no place in a {family.name} model of this "
+                        f"config.json{f' (nor {len(extra) - 1} more)' if len(extra) > 1 else ''}")
+
+    def tensor(ours: str) -> torch.Tensor:
+        names = wanted[ours]
+        if ours == "lm_head.weight" and "lm_head.weight" not in found:
+            names = family.hf_names("wte.weight")
+        pieces = [files.get(alias.get(n, n)) for n in names]
+        want = shapes[ours]
+        sizes = family.split_sizes(ours, cfg, len(names)) if len(names) > 1 else [want[0]]
+        for n, p, rows in zip(names, pieces, sizes):
+            expect = (rows, *want[1:])
+            expect = expect[::-1] if family.is_transposed(ours) else expect
+            if tuple(p.shape) != tuple(expect):
+                raise UserError(f"{files.folder}: {n} has shape {tuple(p.shape)}, but config.json implies "
+                                f"{tuple(expect)}")
+        out = family.from_family(ours, pieces).contiguous()
+        return out if dtype is None else out.to(dtype)
+    return tensor
 
 
-def load_hf_model(path_or_id: str | Path, device: str = "cpu"):
-    """The GPT of a Hugging Face GPT-2 folder or hub id, in eval mode: config.json and model.safetensors (or
-    pytorch_model.bin, read with weights_only=True). Tokenizer files are not needed."""
-    from .checkpoint import load_weights
+def _check_dtype(dtype: str, files: Checkpoint) -> torch.dtype:
+    if dtype == "auto":
+        found = files.dtype()
+        return found if found in DTYPES.values() else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_hf_model(path_or_id: str | Path, device: str = "cpu", dtype: str = "float32"):
+    """The GPT of a Hugging Face folder or hub id of any family, in eval mode: config.json and the weights are
+    enough. dtype: float32 (default), bfloat16, float16, or auto (the checkpoint's own)."""
     from .model import GPT
     folder = resolve_hf(path_or_id)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{folder} is not a GPT-2 checkpoint: it has no config.json")
-    cfg = config_from_hf(json.loads(config_path.read_text()), str(folder))
-    if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-        state = load_file(str(folder / "model.safetensors"))
-    elif (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin")
-    state = from_hf_state(state, cfg, str(folder))
-    with tempfile.TemporaryDirectory() as tmp:  # one weights loader for every path (tied weights, checks)
-        from safetensors.torch import save_file
-        save_file(state, f"{tmp}/model.safetensors")
-        model = GPT.empty(cfg)
-        load_weights(model, Path(tmp) / "model.safetensors")
-    return model.to(device).eval()
+    family, cfg, _ = read_hf_config(folder)
+    files = Checkpoint(folder)
+    target = _check_dtype(dtype, files)
+    model = GPT.empty(cfg, device).to(target)
+    shapes = model_shapes(cfg)
+    tensor = converted(files, family, cfg, shapes, target)
+    params = model.state_dict()
+    with torch.no_grad():
+        for name in shapes:
+            params[name].copy_(tensor(name))
+    model.tie_weights()
+    return model.eval()
 
 
-def load_hf(path_or_id: str | Path, device: str = "cpu", tokenizer: str | Path | None = None):
-    """(GPT, tokenizer) of a Hugging Face GPT-2 folder or hub id. tokenizer: the folder's own when None (read as
-    tokenizer_from reads a folder); otherwise what tokenizer_from takes ("gpt2", or a path)."""
+def load_hf(path_or_id: str | Path, device: str = "cpu", tokenizer: str | Path | None = None, dtype: str = "float32"):
+    """(GPT, tokenizer) of a Hugging Face folder or hub id. tokenizer: the folder's own when None; otherwise what
+    tokenizer_from takes ("gpt2", or a path)."""
     folder = resolve_hf(path_or_id)
-    model = load_hf_model(folder, device)
+    model = load_hf_model(folder, device, dtype)
+    return model, folder_tokenizer(folder, tokenizer)
+
+
+def folder_tokenizer(folder: Path, tokenizer: str | Path | None):
     if tokenizer is not None:
-        return model, tokenizer_from(tokenizer)
-    if not (_has_gpt2_tokenizer(folder) or _is_lmforge_tokenizer(folder / "tokenizer.json")):
-        raise UserError(f"{folder} holds the model's weights but no tokenizer (vocab.json + merges.txt, or "
-                        f"tokenizer.json); name one: --tokenizer gpt2 for GPT-2's own, or --tokenizer PATH "
+        return tokenizer_from(tokenizer)
+    if not (((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+            or (folder / "tokenizer.json").is_file()):
+        raise UserError(f"{folder} holds the model's weights but no tokenizer (tokenizer.json, or vocab.json + "
+                        f"merges.txt); name one: --tokenizer gpt2 for GPT-2's own, or --tokenizer PATH "
                         f"(tokenizer= in Python)")
-    return model, tokenizer_from(folder, what=str(folder))
-
-
-def _has_gpt2_tokenizer(folder: Path) -> bool:
-    return ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) or (
-        folder / "tokenizer.json").is_file()
+    return tokenizer_from(folder, what=str(folder))
 
 
 def tokenizer_from(spec: str | Path, what: str | None = None):
-    """A tokenizer by name or path: "gpt2" (GPT-2's own ranks, BPETokenizer.gpt2(), unless a folder of that name is
-    here), an lmforge tokenizer.json or a run or data folder holding one, a Hugging Face tokenizer.json of a
-    byte-level BPE in GPT-2's layout, or a folder with vocab.json + merges.txt. In that order for a folder."""
-    from .tokenizer import BPETokenizer, load_tokenizer
+    """A tokenizer by name or path: "gpt2" (GPT-2's own ranks, unless a folder of that name is here), an lmforge
+    tokenizer.json or a folder holding one, a folder with vocab.json + merges.txt (GPT-2's files, read into our
+    byte-exact BPETokenizer), or any Hugging Face tokenizer.json (an HFTokenizer, with the tokenizer_config.json
+    beside it). In that order for a folder."""
+    from .tokenizer import BPETokenizer, HFTokenizer, load_tokenizer
     what = what or f"--tokenizer {spec}"
     path = Path(spec)
     if str(spec) == "gpt2" and not path.exists():
         return BPETokenizer.gpt2()
     if not path.exists():
-        raise UserError(f"{what}: no such file or folder; give gpt2, a tokenizer.json, or a folder with vocab.json "
-                        f"+ merges.txt")
+        raise UserError(f"{what}: no such file or folder; give gpt2, a tokenizer.json, or a folder with "
+                        f"tokenizer.json or vocab.json + merges.txt")
     file = path / "tokenizer.json" if path.is_dir() else path
     if file.is_file() and _is_lmforge_tokenizer(file):
         return load_tokenizer(file)
     if path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         return BPETokenizer.from_gpt2_files(path / "vocab.json", path / "merges.txt")
     if file.is_file():
-        return _read_hf_tokenizer_json(file)
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{file} is not a tokenizer.json ({e})") from None
+        return HFTokenizer.load(file)
     raise UserError(f"{what}: the folder holds no tokenizer.json, nor vocab.json + merges.txt")
 
 
@@ -307,55 +270,140 @@ def _is_lmforge_tokenizer(path: Path) -> bool:
         return False
 
 
-def _read_hf_tokenizer_json(path: Path):
-    """A Hugging Face tokenizer.json of a byte-level BPE in GPT-2's layout (the 256 byte tokens, then one token per
-    merge, in merge order) as our BPETokenizer. Other families' tokenizers are not read here."""
-    from .tokenizer import BPETokenizer
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        model = spec.get("model", {})
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise UserError(f"{path} is not a tokenizer.json ({e})") from None
-    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
-    if not (isinstance(model, dict) and model.get("type") == "BPE" and byte_level
-            and isinstance(model.get("vocab"), dict) and isinstance(model.get("merges"), list)):
-        raise UserError(f"{path} is not a byte-level BPE tokenizer (a BPE model with vocab and merges, pre-tokenized "
-                        f"by ByteLevel); only GPT-2's kind is read here")
-    with tempfile.TemporaryDirectory() as tmp:
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-        Path(tmp, "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
-        Path(tmp, "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
-        try:
-            return BPETokenizer.from_gpt2_files(Path(tmp, "vocab.json"), Path(tmp, "merges.txt"))
-        except UserError:
-            raise UserError(f"{path}: its ids do not follow GPT-2's layout (the 256 byte tokens, then one token per "
-                            f"merge in merge order), the only one read here") from None
-
-
-def import_hf(path_or_id: str | Path, out: str | Path, force: bool = False,
-              tokenizer: str | Path | None = None) -> Path:
-    """A Hugging Face GPT-2 checkpoint as an ordinary run folder (config.json, model.safetensors, tokenizer.json).
-    tokenizer: see load_hf (needed when the folder holds weights only)."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import new_folder, run_config, weights_for_saving, write_json_atomic
+def import_hf(path_or_id: str | Path, out: str | Path, force: bool = False, tokenizer: str | Path | None = None,
+              dtype: str = "float32") -> Path:
+    """A Hugging Face checkpoint of any family as an ordinary run folder (config.json, model.safetensors,
+    tokenizer.json), converted tensor by tensor. tokenizer: see load_hf (needed when the folder holds weights only);
+    dtype: see load_hf_model."""
+    from .checkpoint import new_folder, run_config, write_json_atomic
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    model, tok = load_hf(path_or_id, tokenizer=tokenizer)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"{path_or_id}: the tokenizer has {tok.vocab_size} tokens, the model "
-                        f"{model.config.vocab_size}; pass the tokenizer the model was trained with")
+    folder = resolve_hf(path_or_id)
+    family, cfg, _ = read_hf_config(folder)
+    files = Checkpoint(folder)
+    target = _check_dtype(dtype, files)
+    tok = folder_tokenizer(folder, tokenizer)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"{path_or_id}: the tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}; "
+                        f"pass the tokenizer the model was trained with")
+    shapes = model_shapes(cfg)
+    tensor = converted(files, family, cfg, shapes, target)
     with new_folder(out) as tmp:
-        save_file(weights_for_saving(model.state_dict(), True), str(tmp / "model.safetensors"))
-        config = run_config(model.config)
-        config["imported_from"] = str(path_or_id)
+        stream_safetensors(tmp / "model.safetensors", [(k, tuple(s), target) for k, s in shapes.items()], tensor,
+                           {"format": "pt"})
+        config = run_config(cfg)
+        config.update(imported_from=str(path_or_id), family=family.name)
         write_json_atomic(tmp / "config.json", config)
         tok.save(tmp / "tokenizer.json")
     return out
 
 
 def import_cli(args) -> int:
-    out = import_hf(args.source, args.out, force=args.force, tokenizer=args.tokenizer)
+    out = import_hf(args.source, args.out, force=args.force, tokenizer=args.tokenizer, dtype=args.dtype)
     print(f"imported {args.source} into {out}: an ordinary run (lmforge generate {out} ...)")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------------- export
+
+def export_hf(run: str | Path, out: str | Path, force: bool = False, checkpoint: str | None = None) -> Path:
+    """A run as its family's Hugging Face folder (a LoRA run exports with its adapter merged): config.json,
+    model.safetensors, generation_config.json and the tokenizer. Written atomically, tensor by tensor."""
+    from .checkpoint import new_folder
+    from .runs import check_output, read_run_config, refuse_exporting_quantized, run_weights
+    refuse_exporting_quantized(run, read_run_config(run), "Hugging Face")
+    out = check_output(run, out, force, checkpoint=checkpoint)
+    cfg, tokenizer, tensor = run_weights(run, checkpoint)
+    family = family_of(cfg, str(run))
+    specs, parts = [], {}
+    shapes = model_shapes(cfg)
+    for ours, shape in shapes.items():
+        names = family.hf_names(ours)
+        sizes = family.split_sizes(ours, cfg, len(names)) if len(names) > 1 else [shape[0]]
+        for name, rows in zip(names, sizes):
+            hf_shape = (rows, *shape[1:])
+            parts[name] = (ours, len(specs))
+            specs.append([name, hf_shape[::-1] if family.is_transposed(ours) else hf_shape, None])
+    dtype = tensor(next(iter(shapes))).dtype
+    for spec in specs:
+        spec[2] = dtype
+    cache: dict[str, list] = {}
+
+    def hf_tensor(name: str) -> torch.Tensor:  # each of ours is read once, split, and its pieces handed out in turn
+        ours, _ = parts[name]
+        if ours not in cache:
+            cache.clear()
+            cache[ours] = dict(family.to_family(ours, tensor(ours), cfg))
+        return cache[ours].pop(name)
+
+    with new_folder(out) as tmp:
+        stream_safetensors(tmp / "model.safetensors", [tuple(s) for s in specs], hf_tensor, {"format": "pt"})
+        eos = tokenizer.eot_id
+        bos = getattr(tokenizer, "bos_id", None)
+        hf = family.hf_config(cfg, bos if bos is not None else eos, eos, getattr(tokenizer, "pad_id", None))
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": hf["bos_token_id"], "eos_token_id": eos, "pad_token_id": hf["pad_token_id"]},
+            indent=2) + "\n")
+        write_hf_tokenizer(tokenizer, tmp, cfg.block_size)
+    return out
+
+
+def hf_state(model) -> dict[str, torch.Tensor]:
+    """A GPT's weights in its family's names and layouts (the tied output layer left out), in memory."""
+    family, state = family_of(model.config), model.state_dict()
+    return {name: t for ours in model_shapes(model.config)
+            for name, t in family.to_family(ours, state[ours].detach().cpu(), model.config)}
+
+
+def write_hf_tokenizer(tok, folder: Path, context: int) -> None:
+    """tokenizer.json + tokenizer_config.json (AutoTokenizer loads them); a BPE also as GPT-2's vocab.json +
+    merges.txt, which GPT2Tokenizer and older tools read."""
+    from .tokenizer import BPETokenizer, HFTokenizer, tokenizer_config, tokenizer_json
+    if isinstance(tok, HFTokenizer):
+        tok.save(folder / "tokenizer.json")
+        return
+    (folder / "tokenizer.json").write_text(tokenizer_json(tok), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok, context), indent=2) + "\n")
+    if isinstance(tok, BPETokenizer):
+        vocab, merges = tok.vocab_and_merges()
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------- PEFT adapters
+
+def save_peft_adapter(model, settings: dict, out: str | Path) -> Path:
+    """A LoRA model's adapter as PEFT saves one for the family's Hugging Face model: adapter_model.safetensors with
+    base_model.model.<name>.lora_A/B.weight, and an adapter_config.json. Our fused c_attn (q, k, v) and c_fc (gate,
+    up) carry one adapter each; its A is shared, so each of the family's projections gets A and its rows of B, the
+    same update exactly. GPT-2's Conv1D modules take fan_in_fan_out."""
+    from safetensors.torch import save_file
+
+    from .lora import lora_state
+    family = family_of(model.config, "the adapter's base")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, targets = {}, set()
+    state = lora_state(model)
+    for module in settings["modules"]:
+        names = [n.removesuffix(".weight") for n in family.hf_names(module + ".weight")]
+        a, b = state[f"{module}.lora_A"].cpu(), state[f"{module}.lora_B"].cpu()
+        rows = family.split_sizes(module + ".weight", model.config, len(names)) if len(names) > 1 else [b.shape[0]]
+        for name, piece in zip(names, b.split(rows)):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = piece.contiguous()
+            targets.add(name)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings["rank"], "lora_alpha": settings["alpha"],
+              "lora_dropout": settings.get("dropout", 0.0), "target_modules": sorted(targets),
+              "fan_in_fan_out": family.name == "gpt2", "bias": "none", "base_model_name_or_path": None,
+              "inference_mode": True, "modules_to_save": None, "init_lora_weights": True}
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+__all__ = ["FAMILIES", "Checkpoint", "export_hf", "import_hf", "load_hf", "load_hf_model", "save_peft_adapter",
+           "stream_safetensors", "tokenizer_from"]

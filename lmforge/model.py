@@ -59,16 +59,30 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.theta, self.head_dim = cfg.rope_theta, cfg.head_dim
+        self.theta, self.head_dim, self.scaling = cfg.rope_theta, cfg.head_dim, cfg.rope_scaling
         self.register_buffer("inv_freq", self.frequencies(), persistent=False)
 
     def frequencies(self, device=None) -> torch.Tensor:
-        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
+        return inv_freq / rope_factors(inv_freq, self.scaling) if self.scaling else inv_freq
 
     def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pos (B|1, T) -> 2 x (B|1, 1, T, hs)
         angles = pos.float().unsqueeze(-1) * self.inv_freq  # (B, T, hs/2)
         angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # (B, 1, T, hs)
         return angles.cos(), angles.sin()
+
+
+def rope_factors(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """What each RoPE frequency is divided by. linear: factor for all. llama3 (Llama 3.1): 1 for wavelengths under
+    original_max_position_embeddings / high_freq_factor, factor above ... / low_freq_factor, a smooth blend between."""
+    factor = float(scaling["factor"])
+    if scaling["type"] == "linear":
+        return torch.full_like(inv_freq, factor)
+    context = float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((context / wavelen - low) / (high - low)).clamp(0, 1)  # 0 at long wavelengths, 1 at short
+    return 1 / ((1 - smooth) / factor + smooth)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -165,8 +179,8 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)  # q,k,v
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)  # q,k,v
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
@@ -189,7 +203,7 @@ class Attention(nn.Module):
             S = mask.size(-1) if mask is not None else T  # the slots these queries may see start at 0
             k, v = k[:, :, :S], v[:, :, :S]
         y = self.kernel(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 

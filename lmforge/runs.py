@@ -150,6 +150,39 @@ def _load(run: str | Path, device: torch.device, checkpoint: str | Path | None):
     return model.eval(), load_tokenizer(run / "tokenizer.json")
 
 
+def run_weights(run: str | Path, checkpoint: str | Path | None = None):
+    """(ModelConfig, tokenizer, tensor(name)) of a run, for an exporter that writes tensor by tensor: a whole-model
+    run's tensors are read one at a time from its safetensors file; a LoRA run is loaded with its adapter merged.
+    The tied output layer has no name of its own (it is wte.weight)."""
+    from safetensors import safe_open
+
+    from .lora import merge_lora
+    run = Path(run)
+    folder = model_folder(run, checkpoint)
+    config = read_run_config(run)
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        model, tokenizer = _load(run, torch.device("cpu"), checkpoint)
+        state = merge_lora(model).state_dict()
+        return model.config, tokenizer, lambda name: state[name].detach()
+    cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text())["model"]
+                                if (folder / "config.json").is_file() else config["model"])
+    path = folder / "model.safetensors"
+    try:
+        with safe_open(path, "pt") as f:
+            names = set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is corrupted or not a safetensors file ({e})") from None
+
+    def tensor(name: str) -> torch.Tensor:
+        if name not in names and name in ("wte.weight", "lm_head.weight") and cfg.tie_embeddings:
+            name = "lm_head.weight" if name == "wte.weight" else "wte.weight"
+        if name not in names:
+            raise UserError(f"{path} lacks the tensor {name}; the run is incomplete")
+        with safe_open(path, "pt") as f:
+            return f.get_tensor(name)
+    return cfg, load_tokenizer(run / "tokenizer.json"), tensor
+
+
 # ------------------------------------------------------------------------------------------------ LoRA runs
 
 def base_identity(base: Path, run: Path) -> dict:

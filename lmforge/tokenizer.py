@@ -1,4 +1,5 @@
-"""Tokenizers: characters, and byte-level BPE trained here (or GPT-2's own), behind one small interface.
+"""Tokenizers: characters, and byte-level BPE trained here (or GPT-2's own), and the open families' tokenizer.json
+through the `tokenizers` library (HFTokenizer), behind one small interface.
 
     encode(text) -> list[int]      decode(ids) -> str      vocab_size      special_tokens      save(path) / load(path)
 
@@ -98,6 +99,15 @@ class Tokenizer(ABC):
         if bad is not None:
             raise UserError(f"token id {bad} is outside this tokenizer's vocabulary [0, {self.vocab_size})")
         return ids
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt's ids for generation: the family's begin-of-text token first where it has one (Llama), and an empty
+    prompt starts after end-of-text otherwise."""
+    ids = tokenizer.encode(text) if text else []
+    if getattr(tokenizer, "add_bos", False):
+        return [tokenizer.bos_id] + ids
+    return ids or [tokenizer.eot_id]
 
 
 def _specials_after(n: int, special_tokens: Iterable[str]) -> dict[str, int]:
@@ -380,6 +390,23 @@ class BPETokenizer(Tokenizer):
         ids = self._check_ids(ids)
         return b"".join(self.vocab[i] if i in self.vocab else self._special_bytes[i] for i in ids)
 
+    def vocab_and_merges(self) -> tuple[dict[str, int], list[str]]:
+        """GPT-2's vocab.json mapping (tokens in its printable byte alphabet, special tokens too) and its merges.txt
+        lines in rank order, as Hugging Face and llama.cpp store a byte-level BPE."""
+        vocab = {_readable(token): i for token, i in self.ranks.items()}
+        vocab.update(self.special_tokens)
+        merged = sorted((i, t) for t, i in self.ranks.items() if len(t) > 1)
+        return vocab, [" ".join(_readable(part) for part in self.merge_of(token)) for _, token in merged]
+
+    def merge_of(self, token: bytes) -> tuple[bytes, bytes]:
+        """The pair whose merge made this token: BPE on its bytes with only the merges ranked before it."""
+        rank, parts = self.ranks[token], [bytes([b]) for b in token]
+        while len(parts) > 2:
+            best, i = min((self.ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1))
+            assert best < rank, token
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return parts[0], parts[1]
+
     def _state(self) -> dict:
         return {"type": "bpe", "name": self.name, "pattern": self.pattern, "special_tokens": self.special_tokens,
                 "vocab": [_readable(self.vocab[i]) for i in range(len(self.vocab))]}
@@ -406,7 +433,8 @@ def _progress(total: int, desc: str, enabled: bool):
 # ------------------------------------------------------------------------------------------------------- files
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer.json written by save() (either kind), or a run or data directory that holds one."""
+    """Load a tokenizer.json written by save() (any kind; a Hugging Face one with the tokenizer_config.json beside
+    it), or a run or data directory that holds one."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -416,6 +444,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); re-create it with lmforge prepare") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "pre_tokenizer" in state:
+        return HFTokenizer.load(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not an lmforge tokenizer file (no \"format\": \"{FORMAT}\")")
     if state.get("version") != VERSION:
@@ -427,3 +457,178 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         ranks = {_from_readable(t): i for i, t in enumerate(state["vocab"])}
         return BPETokenizer(ranks, state["special_tokens"], state["pattern"], state.get("name", "lmforge-bpe"))
     raise UserError(f"{path}: unknown tokenizer type {state.get('type')!r} (expected 'char' or 'bpe')")
+
+
+# ------------------------------------------------------------------------------- Hugging Face's tokenizer.json
+# The open families' tokenizers (Llama 3, Qwen, SmolLM, TinyLlama / Llama 2, Mistral, ...) through the library
+# transformers uses, and lmforge's own written as a tokenizer.json that library (and so AutoTokenizer) loads.
+# HFTokenizer.encode() gives the text's tokens only, as AutoTokenizer(text, add_special_tokens=False): pieces that
+# concatenate. A family that starts every sequence with its begin-of-text token (Llama, TinyLlama) says so in
+# add_bos, and prompt_ids() puts it first. In a run folder it is the family's tokenizer.json as it came, with its
+# tokenizer_config.json (bos, eos, pad, chat template) beside it.
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+_EOS_GUESSES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>")
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise UserError("this tokenizer is a Hugging Face tokenizer.json, read by the tokenizers library: "
+                        "pip install 'lmforge[hf]'") from None
+    return tokenizers
+
+
+def _content(token) -> str | None:
+    """tokenizer_config.json spells a special token as a string or as {"content": ...}."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+class HFTokenizer(Tokenizer):
+    """A tokenizers.Tokenizer and its tokenizer_config.json (which names bos, eos, pad and the chat template)."""
+
+    def __init__(self, tokenizer_json: str, config: dict | None = None, where: str = "tokenizer.json"):
+        tokenizers = _tokenizers()
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the library raises its own exception type for every malformed file
+            raise UserError(f"{where} is not a tokenizer.json the tokenizers library reads ({e})") from None
+        self._json, self.config = tokenizer_json, dict(config or {})
+        added = self._tok.get_added_tokens_decoder()
+        self.special_tokens = {t.content: i for i, t in added.items() if t.special}
+        self._added = {i: t.content for i, t in added.items()}
+        self._bytes = self._token_bytes()
+        eos = _content(self.config.get("eos_token"))
+        eos = eos if eos in self.special_tokens or self._tok.token_to_id(eos or "") is not None else None
+        eos = eos or next((t for t in _EOS_GUESSES if self._tok.token_to_id(t) is not None), None)
+        if eos is None:
+            raise UserError(f"{where}: no end-of-sequence token (tokenizer_config.json's eos_token, or one of "
+                            f"{', '.join(_EOS_GUESSES)}); add eos_token to {TOKENIZER_CONFIG}")
+        self.eos_token = eos
+        bos = _content(self.config.get("bos_token"))
+        self.bos_id = self._tok.token_to_id(bos) if bos else None
+        self.add_bos = bool(self.config.get("add_bos_token", False)) and self.bos_id is not None
+        pad = _content(self.config.get("pad_token"))
+        self.pad_id = self._tok.token_to_id(pad) if pad else None
+        self.chat_template = self.config.get("chat_template") if isinstance(self.config.get("chat_template"), str) \
+            else None
+
+    @classmethod
+    def load(cls, path: str | Path) -> HFTokenizer:
+        """tokenizer.json, with tokenizer_config.json from the same folder when there is one."""
+        path = Path(path)
+        config_path = path.with_name(TOKENIZER_CONFIG)
+        config = {}
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{config_path} is not valid JSON ({e})") from None
+        return cls(path.read_text(encoding="utf-8"), config, str(path))
+
+    @property
+    def eot_id(self) -> int:
+        return self._tok.token_to_id(self.eos_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(self._check_ids(ids), skip_special_tokens=False)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of each token, joined: what streaming needs (a token may end mid-character)."""
+        return b"".join(self._bytes[i] for i in self._check_ids(ids))
+
+    def _token_bytes(self) -> list[bytes]:
+        """Each id's bytes: byte-level BPE maps its printable alphabet back to bytes; SentencePiece-style pieces
+        turn U+2581 into a space and <0xNN> into byte NN; added tokens are their text."""
+        decoder = json.dumps(json.loads(self._json).get("decoder"))
+        byte_level, byte_fallback = "ByteLevel" in decoder, "ByteFallback" in decoder
+        out = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if piece is None:
+                out.append(b"")
+            elif i in self._added:
+                out.append(self._added[i].encode())
+            elif byte_level and all(c in _U2B for c in piece):
+                out.append(bytes(_U2B[c] for c in piece))
+            elif byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                out.append(bytes([int(piece[3:5], 16)]))
+            elif "Metaspace" in decoder or "\u2581" in decoder:
+                out.append(piece.replace("\u2581", " ").encode())
+            else:
+                out.append(self._tok.decode([i]).encode())
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """tokenizer.json as it came, and tokenizer_config.json beside it (each written atomically)."""
+        path = Path(path)
+        for file, text in ((path, self._json), (path.with_name(TOKENIZER_CONFIG),
+                                                json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")):
+            tmp = file.with_name(file.name + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(file)
+
+    def _state(self) -> dict:
+        raise AssertionError("HFTokenizer saves the family's own tokenizer.json")
+
+
+def is_hf_tokenizer_json(path: Path) -> bool:
+    """Whether path looks like a Hugging Face tokenizer.json (a model and the library's other parts)."""
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(spec, dict) and isinstance(spec.get("model"), dict) and "pre_tokenizer" in spec
+
+
+# ------------------------------------------------------------------------------ lmforge's tokenizers, written out
+
+def tokenizer_json(tok) -> str:
+    """lmforge's CharTokenizer or BPETokenizer as a tokenizer.json with the same ids, built with the tokenizers
+    library: characters as a WordLevel vocabulary over single characters (joined back without spaces), BPE as a
+    byte-level BPE with our split pattern."""
+    tokenizers = _tokenizers()
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    if isinstance(tok, CharTokenizer):
+        vocab = {c: i for i, c in enumerate(tok.chars)}
+        unk = tok.unk_token
+        hf = tokenizers.Tokenizer(models.WordLevel({**vocab, **tok.special_tokens}, unk_token=unk or EOT))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?s)."), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+    elif isinstance(tok, BPETokenizer):
+        vocab, merges = tok.vocab_and_merges()
+        vocab = {t: i for t, i in vocab.items() if t not in tok.special_tokens}
+        hf = tokenizers.Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges], fuse_unk=False,
+                                             byte_fallback=False))
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        hf.decoder = decoders.ByteLevel()
+    else:
+        raise UserError(f"no tokenizer.json for a {type(tok).__name__}")
+    hf.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False)
+                           for s, _ in sorted(tok.special_tokens.items(), key=lambda x: x[1])])
+    for s, i in tok.special_tokens.items():
+        assert hf.token_to_id(s) == i, (s, i, hf.token_to_id(s))
+    return hf.to_str()
+
+
+def tokenizer_config(tok, context: int) -> dict:
+    """tokenizer_config.json for a tokenizer written by tokenizer_json (or an HFTokenizer's own, kept)."""
+    if isinstance(tok, HFTokenizer):
+        return tok.config
+    eot = next((s for s, i in tok.special_tokens.items() if i == tok.eot_id), EOT)
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot, "eos_token": eot,
+            "unk_token": getattr(tok, "unk_token", None) or eot, "model_max_length": context,
+            "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}

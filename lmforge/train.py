@@ -375,8 +375,9 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
             if adapter is not None:  # the adapter alone: the base weights are init_from's, untouched
                 save_checkpoint(run, weights_for_saving(lora_state(model), False), trainer_state, config,
                                 cfg.keep_last, is_best, ADAPTER_WEIGHTS, {ADAPTER_CONFIG: adapter})
-                from .hf import gpt2_mismatches, save_peft_adapter
-                if not gpt2_mismatches(model_cfg):  # GPT-2-shaped: PEFT's format too, kept as current
+                from .families import holds
+                if holds(model_cfg):  # a block Hugging Face knows: PEFT's format too, kept as current
+                    from .hf import save_peft_adapter
                     save_peft_adapter(model, adapter, run / "peft")
             else:
                 save_checkpoint(run, weights_for_saving(weights, model_cfg.tie_embeddings), trainer_state, config,

@@ -25,7 +25,7 @@ SURFACE = {
     "quantize": ["--checkpoint", "--data", "--device", "--eval-tokens", "--force", "--group-size", "--max-kl",
                  "--method", "--out", "--overwrite", "run"],
     "export": ["--checkpoint", "--force", "--format", "--out", "--type", "run"],
-    "import-hf": ["--force", "--out", "--tokenizer", "source"],
+    "import-hf": ["--dtype", "--force", "--out", "--tokenizer", "source"],
     "generate": ["--checkpoint", "--compile", "--device", "--dtype", "--early-stopping", "--interactive", "--length-penalty",
                  "--max-new-tokens", "--num-beams", "--num-samples", "--prompt", "--prompt-file",
                  "--repetition-penalty", "--seed", "--stop", "--temperature", "--top-k", "--top-p", "run"],
