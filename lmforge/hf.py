@@ -393,7 +393,7 @@ def save_peft_adapter(model, settings: dict, out: str | Path) -> Path:
         a, b = state[f"{module}.lora_A"].cpu(), state[f"{module}.lora_B"].cpu()
         rows = family.split_sizes(module + ".weight", model.config, len(names)) if len(names) > 1 else [b.shape[0]]
         for name, piece in zip(names, b.split(rows)):
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a.clone()
             tensors[f"base_model.model.{name}.lora_B.weight"] = piece.contiguous()
             targets.add(name)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings["rank"], "lora_alpha": settings["alpha"],

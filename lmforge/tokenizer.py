@@ -486,7 +486,8 @@ def _content(token) -> str | None:
 
 
 class HFTokenizer(Tokenizer):
-    """A tokenizers.Tokenizer and its tokenizer_config.json (which names bos, eos, pad and the chat template)."""
+    """A tokenizers.Tokenizer and its tokenizer_config.json (which names bos, eos, pad and the chat template).
+    Whether a prompt starts with begin-of-text follows the tokenizer's post-processor, as AutoTokenizer does."""
 
     def __init__(self, tokenizer_json: str, config: dict | None = None, where: str = "tokenizer.json"):
         tokenizers = _tokenizers()
@@ -508,7 +509,11 @@ class HFTokenizer(Tokenizer):
         self.eos_token = eos
         bos = _content(self.config.get("bos_token"))
         self.bos_id = self._tok.token_to_id(bos) if bos else None
-        self.add_bos = bool(self.config.get("add_bos_token", False)) and self.bos_id is not None
+        # whether sequences start with begin-of-text is the post-processor's to say, as AutoTokenizer follows it
+        marked, plain = (self._tok.encode("a", add_special_tokens=s).ids for s in (True, False))
+        self.add_bos = len(marked) > len(plain) and marked[-len(plain):] == plain
+        if self.add_bos:
+            self.bos_id = marked[0]
         pad = _content(self.config.get("pad_token"))
         self.pad_id = self._tok.token_to_id(pad) if pad else None
         self.chat_template = self.config.get("chat_template") if isinstance(self.config.get("chat_template"), str) \
@@ -604,16 +609,19 @@ def tokenizer_json(tok) -> str:
         vocab = {c: i for i, c in enumerate(tok.chars)}
         unk = tok.unk_token
         hf = tokenizers.Tokenizer(models.WordLevel({**vocab, **tok.special_tokens}, unk_token=unk or EOT))
-        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?s)."), behavior="isolated")
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         hf.decoder = decoders.Fuse()
     elif isinstance(tok, BPETokenizer):
         vocab, merges = tok.vocab_and_merges()
         vocab = {t: i for t, i in vocab.items() if t not in tok.special_tokens}
         hf = tokenizers.Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges], fuse_unk=False,
                                              byte_fallback=False))
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if tok.pattern == GPT2_PATTERN:  # ByteLevel's own split is GPT-2's
+            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        else:  # the library's Oniguruma reads $ as the end of a line; the end of the text is \z
+            hf.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(tok.pattern.replace("$", r"\z")), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         hf.decoder = decoders.ByteLevel()
     else:
         raise UserError(f"no tokenizer.json for a {type(tok).__name__}")
