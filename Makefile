@@ -38,7 +38,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) benchmarks/tokenizer.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/generate.py
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/cpu_kernels.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/prepare.py
 	$(PY) benchmarks/seq2seq.py

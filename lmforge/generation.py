@@ -235,8 +235,8 @@ def _beam_search_hf(model: GPT, prompt: list[int], max_new_tokens: int, num_beam
 # ------------------------------------------------------------------------------------------------------ text API
 
 def _prompt_ids(tokenizer, text: str) -> list[int]:
-    ids = tokenizer.encode(text) if text else []
-    return ids or [tokenizer.eot_id]  # an empty prompt starts after end-of-text
+    from .tokenizer import prompt_ids
+    return prompt_ids(tokenizer, text)  # an empty prompt starts after end-of-text (or at begin-of-text)
 
 
 def _stream(engine: Engine, request: Request) -> Iterator[str]:

@@ -587,6 +587,27 @@ class HFTokenizer(Tokenizer):
     def _state(self) -> dict:
         raise AssertionError("HFTokenizer saves the family's own tokenizer.json")
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The ids of messages rendered by the tokenizer's chat template (a Jinja string in Hugging Face's convention)
+        in a sandbox, with the variables and helpers transformers gives it; special tokens in the text are tokens."""
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self.chat_template is None:
+            raise UserError("this tokenizer has no chat template (tokenizer_config.json's chat_template)")
+
+        def raise_exception(message):
+            raise UserError(f"the chat template refused the messages: {message}")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=_content(self.config.get("bos_token")) or "", eos_token=self.eos_token)
+        except jinja2.TemplateError as e:
+            raise UserError(f"the chat template cannot be rendered ({e})") from None
+        return self.encode(text)
+
 
 def is_hf_tokenizer_json(path: Path) -> bool:
     """Whether path looks like a Hugging Face tokenizer.json (a model and the library's other parts)."""

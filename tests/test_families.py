@@ -6,6 +6,7 @@ demo's block, `modern`, Qwen2's) export with their tokenizer; LoRA adapters load
 folders are one-line errors."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -371,3 +372,30 @@ def test_bad_folders_are_one_line_errors_naming_the_problem(tmp_path, capsys):
         state[name] = state[name][:-1].contiguous()
         save_file(state, str(folder / index[name]), metadata={"format": "pt"})
     fails(edited("shape", narrow), "model.layers.1.mlp.up_proj.weight has shape (95, 64)", "(96, 64)")
+
+
+def test_an_imported_run_serves_with_its_chat_template_and_begin_of_text(tmp_path):
+    """The family's chat template (tokenizer_config.json) renders the chat route's prompt, as transformers'
+    apply_chat_template does; a completion prompt starts with begin-of-text where the tokenizer's post-processor
+    adds it."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import create_app
+    from lmforge.tokenizer import load_tokenizer
+    hf_model("llama", tmp_path / "hf", shard="10MB")
+    folder = _byte_level_tokenizer(tmp_path)
+    run = import_hf(tmp_path / "hf", tmp_path / "run", tokenizer=folder / "tokenizer.json")
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat? 🙂"}]
+    want = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    assert load_tokenizer(run).apply_chat_template(messages) == list(want)
+    with TestClient(create_app(run, compile="off")) as http:
+        deadline = time.monotonic() + 60
+        while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = http.post("/v1/chat/completions", json={"model": "run", "messages": messages, "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want), r.text
+        r = http.post("/v1/completions", json={"model": "run", "prompt": "the cat", "max_tokens": 2})
+        assert r.json()["usage"]["prompt_tokens"] == len(theirs("the cat").input_ids)

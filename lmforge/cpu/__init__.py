@@ -7,7 +7,7 @@
 Every kernel has a plain PyTorch path beside it that computes the same thing (tests compare them), and runs where
 the kernels cannot be built (no C++ compiler, or LMFORGE_NO_KERNELS=1): oneDNN's packed linear eagerly,
 multiply-and-sum loops that inductor vectorises inside a compiled step, PyTorch's SDPA and GELU, and the quantized
-layers' PyTorch operators. A kernel stays only while `python benchmarks/kernels.py` shows it ahead of that library
+layers' PyTorch operators. A kernel stays only while `python benchmarks/cpu_kernels.py` shows it ahead of that library
 path. What each buys there (AMD EPYC, Zen 3: AVX2 + FMA, 2 threads; GPT-2 124M's shapes; 2026-12-07):
 
     kernel (csrc/)                  runs                                   ahead of the library path it replaces

@@ -37,7 +37,7 @@ def _(x, packed, bias, out_features):
 
 # Up to how many rows a linear layer streams its weight once with few_row_linear rather than running a packed
 # matrix product, by the float lanes of the vectors the kernel was built for: as far as it measures ahead of the
-# packed kernel that would run instead, on GPT-2's 49 weight matrices (benchmarks/kernels.py, docs/benchmarks.md).
+# packed kernel that would run instead, on GPT-2's 49 weight matrices (benchmarks/cpu_kernels.py, docs/benchmarks.md).
 # With AVX2 that is lmforge's packed_linear: 1.06x at 2 rows, 1.14x-1.23x at 4, 0.98x-1.06x at 6 to 10, 0.84x-0.99x
 # at 12-16. With AVX-512, oneDNN's: ahead at 1 and 2 rows only.
 FEW_ROWS = {16: 2, 8: 8}

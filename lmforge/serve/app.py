@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..runs import check_dtype, read_run_config
 from ..engine import MAX_LOGPROBS, Engine, Logprob, Request
 from ..errors import UserError
+from ..tokenizer import prompt_ids
 from .loop import Busy, EngineLoop, Job, Metrics
 
 log = logging.getLogger("lmforge.serve")
@@ -192,10 +193,10 @@ class Server:
             if isinstance(p, str):
                 _check_text(p, "prompt")
                 try:
-                    ids = tokenizer.encode(p) if p else []
+                    ids = prompt_ids(tokenizer, p)  # begin-of-text first where the family has one
                 except UserError as e:
                     raise APIError(400, f"prompt: {e}", param="prompt") from None
-                out.append(ids or [tokenizer.eot_id])  # an empty prompt starts after end-of-text
+                out.append(ids)  # an empty prompt starts after end-of-text
             elif not p:
                 raise APIError(400, "a token-id prompt is empty", param="prompt")
             else:
@@ -203,8 +204,19 @@ class Server:
         return out
 
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        """The messages rendered by the run's chat template, then the template's generation prefix, as ids."""
+        """The messages rendered by the run's chat template, then the template's generation prefix, as ids. A run
+        whose tokenizer brings its own (an imported family's tokenizer_config.json) renders that one."""
         tokenizer, template = self.engine.tokenizer, self.chat_template
+        if getattr(tokenizer, "chat_template", None):
+            rows = []
+            for m in messages:
+                content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
+                _check_text(content, "messages")
+                rows.append({"role": m.role, "content": content})
+            try:
+                return tokenizer.apply_chat_template(rows)
+            except UserError as e:
+                raise APIError(400, f"messages: {e}", param="messages") from None
 
         def encode(text: str, marks: bool) -> list[int]:  # marks: the template's <|endoftext|> is the token
             ids = []

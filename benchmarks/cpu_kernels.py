@@ -18,7 +18,7 @@ project only while it is ahead here by a margin worth its lines.
 Each figure is the median of --repeat interleaved timings of the whole set of matrices; "ahead" is the library
 path's time over the kernel's.
 
-    python benchmarks/kernels.py [--threads 2] [--repeat 15] [--only few_row,packed,attention,gelu,quantized]
+    python benchmarks/cpu_kernels.py [--threads 2] [--repeat 15] [--only few_row,packed,attention,gelu,quantized]
 """
 
 import argparse
