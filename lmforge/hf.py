@@ -251,7 +251,11 @@ def tokenizer_from(spec: str | Path, what: str | None = None):
     file = path / "tokenizer.json" if path.is_dir() else path
     if file.is_file() and _is_lmforge_tokenizer(file):
         return load_tokenizer(file)
-    if path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+    gpt2_files = path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    if gpt2_files and file.is_file() and (path / "config.json").is_file():  # Qwen, SmolLM ship both: theirs wins
+        gpt2_files = '"model_type": "gpt2"' in (path / "config.json").read_text().replace(" ", "").replace(
+            '"model_type":"gpt2"', '"model_type": "gpt2"')
+    if gpt2_files:
         return BPETokenizer.from_gpt2_files(path / "vocab.json", path / "merges.txt")
     if file.is_file():
         try:

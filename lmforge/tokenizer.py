@@ -556,7 +556,7 @@ class HFTokenizer(Tokenizer):
     def _token_bytes(self) -> list[bytes]:
         """Each id's bytes: byte-level BPE maps its printable alphabet back to bytes; SentencePiece-style pieces
         turn U+2581 into a space and <0xNN> into byte NN; added tokens are their text."""
-        decoder = json.dumps(json.loads(self._json).get("decoder"))
+        decoder = json.dumps(json.loads(self._json).get("decoder"), ensure_ascii=False)
         byte_level, byte_fallback = "ByteLevel" in decoder, "ByteFallback" in decoder
         out = []
         for i in range(self.vocab_size):
