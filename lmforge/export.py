@@ -1,6 +1,6 @@
 """The `export` verb: a run written for other tools, one format a module, each imported only when asked for.
 
-    lmforge export runs/base --format hf --out hf/base          # hf.py: a Hugging Face folder (transformers, vLLM)
+    lmforge export runs/base --format hf --out hf/base          # hf.py: the family's folder (transformers, vLLM)
     lmforge export runs/base --format onnx --out onnx/base      # onnx.py: prefill and decode graphs, KV cache in/out
     lmforge export runs/base --format gguf --out base.gguf      # gguf.py: one file for llama.cpp (--type f16, q8_0, q4_0)
 """
@@ -30,7 +30,7 @@ def export(run, out, format: str, type: str | None = None, checkpoint: str | Non
 
 def export_cli(args) -> int:
     out = export(args.run, args.out, args.format, args.type, args.checkpoint, args.force)
-    said = {"hf": "GPT2LMHeadModel; load it with transformers' from_pretrained",
+    said = {"hf": "its family's Hugging Face folder; load it with transformers' from_pretrained",
             "onnx": f"prefill.onnx, decode.onnx, onnx.json; run it with lmforge generate {out}",
             "gguf": f"{args.type or 'f32'} GGUF for llama.cpp, {out.stat().st_size / 1e6:.1f} MB"}[args.format]
     print(f"exported {args.run} to {out} ({said})")

@@ -82,6 +82,13 @@ class Family:
     def is_transposed(self, ours: str) -> bool:
         return ours.startswith("blocks.") and ours.split(".", 2)[2] in self.transposed
 
+    def family_shapes(self, ours: str, shape: tuple[int, ...], cfg: ModelConfig, gguf: bool = False):
+        """[(the family's name, its shape as the family stores it)] for one of our tensors of this shape."""
+        names = self.gguf_names(ours) if gguf else self.hf_names(ours)
+        rows = self.split_sizes(ours, cfg, len(names)) if len(names) > 1 else [shape[0]]
+        flip = not gguf and self.is_transposed(ours)
+        return [(n, (r, *shape[1:])[::-1] if flip else (r, *shape[1:])) for n, r in zip(names, rows)]
+
     def split_sizes(self, ours: str, cfg: ModelConfig, parts: int) -> list[int]:
         """The rows of our fused tensor that each of the family's parts holds."""
         if ".attn.c_attn." in ours:
@@ -93,7 +100,8 @@ class Family:
     # ------------------------------------------------------------------------------------------ conversions
 
     def to_family(self, ours: str, tensor: torch.Tensor, cfg: ModelConfig, gguf: bool = False):
-        """Our tensor -> [(the family's name, its tensor)]: split, and transposed or permuted as the family stores it."""
+        """Our tensor -> [(the family's name, its tensor)]: split, then transposed or permuted as the family
+        stores it."""
         names = self.gguf_names(ours) if gguf else self.hf_names(ours)
         pieces = [tensor] if len(names) == 1 else list(tensor.split(self.split_sizes(ours, cfg, len(names))))
         if not gguf and self.is_transposed(ours):

@@ -27,7 +27,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
-from .families import FAMILIES, Family, family_for_hf, family_of, model_shapes
+from .families import FAMILIES, Family, family_for_hf, family_of, model_shapes  # noqa: F401 (FAMILIES: API)
 
 HF_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "vocab.json",
             "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
@@ -93,7 +93,8 @@ def stream_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch
     header, offset = {}, 0
     for name, shape, dtype in specs:
         size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     if metadata:
         header["__metadata__"] = metadata
@@ -134,7 +135,7 @@ def resolve_hf(path_or_id: str | Path) -> Path:
                         f"pytorch_model.bin)") from None
 
 
-def read_hf_config(folder: Path) -> tuple[Family, ModelConfig, dict]:
+def read_hf_config(folder: Path) -> tuple[Family, ModelConfig]:
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder} is not a Hugging Face checkpoint: it has no config.json")
@@ -144,7 +145,7 @@ def read_hf_config(folder: Path) -> tuple[Family, ModelConfig, dict]:
         raise UserError(f"{path} is not valid JSON ({e})") from None
     family = family_for_hf(hf, str(folder))
     try:
-        return family, family.config_from_hf(hf, str(folder)), hf
+        return family, family.config_from_hf(hf, str(folder))
     except KeyError as e:
         raise UserError(f"{path} lacks {e.args[0]!r}, which a {family.name} config.json has") from None
 
@@ -171,15 +172,11 @@ def converted(files: Checkpoint, family: Family, cfg: ModelConfig, shapes: dict[
                         f"config.json{f' (nor {len(extra) - 1} more)' if len(extra) > 1 else ''}")
 
     def tensor(ours: str) -> torch.Tensor:
-        names = wanted[ours]
+        parts = family.family_shapes(ours, tuple(shapes[ours]), cfg)
         if ours == "lm_head.weight" and "lm_head.weight" not in found:
-            names = family.hf_names("wte.weight")
-        pieces = [files.get(alias.get(n, n)) for n in names]
-        want = shapes[ours]
-        sizes = family.split_sizes(ours, cfg, len(names)) if len(names) > 1 else [want[0]]
-        for n, p, rows in zip(names, pieces, sizes):
-            expect = (rows, *want[1:])
-            expect = expect[::-1] if family.is_transposed(ours) else expect
+            parts = family.family_shapes("wte.weight", tuple(shapes[ours]), cfg)
+        pieces = [files.get(alias.get(n, n)) for n, _ in parts]
+        for (n, expect), p in zip(parts, pieces):
             if tuple(p.shape) != tuple(expect):
                 raise UserError(f"{files.folder}: {n} has shape {tuple(p.shape)}, but config.json implies "
                                 f"{tuple(expect)}")
@@ -202,7 +199,7 @@ def load_hf_model(path_or_id: str | Path, device: str = "cpu", dtype: str = "flo
     enough. dtype: float32 (default), bfloat16, float16, or auto (the checkpoint's own)."""
     from .model import GPT
     folder = resolve_hf(path_or_id)
-    family, cfg, _ = read_hf_config(folder)
+    family, cfg = read_hf_config(folder)
     files = Checkpoint(folder)
     target = _check_dtype(dtype, files)
     model = GPT.empty(cfg, device).to(target)
@@ -252,9 +249,8 @@ def tokenizer_from(spec: str | Path, what: str | None = None):
     if file.is_file() and _is_lmforge_tokenizer(file):
         return load_tokenizer(file)
     gpt2_files = path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
-    if gpt2_files and file.is_file() and (path / "config.json").is_file():  # Qwen, SmolLM ship both: theirs wins
-        gpt2_files = '"model_type": "gpt2"' in (path / "config.json").read_text().replace(" ", "").replace(
-            '"model_type":"gpt2"', '"model_type": "gpt2"')
+    if gpt2_files and file.is_file():  # Qwen and SmolLM ship both: their tokenizer.json is the tokenizer
+        gpt2_files = _model_type(path) in (None, "gpt2")
     if gpt2_files:
         return BPETokenizer.from_gpt2_files(path / "vocab.json", path / "merges.txt")
     if file.is_file():
@@ -264,6 +260,15 @@ def tokenizer_from(spec: str | Path, what: str | None = None):
             raise UserError(f"{file} is not a tokenizer.json ({e})") from None
         return HFTokenizer.load(file)
     raise UserError(f"{what}: the folder holds no tokenizer.json, nor vocab.json + merges.txt")
+
+
+def _model_type(folder: Path) -> str | None:
+    """config.json's model_type, or None when the folder has no readable one."""
+    try:
+        hf = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return hf.get("model_type") if isinstance(hf, dict) else None
 
 
 def _is_lmforge_tokenizer(path: Path) -> bool:
@@ -284,7 +289,7 @@ def import_hf(path_or_id: str | Path, out: str | Path, force: bool = False, toke
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
     folder = resolve_hf(path_or_id)
-    family, cfg, _ = read_hf_config(folder)
+    family, cfg = read_hf_config(folder)
     files = Checkpoint(folder)
     target = _check_dtype(dtype, files)
     tok = folder_tokenizer(folder, tokenizer)
@@ -320,29 +325,22 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False, checkpoint:
     out = check_output(run, out, force, checkpoint=checkpoint)
     cfg, tokenizer, tensor = run_weights(run, checkpoint)
     family = family_of(cfg, str(run))
-    specs, parts = [], {}
     shapes = model_shapes(cfg)
-    for ours, shape in shapes.items():
-        names = family.hf_names(ours)
-        sizes = family.split_sizes(ours, cfg, len(names)) if len(names) > 1 else [shape[0]]
-        for name, rows in zip(names, sizes):
-            hf_shape = (rows, *shape[1:])
-            parts[name] = (ours, len(specs))
-            specs.append([name, hf_shape[::-1] if family.is_transposed(ours) else hf_shape, None])
-    dtype = tensor(next(iter(shapes))).dtype
-    for spec in specs:
-        spec[2] = dtype
-    cache: dict[str, list] = {}
+    dtype = tensor(next(iter(shapes))).dtype  # the run's own: a float32 run exports float32, a bf16 import bf16
+    stored = {ours: family.family_shapes(ours, tuple(shape), cfg) for ours, shape in shapes.items()}
+    owner = {name: ours for ours, parts in stored.items() for name, _ in parts}
+    specs = [(name, shape, dtype) for parts in stored.values() for name, shape in parts]
+    cache: dict[str, dict] = {}
 
     def hf_tensor(name: str) -> torch.Tensor:  # each of ours is read once, split, and its pieces handed out in turn
-        ours, _ = parts[name]
+        ours = owner[name]
         if ours not in cache:
             cache.clear()
-            cache[ours] = dict(family.to_family(ours, tensor(ours), cfg))
+            cache[ours] = dict(family.to_family(ours, tensor(ours).to(dtype), cfg))
         return cache[ours].pop(name)
 
     with new_folder(out) as tmp:
-        stream_safetensors(tmp / "model.safetensors", [tuple(s) for s in specs], hf_tensor, {"format": "pt"})
+        stream_safetensors(tmp / "model.safetensors", specs, hf_tensor, {"format": "pt"})
         eos = tokenizer.eot_id
         bos = getattr(tokenizer, "bos_id", None)
         hf = family.hf_config(cfg, bos if bos is not None else eos, eos, getattr(tokenizer, "pad_id", None))

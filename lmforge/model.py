@@ -334,8 +334,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str) -> GPT:
-        """A Hugging Face GPT-2 checkpoint (a folder, or a hub id when online) as a GPT, in eval mode: config.json and
-        the weights are enough. The conversion lives in hf.py (lmforge.hf.load_hf also gives the tokenizer)."""
+        """A Hugging Face checkpoint of any family in families.py (GPT-2, Llama, Mistral, Qwen2, Qwen3; a folder, or a
+        hub id when online) as a GPT, in eval mode: config.json and the weights are enough. The conversion lives in
+        hf.py (lmforge.hf.load_hf also gives the tokenizer)."""
         from .hf import load_hf_model
         return load_hf_model(path_or_id)
 
