@@ -49,9 +49,18 @@ def check_rope_scaling(scaling) -> None:
     if kind not in ROPE_SCALING:
         raise UserError(f"rope_scaling type {kind!r} is not implemented; lmforge implements "
                         f"{', '.join(ROPE_SCALING)} (as {{'type': ..., 'factor': ...}})")
-    missing = [k for k in ROPE_SCALING[kind] if not isinstance(scaling.get(k), (int, float))]
+    missing = [k for k in ROPE_SCALING[kind]
+               if isinstance(scaling.get(k), bool) or not isinstance(scaling.get(k), (int, float))]
     if missing:
         raise UserError(f"rope_scaling type {kind!r} needs the number(s) {', '.join(missing)}")
+    unknown = sorted(set(scaling) - {"type", *ROPE_SCALING[kind]})
+    if unknown:
+        raise UserError(f"rope_scaling type {kind!r} takes {', '.join(ROPE_SCALING[kind])}, not {unknown[0]!r}")
+    bad = [k for k in ROPE_SCALING[kind] if not (math.isfinite(scaling[k]) and scaling[k] > 0)]
+    if bad:
+        raise UserError(f"rope_scaling {bad[0]}={scaling[bad[0]]!r} must be a positive number")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise UserError("rope_scaling llama3 needs high_freq_factor > low_freq_factor (Llama 3.1 uses 4 and 1)")
 
 
 def _coerce(field_name: str, value: Any, kind: type) -> Any:
@@ -182,6 +191,8 @@ class ModelConfig(_ConfigMixin):
                              "change n_embd, n_head or head_size")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling)
+            if self.position != "rope":
+                raise UserError(f"rope_scaling applies to position='rope', not {self.position!r}; drop it")
         if self.position == "sinusoidal" and self.n_embd % 2:
             raise UserError(f"position='sinusoidal' needs an even n_embd, got {self.n_embd}")
         if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1):

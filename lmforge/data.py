@@ -39,7 +39,7 @@ from .download import sha256_file
 from .errors import MissingFileError, UserError
 from .sources import Corpus, open_corpus, shakespeare_documents  # noqa: F401 (part of this module's API)
 from .tokenizer import (EOT, GPT2_PATTERN, BPETokenizer, CharTokenizer, Tokenizer, _specials_after, chunk_counts,
-                        load_tokenizer)
+                        load_tokenizer, prompt_ids)
 
 DATA_FORMAT, DATA_VERSION = "lmforge-data", 1
 SHARD_TOKENS = 500_000_000  # tokens per output file (1 GB of uint16): smaller corpora get one train.bin
@@ -476,8 +476,9 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
 
 def encode_pair(tok: Tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
     """Prompt and completion ids, tokenized apart and then joined, so the loss mask never depends on how BPE would
-    merge across the boundary; end-of-text closes the completion (and stands for an empty prompt, as in generation)."""
-    return tok.encode(prompt) or [tok.eot_id], tok.encode(completion) + [tok.eot_id]  # "" starts after end-of-text
+    merge across the boundary. The prompt starts as generation's does (prompt_ids: begin-of-text where the family has
+    one, end-of-text for an empty prompt otherwise); end-of-text closes the completion."""
+    return prompt_ids(tok, prompt), tok.encode(completion) + [tok.eot_id]
 
 
 def pair_arrays(tok: Tokenizer, pairs: list[tuple[str, str]], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:

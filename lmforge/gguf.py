@@ -50,6 +50,7 @@ def write_gguf_tensors(cfg, tokenizer, tensor, path: str | Path, type: str = "f3
         raise UserError(f"unknown GGUF type {type!r}; use one of {', '.join(TYPES)}")
     family = family_of(cfg, "this run")
     _check_tokenizer(tokenizer)
+    _check_rope(family, cfg)
     quant = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[type]
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -63,7 +64,7 @@ def write_gguf_tensors(cfg, tokenizer, tensor, path: str | Path, type: str = "f3
         w.add_name(name or path.stem)
         w.add_file_type(file_type)
         _add_hyperparameters(w, family, cfg)
-        _add_tokenizer(w, gguf, tokenizer)
+        _add_tokenizer(w, gguf, tokenizer, cfg.vocab_size)
         for ours in model_shapes(cfg):
             for gguf_name, t in family.to_family(ours, tensor(ours).float(), cfg, gguf=True):
                 data = t.numpy()  # nn.Linear's (out, in) is ggml's {in, out}
@@ -111,6 +112,12 @@ def _add_hyperparameters(w, family: Family, c) -> None:
         w.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
 
 
+def _check_rope(family: Family, cfg) -> None:
+    if cfg.rope_scaling and cfg.rope_scaling["type"] == "llama3" and family.gguf_arch != "llama":
+        raise UserError(f"llama.cpp reads llama3 rope_scaling (its rope_freqs tensor) for the llama architecture "
+                        f"only, not {family.gguf_arch}; export --format hf instead")
+
+
 def _check_tokenizer(tok) -> None:
     from .tokenizer import BPETokenizer, CharTokenizer
     if not isinstance(tok, (BPETokenizer, CharTokenizer)):
@@ -119,9 +126,14 @@ def _check_tokenizer(tok) -> None:
                         "convert_hf_to_gguf.py")
 
 
-def _add_tokenizer(w, gguf, tok) -> None:
-    """The tokenizer's fields: ids in order, each token's text and type, and for BPE the merges in rank order."""
+def _add_tokenizer(w, gguf, tok, n_vocab: int) -> None:
+    """The tokenizer's fields: ids in order, each token's text and type, and for BPE the merges in rank order. A
+    model with more rows than the tokenizer has tokens gets unused [PAD<id>] tokens for the rest, as llama.cpp's
+    converter writes them (llama.cpp takes the vocabulary's size from the token list)."""
     from .tokenizer import BPETokenizer, _readable
+    if tok.vocab_size > n_vocab:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {n_vocab} rows; they are not "
+                        f"of one run")
     specials = {i: s for s, i in tok.special_tokens.items()}
     if isinstance(tok, BPETokenizer):
         by_id = {i: t for t, i in tok.ranks.items()}
@@ -136,12 +148,16 @@ def _add_tokenizer(w, gguf, tok) -> None:
         if len(set(tokens)) != len(tokens):
             raise UserError("the character vocabulary holds both ' ' and U+2581, which SentencePiece cannot tell "
                             "apart; llama.cpp cannot load it")
-        w.add_token_scores([0.0] * len(tokens))
         w.add_add_space_prefix(False)
         w.add_unk_token_id(tok.special_tokens.get(tok.unk_token, tok.eot_id) if tok.unk_token else tok.eot_id)
-    w.add_token_list(tokens)
+    pads = [f"[PAD{i}]" for i in range(tok.vocab_size, n_vocab)]
+    if set(pads) & set(tokens):
+        raise UserError("the vocabulary holds a token named like llama.cpp's padding ([PAD<id>]); GGUF cannot pad it")
+    w.add_token_list(tokens + pads)
+    if not isinstance(tok, BPETokenizer):
+        w.add_token_scores([0.0] * n_vocab)
     w.add_token_types([gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL
-                       for i in range(tok.vocab_size)])
+                       for i in range(tok.vocab_size)] + [gguf.TokenType.UNUSED] * len(pads))
     w.add_bos_token_id(tok.eot_id)
     w.add_eos_token_id(tok.eot_id)
     w.add_add_bos_token(False)
@@ -155,7 +171,7 @@ def export_gguf(run: str | Path, out: str | Path, type: str = "f32", checkpoint:
     refuse_exporting_quantized(run, read_run_config(run), "GGUF")
     out = check_output(run, out, force, checkpoint=checkpoint, folder=False)
     cfg, tokenizer, tensor = run_weights(run, checkpoint)
-    family_of(cfg, str(run))  # refused before anything is written
+    _check_rope(family_of(cfg, str(run)), cfg)  # refused before anything is written
     _check_tokenizer(tokenizer)
     return write_gguf_tensors(cfg, tokenizer, tensor, out, type, name=run.name)
 

@@ -29,8 +29,8 @@ from .config import ModelConfig
 from .errors import UserError
 from .families import FAMILIES, Family, family_for_hf, family_of, model_shapes  # noqa: F401 (FAMILIES: API)
 
-HF_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "vocab.json",
-            "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+HF_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "vocab.json",
+            "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
                       torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -44,26 +44,20 @@ class Checkpoint:
     pytorch_model.bin (read with weights_only=True). get() reads one tensor."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
         self.folder, self._bin = folder, None
         index = folder / "model.safetensors.index.json"
         if (folder / "model.safetensors").is_file():
-            with safe_open(folder / "model.safetensors", "pt") as f:
-                self.files = {name: folder / "model.safetensors" for name in f.keys()}
+            self.files = dict.fromkeys(_safetensors_names(folder / "model.safetensors"), folder / "model.safetensors")
         elif index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{index} is not a shard index (no weight_map)") from None
-            self.files = {name: folder / file for name, file in weight_map.items()}
+            self.files = {name: folder / file for name, file in _weight_map(index).items()}
             missing = sorted({str(p.name) for p in self.files.values() if not p.is_file()})
             if missing:
                 raise UserError(f"{index} names {missing[0]}, which is not in {folder}"
                                 f"{f' (nor {len(missing) - 1} more shards)' if len(missing) > 1 else ''}; download "
                                 f"every shard")
         elif (folder / "pytorch_model.bin").is_file():
-            self._bin = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
-            self.files = {name: folder / "pytorch_model.bin" for name in self._bin}
+            self._bin = _torch_bin(folder / "pytorch_model.bin")
+            self.files = dict.fromkeys(self._bin, folder / "pytorch_model.bin")
         else:
             shards = sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
             raise UserError(f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
@@ -82,6 +76,47 @@ class Checkpoint:
     def dtype(self) -> torch.dtype:
         first = next(n for n in self.files if not n.endswith(BUFFERS))
         return self.get(first).dtype
+
+
+def _safetensors_names(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); download it again") from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        weight_map = None
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+        raise UserError(f"{index} is not a shard index (its weight_map must map each tensor to a file name); "
+                        f"download it again")
+    return weight_map
+
+
+def _torch_bin(path: Path) -> dict[str, torch.Tensor]:
+    """pytorch_model.bin's tensors, memory-mapped when the file is in torch's zip format (every save since torch 1.6),
+    read whole when it is older."""
+    import pickle
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "zip" not in str(e).lower():
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} cannot be read as a torch state dict ({first}); download it again, or convert it "
+                        f"to safetensors") from None
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in state.items())):
+        raise UserError(f"{path} holds no state dict of tensors by name")
+    return state
 
 
 def stream_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
@@ -143,11 +178,15 @@ def read_hf_config(folder: Path) -> tuple[Family, ModelConfig]:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{path} holds a {type(hf).__name__}, not the config object of a Hugging Face model")
     family = family_for_hf(hf, str(folder))
     try:
         return family, family.config_from_hf(hf, str(folder))
     except KeyError as e:
         raise UserError(f"{path} lacks {e.args[0]!r}, which a {family.name} config.json has") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} has a field of the wrong kind ({e})") from None
 
 
 def converted(files: Checkpoint, family: Family, cfg: ModelConfig, shapes: dict[str, torch.Size],
@@ -155,10 +194,13 @@ def converted(files: Checkpoint, family: Family, cfg: ModelConfig, shapes: dict[
     """tensor(our name) for a checkpoint: the family's tensors read, shape-checked (named when wrong), joined and
     cast. Checks first that every tensor is there and none is left over."""
     present = {n for n in files.files if not n.endswith(BUFFERS)}
+    if cfg.tie_embeddings:  # some tied checkpoints store the output layer too: the embedding's copy, not read
+        present.discard("lm_head.weight")
     alias = {}
-    for n in list(present):  # GPT-2's own files name tensors without the transformer. prefix
+    for n in list(present):  # GPT-2's own files name tensors without the transformer. prefix, some with model.
         if family.name == "gpt2" and not n.startswith(("transformer.", "lm_head.")):
-            alias["transformer." + n] = n
+            bare = n.removeprefix("model.")
+            alias[bare if bare.startswith(("transformer.", "lm_head.")) else "transformer." + bare] = n
     wanted = {ours: family.hf_names(ours) for ours in shapes}
     found = present | set(alias)
     missing = [n for names in wanted.values() for n in names if n not in found]

@@ -21,6 +21,7 @@ from .checkpoint import CHECKPOINTS, WEIGHT_FILES, complete_checkpoints, latest_
 from .config import ModelConfig
 from .download import sha256_file
 from .errors import MissingFileError, UserError
+from .families import model_shapes
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_settings, apply_lora, load_lora_state
 from .model import GPT
 from .quantize import empty_quantized
@@ -173,13 +174,21 @@ def run_weights(run: str | Path, checkpoint: str | Path | None = None):
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is corrupted or not a safetensors file ({e})") from None
 
+    shapes = model_shapes(cfg)
+
     def tensor(name: str) -> torch.Tensor:
-        if name not in names and name in ("wte.weight", "lm_head.weight") and cfg.tie_embeddings:
-            name = "lm_head.weight" if name == "wte.weight" else "wte.weight"
-        if name not in names:
+        stored = name
+        if stored not in names and stored in ("wte.weight", "lm_head.weight") and cfg.tie_embeddings:
+            stored = "lm_head.weight" if stored == "wte.weight" else "wte.weight"
+        if stored not in names:
             raise UserError(f"{path} lacks the tensor {name}; the run is incomplete")
         with safe_open(path, "pt") as f:
-            return f.get_tensor(name)
+            t = f.get_tensor(stored)
+        expect = shapes.get(name, shapes.get("wte.weight"))
+        if tuple(t.shape) != tuple(expect):
+            raise UserError(f"{path}: {stored} has shape {tuple(t.shape)}, but the run's config implies "
+                            f"{tuple(expect)}; the weights and config.json are of different models")
+        return t
     return cfg, load_tokenizer(run / "tokenizer.json"), tensor
 
 

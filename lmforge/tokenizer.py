@@ -516,12 +516,16 @@ class HFTokenizer(Tokenizer):
             self.bos_id = marked[0]
         pad = _content(self.config.get("pad_token"))
         self.pad_id = self._tok.token_to_id(pad) if pad else None
-        self.chat_template = self.config.get("chat_template") if isinstance(self.config.get("chat_template"), str) \
-            else None
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # several named templates: the default one is the chat's
+            template = next((t.get("template") for t in template if isinstance(t, dict)
+                             and t.get("name") == "default"), None)
+        self.chat_template = template if isinstance(template, str) else None
 
     @classmethod
     def load(cls, path: str | Path) -> HFTokenizer:
-        """tokenizer.json, with tokenizer_config.json from the same folder when there is one."""
+        """tokenizer.json, with tokenizer_config.json from the same folder when there is one, and the folder's
+        chat_template.jinja (where newer transformers saves the template) when the config holds none."""
         path = Path(path)
         config_path = path.with_name(TOKENIZER_CONFIG)
         config = {}
@@ -530,6 +534,11 @@ class HFTokenizer(Tokenizer):
                 config = json.loads(config_path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise UserError(f"{config_path} is not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise UserError(f"{config_path} holds a {type(config).__name__}, not an object of settings")
+        jinja = path.with_name("chat_template.jinja")
+        if not config.get("chat_template") and jinja.is_file():
+            config["chat_template"] = jinja.read_text(encoding="utf-8")
         return cls(path.read_text(encoding="utf-8"), config, str(path))
 
     @property

@@ -252,6 +252,34 @@ def test_gguf_of_llama3_scaling_carries_its_rope_factors(tmp_path):
     assert factors.min() == 1.0 and factors.max() == 8.0  # short wavelengths kept, long ones divided by factor
 
 
+
+def test_gguf_pads_a_vocabulary_smaller_than_the_model_and_refuses_what_llama_cpp_cannot_read(tmp_path, capsys):
+    """A model with more rows than its tokenizer has tokens (a vocabulary rounded up for speed) gets unused
+    [PAD<id>] tokens, so llama.cpp's vocabulary matches token_embd; llama3 RoPE factors outside llama, refused."""
+    gguf = pytest.importorskip("gguf")
+    from lmforge.errors import UserError
+    from lmforge.gguf import write_gguf
+    tok = CharTokenizer.train(TEXT)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size + 5, **DEMO))
+    reader = gguf.GGUFReader(str(write_gguf(model, tok, tmp_path / "m.gguf")))
+    field = reader.fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(field.parts[i]).decode() for i in field.data]
+    types = [int(reader.fields["tokenizer.ggml.token_type"].parts[i][0])
+             for i in reader.fields["tokenizer.ggml.token_type"].data]
+    assert len(tokens) == model.config.vocab_size == next(t for t in reader.tensors
+                                                          if t.name == "token_embd.weight").shape[1]
+    assert tokens[-5:] == [f"[PAD{i}]" for i in range(tok.vocab_size, tok.vocab_size + 5)]
+    assert types[-5:] == [int(gguf.TokenType.UNUSED)] * 5 and types[0] == int(gguf.TokenType.NORMAL)
+    with pytest.raises(UserError, match="rows"):
+        write_gguf(GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size - 1, **DEMO)), tok, tmp_path / "x.gguf")
+    scaled = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 32}
+    qwen3 = ModelConfig.preset("modern-tiny", vocab_size=tok.vocab_size, rope_scaling=scaled)
+    with pytest.raises(UserError, match="llama architecture only, not qwen3"):
+        write_gguf(GPT(qwen3), tok, tmp_path / "y.gguf")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
 # ------------------------------------------------------------------------------------------------- tokenizers
 
 MIXED = [
@@ -330,6 +358,53 @@ def test_hf_tokenizers_give_autotokenizers_ids_on_mixed_text(tmp_path, style):
     assert again.encode(lines[0]) == ours.encode(lines[0]) and again.config == ours.config
 
 
+
+def test_sentencepiece_pieces_stream_as_their_bytes_and_a_jinja_file_is_the_chat_template(tmp_path):
+    """decode_bytes of Metaspace pieces with byte fallback: U+2581 is a space (the leading one the normalizer
+    prepends included), <0xNN> pieces are bytes, so an emoji split over four pieces comes out whole."""
+    from lmforge.tokenizer import HFTokenizer
+    folder = _sentencepiece_tokenizer(tmp_path)
+    ours = HFTokenizer.load(folder / "tokenizer.json")
+    for line in MIXED:
+        assert ours.decode_bytes(ours.encode(line)) == ((" " + line).encode() if line else b""), line
+    assert ours.chat_template is None
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}<s>{{ m['content'] }}{% endfor %}")
+    again = HFTokenizer.load(folder / "tokenizer.json")
+    assert again.apply_chat_template([{"role": "user", "content": "a"}], add_generation_prompt=False) == \
+        [again.bos_id] + again.encode("a")
+
+
+def test_fine_tuning_pairs_start_as_generation_prompts_do(tmp_path):
+    """With a tokenizer whose post-processor adds begin-of-text, a fine-tuning prompt starts with it, as the
+    prompt the model will get at generation does; without one, an empty prompt is end-of-text."""
+    from lmforge.data import encode_pair
+    from lmforge.tokenizer import HFTokenizer, prompt_ids
+    llama = HFTokenizer.load(_byte_level_tokenizer(tmp_path) / "tokenizer.json")
+    p, c = encode_pair(llama, "the cat", " sat")
+    assert p == prompt_ids(llama, "the cat") == [llama.bos_id] + llama.encode("the cat")
+    assert c == llama.encode(" sat") + [llama.eot_id]
+    char = CharTokenizer.train(TEXT)
+    assert encode_pair(char, "", "a")[0] == [char.eot_id] and encode_pair(char, "at", "c")[0] == char.encode("at")
+
+
+def test_a_qwen_folder_imports_with_its_tokenizer_json_though_it_ships_gpt2_files_too(tmp_path):
+    """Qwen and SmolLM folders carry vocab.json + merges.txt beside tokenizer.json; the tokenizer.json (with its
+    special tokens and template) is the one imported when no --tokenizer is given."""
+    import shutil
+
+    from lmforge.tokenizer import HFTokenizer, load_tokenizer
+    hf_model("qwen2", tmp_path / "hf", shard="10MB")
+    folder = _byte_level_tokenizer(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / name, tmp_path / "hf" / name)
+    (tmp_path / "hf" / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2}))
+    (tmp_path / "hf" / "merges.txt").write_text("#version: 0.2\na b\n")
+    tok = load_tokenizer(import_hf(tmp_path / "hf", tmp_path / "run"))
+    want = HFTokenizer.load(folder / "tokenizer.json")
+    assert isinstance(tok, HFTokenizer) and tok.chat_template == want.chat_template
+    assert tok.encode(MIXED[0]) == want.encode(MIXED[0]) and tok.eot_id == want.eot_id
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 def test_bad_folders_are_one_line_errors_naming_the_problem(tmp_path, capsys):
@@ -372,6 +447,63 @@ def test_bad_folders_are_one_line_errors_naming_the_problem(tmp_path, capsys):
         state[name] = state[name][:-1].contiguous()
         save_file(state, str(folder / index[name]), metadata={"format": "pt"})
     fails(edited("shape", narrow), "model.layers.1.mlp.up_proj.weight has shape (95, 64)", "(96, 64)")
+    fails(edited("list-config", lambda f: (f / "config.json").write_text("[1, 2]")), "config.json holds a list")
+    fails(edited("list-map", lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": [1]}')),
+          "not a shard index")
+
+    def single(folder, data: bytes, name="model.safetensors"):
+        for p in list(folder.glob("model*.safetensors*")):
+            p.unlink()
+        (folder / name).write_bytes(data)
+    fails(edited("corrupt", lambda f: single(f, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")),
+          "model.safetensors is not a readable safetensors file", "download it again")
+    good = torch.save({"a": torch.zeros(4)}, tmp_path / "good.bin") or (tmp_path / "good.bin").read_bytes()
+    fails(edited("truncated", lambda f: single(f, good[:len(good) // 2], "pytorch_model.bin")),
+          "pytorch_model.bin cannot be read", "download it again")
+
+
+def test_tied_checkpoints_that_store_the_output_layer_and_legacy_bin_files_import(tmp_path):
+    """Some tied checkpoints store lm_head.weight too (a copy of the embedding): it is not read, not refused.
+    pytorch_model.bin in torch's pre-1.6 (non-zip) format loads without memory mapping."""
+    from safetensors.torch import load_file, save_file
+    hf = hf_model("llama", tmp_path / "hf", shard="10MB")
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert "lm_head.weight" not in state
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()},
+              str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    x = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        want = hf(x).logits
+        torch.testing.assert_close(GPT.from_pretrained(str(tmp_path / "hf"))(x)[0], want, atol=1e-4, rtol=0)
+        (tmp_path / "hf" / "model.safetensors").unlink()
+        torch.save(state, tmp_path / "hf" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+        torch.testing.assert_close(GPT.from_pretrained(str(tmp_path / "hf"))(x)[0], want, atol=1e-4, rtol=0)
+
+
+def test_rope_scaling_is_checked_by_value_and_a_run_with_wrong_shapes_is_not_exported(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.errors import UserError
+    for scaling, words in [({"type": "linear", "factor": 0}, "factor=0 must be a positive number"),
+                           ({"type": "linear", "factor": True}, "needs the number(s) factor"),
+                           ({"type": "linear", "factor": 2.0, "beta": 1}, "not 'beta'"),
+                           ({"type": "ntk", "factor": 2.0}, "'ntk' is not implemented")]:
+        with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            ModelConfig(position="rope", rope_scaling=scaling)
+    with pytest.raises(UserError, match="applies to position='rope', not 'learned'"):
+        ModelConfig(position="learned", rope_scaling={"type": "linear", "factor": 2.0})
+    from lmforge.runs import model_folder
+    run, _ = _run_of(tmp_path, "llama")
+    weights = model_folder(run) / "model.safetensors"  # the latest checkpoint's, which export reads
+    state = load_file(str(weights))
+    state["blocks.0.mlp.c_proj.weight"] = state["blocks.0.mlp.c_proj.weight"][:, :-2].contiguous()
+    weights.unlink()
+    save_file(state, str(weights))
+    for fmt in ("hf", "gguf"):
+        assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / f"out-{fmt}")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "blocks.0.mlp.c_proj.weight has shape" in err, err
+        assert not (tmp_path / f"out-{fmt}").exists()
 
 
 def test_an_imported_run_serves_with_its_chat_template_and_begin_of_text(tmp_path):
