@@ -135,6 +135,26 @@ def _eval_args(p):
                                    "and the loss per completion token instead")
 
 
+@verb("evaluate", "evaluate:evaluate_cli", "Score a run on standard benchmarks with lm-evaluation-harness.",
+      "lmforge evaluate runs/shakespeare-char --tasks my_tasks/ --limit 100 --out results.json")
+def _evaluate_args(p):
+    p.add_argument("run", help="run directory (or an ONNX export, for loglikelihood tasks)")
+    p.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated (hellaswag,arc_easy), or a "
+                                                  "folder of task YAML (all its tasks)")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="a folder of task YAML whose tasks "
+                                                                          "--tasks may name (repeatable)")
+    p.add_argument("--num-fewshot", type=int, help="examples before each item (default: each task's own, else 0)")
+    p.add_argument("--limit", help="items per task (e.g. 100), or a fraction of them below 1 (default: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--max-length", type=int, help="tokens of context (default: the model's block_size)")
+    p.add_argument("--gen-kwargs", help="generation settings over the tasks' own, e.g. temperature=0,max_gen_toks=64")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")
+    p.add_argument("--log-samples", action="store_true", help="keep every item's requests and scores in the results")
+    p.add_argument("--out", help="write lm-eval's results JSON here (with the run, checkpoint and weights' sha256)")
+
+
 @verb("generate", "generation:generate_cli", "Generate text from a trained run.",
       'lmforge generate runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 50')
 def _generate_args(p):

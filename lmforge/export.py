@@ -17,7 +17,7 @@ def export(run, out, format: str, type: str | None = None, checkpoint: str | Non
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     if type is not None and format != "gguf":
-        raise UserError(f"--type is for --format gguf (f32, f16, q8_0 or q4_0); --format {format} writes fp32")
+        raise UserError(f"--type is for --format gguf (f32, f16, q8_0 or q4_0); --format {format} takes none")
     if format == "hf":
         from .hf import export_hf
         return export_hf(run, out, force=force, checkpoint=checkpoint)

@@ -231,9 +231,20 @@ def family_for_hf(hf: dict, where: str) -> Family:
 
 # ------------------------------------------------------------------------------------------ GPT-2's config.json
 
+def _flag(hf: dict, name: str, default: bool, where: str) -> bool:
+    value = hf.get(name, default)
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: config.json's {name} is {value!r}; it must be true or false")
+    return value
+
+
 def _gpt2_config(family: Family, hf: dict, where: str) -> ModelConfig:
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"{where}: activation {hf['activation_function']!r} differs from GPT-2's tanh GELU")
+    for flag, plain in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                        ("tie_word_embeddings", True)):
+        if hf.get(flag, plain) is not plain:
+            raise UserError(f"{where}: {flag}={hf[flag]!r} is not implemented; GPT-2's blocks have {flag}={plain}")
     n_embd = hf["n_embd"]
     if hf.get("n_inner") not in (None, 4 * n_embd):
         raise UserError(f"{where}: n_inner={hf['n_inner']} differs from 4 * n_embd, which GPT-2 blocks use")
@@ -289,7 +300,7 @@ def _llama_config(family: Family, hf: dict, where: str) -> ModelConfig:
         n_embd=n_embd, head_size=None if head_dim * n_head == n_embd else head_dim,
         mlp="swiglu", mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
         qk_norm=family.name == "qwen3", position="rope", rope_theta=theta, rope_scaling=scaling, bias=False,
-        attn_bias=True if family.name == "qwen2" else None, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attn_bias=True if family.name == "qwen2" else None, tie_embeddings=_flag(hf, "tie_word_embeddings", False, where),
         init_std=hf.get("initializer_range", 0.02), dropout=0.0)
 
 

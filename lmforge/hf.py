@@ -175,8 +175,8 @@ def read_hf_config(folder: Path) -> tuple[Family, ModelConfig]:
     if not path.is_file():
         raise UserError(f"{folder} is not a Hugging Face checkpoint: it has no config.json")
     try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise UserError(f"{path} holds a {type(hf).__name__}, not the config object of a Hugging Face model")
@@ -185,6 +185,8 @@ def read_hf_config(folder: Path) -> tuple[Family, ModelConfig]:
         return family, family.config_from_hf(hf, str(folder))
     except KeyError as e:
         raise UserError(f"{path} lacks {e.args[0]!r}, which a {family.name} config.json has") from None
+    except UserError:
+        raise
     except (TypeError, ValueError) as e:
         raise UserError(f"{path} has a field of the wrong kind ({e})") from None
 
@@ -327,10 +329,12 @@ def import_hf(path_or_id: str | Path, out: str | Path, force: bool = False, toke
     tokenizer.json), converted tensor by tensor. tokenizer: see load_hf (needed when the folder holds weights only);
     dtype: see load_hf_model."""
     from .checkpoint import new_folder, run_config, write_json_atomic
+    from .runs import check_output
     out = Path(out)
-    if out.exists() and not force:
+    if out.exists() and not force:  # before a download
         raise UserError(f"{out} already exists; pass --force to replace it")
     folder = resolve_hf(path_or_id)
+    out = check_output(folder, out, force)  # neither the checkpoint read, nor a folder holding it, nor the cwd
     family, cfg = read_hf_config(folder)
     files = Checkpoint(folder)
     target = _check_dtype(dtype, files)
@@ -444,8 +448,12 @@ def save_peft_adapter(model, settings: dict, out: str | Path) -> Path:
               "lora_dropout": settings.get("dropout", 0.0), "target_modules": sorted(targets),
               "fan_in_fan_out": family.name == "gpt2", "bias": "none", "base_model_name_or_path": None,
               "inference_mode": True, "modules_to_save": None, "init_lora_weights": True}
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name, write in (("adapter_model.safetensors",
+                         lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})),
+                        ("adapter_config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))):
+        tmp = out / f".{name}.tmp"
+        write(tmp)
+        tmp.replace(out / name)  # each file whole or not at all
     return out
 
 

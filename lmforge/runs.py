@@ -33,9 +33,28 @@ def read_run_config(run: Path) -> dict:
     if not path.is_file():
         raise MissingFileError(f"{run} is not a run directory (no config.json); train one with lmforge train")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is corrupted ({e.msg}); it must be JSON") from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupted ({getattr(e, 'msg', e)}); it must be JSON") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a {type(config).__name__}, not a run's config object")
+    return config
+
+
+def model_config_of(folder: Path, config: dict, run: str | Path) -> ModelConfig:
+    """The ModelConfig a checkpoint folder was saved with (its own config.json), else the run's."""
+    path = folder / "config.json"
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is corrupted ({getattr(e, 'msg', e)}); it must be JSON") from None
+    else:
+        path = Path(run) / "config.json"
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise UserError(f"{path} has no model config (its \"model\" object); the run is incomplete")
+    return ModelConfig.from_dict(model)
 
 
 def check_output(run: str | Path, out: str | Path, replace: bool, flag: str = "--force",
@@ -144,8 +163,7 @@ def _load(run: str | Path, device: torch.device, checkpoint: str | Path | None):
     config = read_run_config(run)
     if config.get("quantization"):
         return _load_quantized(folder, run, config, device)
-    model_config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text())["model"]
-                                         if (folder / "config.json").is_file() else config["model"])
+    model_config = model_config_of(folder, config, run)
     model = GPT.empty(model_config, device)
     load_weights(model, folder / "model.safetensors")
     return model.eval(), load_tokenizer(run / "tokenizer.json")
@@ -165,8 +183,7 @@ def run_weights(run: str | Path, checkpoint: str | Path | None = None):
         model, tokenizer = _load(run, torch.device("cpu"), checkpoint)
         state = merge_lora(model).state_dict()
         return model.config, tokenizer, lambda name: state[name].detach()
-    cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text())["model"]
-                                if (folder / "config.json").is_file() else config["model"])
+    cfg = model_config_of(folder, config, run)
     path = folder / "model.safetensors"
     try:
         with safe_open(path, "pt") as f:
@@ -238,7 +255,7 @@ def _load_adapter_run(folder: Path, run: Path, settings: dict | None, device):
 def _load_quantized(folder: Path, run: Path, config: dict, device: torch.device):
     """(model, tokenizer) of a quantized run: the quantized modules swapped in empty, then filled."""
     spec = config["quantization"]
-    model_config = ModelConfig.from_dict(config["model"])
+    model_config = model_config_of(folder, config, run)
     model = GPT.empty(model_config, device)
     empty_quantized(model, spec["method"], spec.get("group_size"))
     path = folder / "model.safetensors"

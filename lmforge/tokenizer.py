@@ -75,6 +75,20 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode_bytes(self, ids: Iterable[int]) -> bytes: ...
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        """encode(text), except that the text of a special token (<|endoftext|>) becomes that token, as the tokenizers
+        library, and so AutoTokenizer, reads added tokens in text: what evaluation harnesses and /tokenize expect."""
+        if not any(s in text for s in self.special_tokens):
+            return self.encode(text)
+        names = sorted(self.special_tokens, key=len, reverse=True)
+        ids = []
+        for i, piece in enumerate(regex.split("(" + "|".join(regex.escape(s) for s in names) + ")", text)):
+            if i % 2:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids += self.encode(piece)
+        return ids
+
     def encode_array(self, text: str) -> np.ndarray:
         """encode(text) as a numpy array, without a Python list in between where the tokenizer can (prepare's path)."""
         return np.asarray(self.encode(text), dtype=np.int64)
@@ -373,6 +387,9 @@ class BPETokenizer(Tokenizer):
         listed in allowed_special ("all" for every one)."""
         return self._fast().encode(text, allowed_special=self._allowed(allowed_special), disallowed_special=())
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        return self.encode(text, "all")
+
     def encode_array(self, text: str) -> np.ndarray:
         return self._fast().encode_to_numpy(text, disallowed_special=())  # special-token text is ordinary text
 
@@ -480,9 +497,13 @@ def _tokenizers():
     return tokenizers
 
 
-def _content(token) -> str | None:
+def _content(token, field: str = "a special token") -> str | None:
     """tokenizer_config.json spells a special token as a string or as {"content": ...}."""
-    return token.get("content") if isinstance(token, dict) else token
+    text = token.get("content") if isinstance(token, dict) else token
+    if text is not None and not isinstance(text, str):
+        raise UserError(f"{TOKENIZER_CONFIG}: {field} is {token!r}, not a token's text (a string, or "
+                        f"{{\"content\": \"...\"}})")
+    return text
 
 
 class HFTokenizer(Tokenizer):
@@ -500,21 +521,21 @@ class HFTokenizer(Tokenizer):
         self.special_tokens = {t.content: i for i, t in added.items() if t.special}
         self._added = {i: t.content for i, t in added.items()}
         self._bytes = self._token_bytes()
-        eos = _content(self.config.get("eos_token"))
+        eos = _content(self.config.get("eos_token"), "eos_token")
         eos = eos if eos in self.special_tokens or self._tok.token_to_id(eos or "") is not None else None
         eos = eos or next((t for t in _EOS_GUESSES if self._tok.token_to_id(t) is not None), None)
         if eos is None:
             raise UserError(f"{where}: no end-of-sequence token (tokenizer_config.json's eos_token, or one of "
                             f"{', '.join(_EOS_GUESSES)}); add eos_token to {TOKENIZER_CONFIG}")
         self.eos_token = eos
-        bos = _content(self.config.get("bos_token"))
+        bos = _content(self.config.get("bos_token"), "bos_token")
         self.bos_id = self._tok.token_to_id(bos) if bos else None
         # whether sequences start with begin-of-text is the post-processor's to say, as AutoTokenizer follows it
         marked, plain = (self._tok.encode("a", add_special_tokens=s).ids for s in (True, False))
-        self.add_bos = len(marked) > len(plain) and marked[-len(plain):] == plain
+        self.add_bos = len(marked) > len(plain) and marked[1:1 + len(plain)] == plain  # one token ahead of the text
         if self.add_bos:
             self.bos_id = marked[0]
-        pad = _content(self.config.get("pad_token"))
+        pad = _content(self.config.get("pad_token"), "pad_token")
         self.pad_id = self._tok.token_to_id(pad) if pad else None
         template = self.config.get("chat_template")
         if isinstance(template, list):  # several named templates: the default one is the chat's
@@ -551,6 +572,9 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        return self.encode(text)  # the library reads every added token in text as that token
 
     def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
@@ -599,7 +623,9 @@ class HFTokenizer(Tokenizer):
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The ids of messages rendered by the tokenizer's chat template (a Jinja string in Hugging Face's convention)
         in a sandbox, with the variables and helpers transformers gives it; special tokens in the text are tokens."""
-        import jinja2
+        import datetime
+
+        import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         if self.chat_template is None:
             raise UserError("this tokenizer has no chat template (tokenizer_config.json's chat_template)")
@@ -609,6 +635,7 @@ class HFTokenizer(Tokenizer):
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)  # as transformers gives it
         try:
             text = env.from_string(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,

@@ -19,6 +19,8 @@ SURFACE = {
                 "--tokenizer-from", "--tokenizer-sample", "--val-fraction", "--workers", "source"],
     "train": ["--config", "--resume"],
     "eval": ["--batch-size", "--batches", "--checkpoint", "--data", "--device", "--pairs", "--split", "run"],
+    "evaluate": ["--batch-size", "--checkpoint", "--device", "--dtype", "--gen-kwargs", "--include-path", "--limit",
+                 "--log-samples", "--max-length", "--num-fewshot", "--out", "--tasks", "run"],
     "finetune": ["--config", "--data", "--lora-alpha", "--lora-dropout", "--lora-rank", "--lora-targets", "--out",
                  "--val", "run"],
     "merge": ["--force", "--out", "run"],

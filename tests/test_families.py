@@ -405,6 +405,41 @@ def test_a_qwen_folder_imports_with_its_tokenizer_json_though_it_ships_gpt2_file
     assert tok.encode(MIXED[0]) == want.encode(MIXED[0]) and tok.eot_id == want.eot_id
 
 
+def test_chat_templates_render_in_a_process_without_transformers_and_odd_configs_are_handled(tmp_path):
+    """The server's process never imports transformers (which loads jinja2.ext as a side effect); templates get
+    strftime_now; a post-processor adding begin- and end-of-text still means begin-of-text first; a special token
+    that is not text is a one-line error."""
+    import subprocess
+    import sys
+
+    from lmforge.errors import UserError
+    from lmforge.tokenizer import HFTokenizer, prompt_ids
+    folder = _byte_level_tokenizer(tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ bos_token }}{{ strftime_now('%Y') }}{% for m in messages %}{{ m['content'] }}" \
+                              "{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    code = (f"import sys; from lmforge.tokenizer import HFTokenizer; t = HFTokenizer.load({str(folder / 'tokenizer.json')!r}); "
+            "ids = t.apply_chat_template([{'role': 'user', 'content': 'hi'}]); "
+            "assert 'transformers' not in sys.modules; print(t.decode(ids))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"<|begin_of_text|>{time.strftime('%Y')}hi", out.stderr
+
+    import tokenizers
+    from tokenizers import processors
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A <|end_of_text|>", special_tokens=[("<|begin_of_text|>", 0), ("<|end_of_text|>", 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    both = HFTokenizer.load(folder / "tokenizer.json")
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    assert both.add_bos and prompt_ids(both, "the cat") == theirs("the cat").input_ids[:-1]
+    for field, value in (("eos_token", 1), ("bos_token", ["<s>"]), ("pad_token", {"content": 5})):
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(UserError, match=f"{field} is"):
+            HFTokenizer.load(folder / "tokenizer.json")
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 def test_bad_folders_are_one_line_errors_naming_the_problem(tmp_path, capsys):
@@ -417,6 +452,7 @@ def test_bad_folders_are_one_line_errors_naming_the_problem(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and all(w in err for w in words), err
         assert not (tmp_path / "out").exists()
+        return err
 
     def edited(name, change):
         import shutil
@@ -448,6 +484,16 @@ def test_bad_folders_are_one_line_errors_naming_the_problem(tmp_path, capsys):
         save_file(state, str(folder / index[name]), metadata={"format": "pt"})
     fails(edited("shape", narrow), "model.layers.1.mlp.up_proj.weight has shape (95, 64)", "(96, 64)")
     fails(edited("list-config", lambda f: (f / "config.json").write_text("[1, 2]")), "config.json holds a list")
+    fails(edited("latin1", lambda f: (f / "config.json").write_bytes(b'{"model_type": "llama", "x": "\xff"}')),
+          "is not valid JSON")
+    fails(edited("tie-text", lambda f: config(f, tie_word_embeddings="false")), "tie_word_embeddings is 'false'")
+    assert "wrong kind" not in fails(edited("window-2", lambda f: config(f, model_type="mistral", sliding_window=16)),
+                                     "sliding window")  # a refusal is not re-labelled
+    for flag, value in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False)):
+        hf2 = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2, **{flag: value})
+        transformers.GPT2LMHeadModel(hf2).save_pretrained(tmp_path / f"gpt2-{flag}")
+        capsys.readouterr()  # transformers' progress output while saving
+        fails(tmp_path / f"gpt2-{flag}", f"{flag}={value}", "not implemented")
     fails(edited("list-map", lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": [1]}')),
           "not a shard index")
 
@@ -457,6 +503,11 @@ def test_bad_folders_are_one_line_errors_naming_the_problem(tmp_path, capsys):
         (folder / name).write_bytes(data)
     fails(edited("corrupt", lambda f: single(f, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")),
           "model.safetensors is not a readable safetensors file", "download it again")
+    (tmp_path / "parent").mkdir()
+    edited("parent/llama", lambda f: None)
+    assert main(["import-hf", str(tmp_path / "parent" / "llama"), "--out", str(tmp_path / "parent"), "--force",
+                 "--tokenizer", tok]) == 2  # replacing the folder that holds the checkpoint would delete it
+    assert "is or holds" in capsys.readouterr().err and (tmp_path / "parent" / "llama" / "config.json").is_file()
     good = torch.save({"a": torch.zeros(4)}, tmp_path / "good.bin") or (tmp_path / "good.bin").read_bytes()
     fails(edited("truncated", lambda f: single(f, good[:len(good) // 2], "pytorch_model.bin")),
           "pytorch_model.bin cannot be read", "download it again")
@@ -504,6 +555,12 @@ def test_rope_scaling_is_checked_by_value_and_a_run_with_wrong_shapes_is_not_exp
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "blocks.0.mlp.c_proj.weight has shape" in err, err
         assert not (tmp_path / f"out-{fmt}").exists()
+    config = json.loads((run / "config.json").read_text())
+    del config["model"]
+    (run / "config.json").write_text(json.dumps(config))
+    (weights.parent / "config.json").unlink(missing_ok=True)  # the checkpoint's own copy, which would be read first
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "out-x")]) == 2
+    assert 'has no model config' in capsys.readouterr().err
 
 
 def test_an_imported_run_serves_with_its_chat_template_and_begin_of_text(tmp_path):

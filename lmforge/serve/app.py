@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..runs import check_dtype, read_run_config
+from ..runs import check_dtype, model_config_of, model_folder, read_run_config
 from ..engine import MAX_LOGPROBS, Engine, Logprob, Request
 from ..errors import UserError
 from ..tokenizer import prompt_ids
@@ -102,6 +102,17 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True  # the family's begin-of-text first, where its tokenizer adds one
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
 class APIError(Exception):
     """A request the server refuses: its HTTP status and OpenAI's error fields."""
 
@@ -127,7 +138,6 @@ class Server:
                  max_queue: int = 64,
                  api_key: str | None = None, compile: str = "auto", model_name: str | None = None,
                  on_failure: Callable[[BaseException], None] = lambda e: None):
-        from ..config import ModelConfig
         config = read_run_config(Path(run))  # a missing or broken run fails now, before the server starts
         template = config.get("chat_template", DEFAULT_CHAT_TEMPLATE)
         if not isinstance(template, dict) or set(template) != set(DEFAULT_CHAT_TEMPLATE) or not all(
@@ -140,7 +150,7 @@ class Server:
         if compile not in ("auto", "on", "off"):
             raise UserError(f"--compile={compile!r} must be auto, on or off")
         check_dtype(dtype)
-        block_size = ModelConfig.from_dict(config["model"]).block_size
+        block_size = model_config_of(model_folder(Path(run), checkpoint), config, run).block_size
         self.max_seq_len = max_seq_len or block_size
         self.max_tokens_limit = min(max_tokens_limit or self.max_seq_len, self.max_seq_len)
         if api_key is not None and (not api_key.strip() or not api_key.isascii() or api_key != api_key.strip()):
@@ -522,6 +532,43 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
     async def model(model_id: str):
         server.check_model(model_id)
         return card()
+
+    # vLLM's tokenizer routes, which lm-eval's local-completions finds and uses instead of a local tokenizer
+    @app.post("/tokenize", dependencies=[Depends(authorized)])
+    async def tokenize(body: TokenizeRequest):
+        if body.model is not None:
+            server.check_model(body.model)
+        _check_text(body.prompt, "prompt")
+        tokenizer = server.engine.tokenizer
+        try:
+            ids = tokenizer.encode_with_specials(body.prompt)
+        except UserError as e:
+            raise APIError(400, f"prompt: {e}", param="prompt") from None
+        if body.add_special_tokens and getattr(tokenizer, "add_bos", False):
+            ids = [tokenizer.bos_id] + ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.max_seq_len}
+
+    @app.post("/detokenize", dependencies=[Depends(authorized)])
+    async def detokenize(body: DetokenizeRequest):
+        if body.model is not None:
+            server.check_model(body.model)
+        try:
+            return {"prompt": server.engine.tokenizer.decode(body.tokens)}
+        except UserError as e:
+            raise APIError(400, f"tokens: {e}", param="tokens") from None
+
+    @app.get("/tokenizer_info", dependencies=[Depends(authorized)])
+    async def tokenizer_info():
+        tokenizer = server.engine.tokenizer
+        specials = {i: s for s, i in tokenizer.special_tokens.items()}
+        eos = specials.get(tokenizer.eot_id) or tokenizer.decode([tokenizer.eot_id])
+        bos_id = getattr(tokenizer, "bos_id", None)
+        pad_id = getattr(tokenizer, "pad_id", None)
+        return {"tokenizer_class": type(tokenizer).__name__, "eos_token": eos,
+                "bos_token": eos if bos_id is None else tokenizer.decode([bos_id]),  # ours begin after end-of-text
+                "pad_token": None if pad_id is None else tokenizer.decode([pad_id]),
+                "chat_template": getattr(tokenizer, "chat_template", None), "model_max_length": server.max_seq_len,
+                "vocab_size": tokenizer.vocab_size}
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, http: HTTPRequest):

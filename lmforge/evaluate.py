@@ -1,0 +1,445 @@
+"""Standard benchmarks through EleutherAI's lm-evaluation-harness (extra `eval`): an lm-eval model class over runs.
+
+    lmforge evaluate runs/base --tasks hellaswag,arc_easy --num-fewshot 0 --limit 200 --out results.json
+    lmforge evaluate runs/base --tasks my_tasks/          # every task of a folder of lm-eval task YAML (offline)
+    python -m lmforge.evaluate --model lmforge --model_args run=runs/base --tasks lambada_openai   # lm-eval's own CLI
+    results = evaluate("runs/base", ["my_task"], include_path="my_tasks")                         # lm-eval's dict
+
+LmforgeLM (registered with lm-eval as `lmforge`) answers lm-eval's three requests:
+  loglikelihood           batched forward passes of the run's model: sequences sorted by length, right-padded
+                          (causal attention never looks right), inputs that share a prefix computed once;
+                          context + continuation cut to the model's last max_length tokens, as lm-eval's hf model.
+  loglikelihood_rolling   lm-eval's own rolling windows (every token scored once, each with the most context).
+  generate_until          the inference engine, greedy unless the task samples, with the task's stop strings; the
+                          context cut so that it and max_gen_toks fit max_length.
+Tokens are the run's tokenizer's, with the text of a special token read as that token and the begin-of-text token
+added where the family's tokenizer adds one, as transformers' tokenizers do, so that the scores equal lm-eval's `hf`
+model on the run's exported folder. An ONNX export (lmforge export --format onnx) answers the loglikelihood requests
+through onnxruntime.
+
+lm-eval finds no model classes outside its own package, so its `lm_eval` command does not know `lmforge`;
+`python -m lmforge.evaluate` is that command with this class registered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError:  # the extra is missing: evaluate() and the verb say so in one line
+    TemplateLM, register_model = object, None
+
+LOGIT_BUDGET = 1 << 26  # logits (floats) one forward pass may hold: ~256 MB; longer or wider batches are split
+DEFAULT_BATCH = 16
+
+
+def _need_lm_eval() -> None:
+    if register_model is None:
+        raise UserError("evaluation on standard benchmarks needs lm-eval; install the extra: pip install "
+                        "'lmforge[eval]'")
+
+
+def _positive_int(name: str, value, default: int) -> int:
+    if value is None or value == "auto":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = 0.0
+    if isinstance(value, bool) or not number.is_integer() or number < 1:
+        raise UserError(f"{name}={value!r} must be a positive integer")
+    return int(number)
+
+
+class _RunScorer:
+    """Log-probabilities from the run's GPT."""
+
+    def __init__(self, run: Path, checkpoint, device: str, dtype: str):
+        from .runs import load
+        self.model, self.tokenizer = load(run, device=device, checkpoint=checkpoint, dtype=dtype)
+        self.config = self.model.config
+        self.device = self.model.wte.weight.device
+
+    @torch.no_grad()
+    def logits(self, rows: list[list[int]]) -> torch.Tensor:
+        """rows right-padded into one batch -> float32 logits (B, T, V) on the CPU."""
+        width = max(len(r) for r in rows)
+        batch = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            batch[i, :len(r)] = torch.tensor(r)
+        return self.model(batch.to(self.device))[0].float().cpu()
+
+
+class _OnnxScorer:
+    """Log-probabilities from an ONNX export's prefill graph, in onnxruntime."""
+
+    def __init__(self, path: Path):
+        from .onnx import OnnxModel
+        self.onnx = OnnxModel(path)
+        self.tokenizer, self.config = self.onnx.tokenizer, self.onnx.config
+
+    def logits(self, rows: list[list[int]]) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        batch = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            batch[i, :len(r)] = r
+        return torch.from_numpy(self.onnx.prefill(batch)[0]).float()
+
+
+class LmforgeLM(TemplateLM):
+    """An lm-eval model over an lmforge run (or its ONNX export). model_args: run (the folder), checkpoint (e.g.
+    RUN/best; default the latest), device, dtype (float32, bfloat16, float16), batch_size (sequences per forward
+    pass, and engine slots for generation), max_length (tokens; default the model's block_size)."""
+
+    def __init__(self, run: str, checkpoint: str | None = None, device: str | None = "cpu", dtype: str = "float32",
+                 batch_size: int | str | None = DEFAULT_BATCH, max_length: int | None = None,
+                 max_batch_size: int | None = None, **unused):
+        super().__init__()
+        path = Path(run)
+        self.onnx = (path / "onnx.json").is_file()
+        self.scorer = _OnnxScorer(path) if self.onnx else _RunScorer(path, checkpoint, device or "cpu", dtype)
+        self.tok, self.config = self.scorer.tokenizer, self.scorer.config
+        self.run, self.checkpoint, self.dtype = path, checkpoint, dtype
+        self.batch_size = _positive_int("batch_size", batch_size, DEFAULT_BATCH)
+        self._max_length = _positive_int("max_length", max_length, self.config.block_size)
+        self._engine = None
+
+    # --- what TemplateLM asks for
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eot_id
+
+    @property
+    def prefix_token_id(self) -> int:  # what an empty context is: begin-of-text where the family has one
+        bos = getattr(self.tok, "bos_id", None)
+        return self.tok.eot_id if bos is None else bos
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        ids = self.tok.encode_with_specials(string)
+        if add_special_tokens is not False and getattr(self.tok, "add_bos", False) and ids[:1] != [self.tok.bos_id]:
+            ids = [self.tok.bos_id] + ids
+        return ids
+
+    def tok_decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    def get_model_info(self) -> dict:
+        return {"lmforge_run": str(self.run), "lmforge_checkpoint": self.checkpoint, "model_dtype": self.dtype,
+                "model_num_parameters": None if self.onnx else self.scorer.model.num_params()}
+
+    # --- loglikelihood
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per request of
+        (strings, context ids, continuation ids)."""
+        from tqdm import tqdm
+        inputs: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # one forward per distinct input
+        for i, (_, context, continuation) in enumerate(requests):
+            if not continuation:
+                raise UserError("a loglikelihood request has an empty continuation; the task gives nothing to score")
+            if len(continuation) > self.max_length:
+                raise UserError(f"a continuation of {len(continuation)} tokens is longer than max_length="
+                                f"{self.max_length}; raise max_length or shorten the task's targets")
+            whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+            inputs.setdefault(tuple(whole[:-1]), []).append((i, list(continuation)))
+        order = sorted(inputs, key=len, reverse=True)  # the longest first: batches of like lengths, errors early
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
+        vocab = self.config.vocab_size
+        start = 0
+        while start < len(order):
+            rows = max(1, min(self.batch_size, LOGIT_BUDGET // (len(order[start]) * vocab)))
+            batch = order[start:start + rows]
+            logits = self.scorer.logits([list(x) for x in batch])
+            for row, x in enumerate(batch):
+                for i, continuation in inputs[x]:
+                    n = len(continuation)
+                    logprobs = F.log_softmax(logits[row, len(x) - n:len(x)], dim=-1)
+                    target = torch.tensor(continuation)
+                    score = logprobs.gather(1, target[:, None]).sum().item()
+                    results[i] = (score, bool((logprobs.argmax(-1) == target).all()))
+                    if requests[i][0] is not None:  # (context, continuation); rolling windows have none
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+                    progress.update(1)
+            start += rows
+        progress.close()
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+        windows, owner = [], []
+        for i, (string,) in enumerate(r.args for r in requests):
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owner.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm) if windows else []
+        totals = [0.0] * len(requests)
+        for i, (score, _) in zip(owner, scores):
+            totals[i] += score
+        for r, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", (r.args[0],), total)
+        return totals
+
+    # --- generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from .engine import Engine, Request
+        from .generation import run_requests
+        if self.onnx:
+            raise UserError("generate_until tasks run on the engine, which an ONNX export does not have; evaluate "
+                            "the run itself (lmforge evaluate RUN), or give this export loglikelihood tasks only "
+                            "(multiple choice, perplexity)")
+        if not requests:
+            return []
+        if self._engine is None:
+            self._engine = Engine(self.scorer.model, self.tok, max_batch=min(self.batch_size, len(requests)),
+                                  max_seq_len=self.max_length)
+        batch, stops = [], []
+        for i, (context, kwargs) in enumerate(r.args for r in requests):
+            kwargs = dict(kwargs or {})
+            until = kwargs.pop("until", None)
+            until = [until] if isinstance(until, str) else list(until or [])
+            if not all(isinstance(s, str) and s for s in until):
+                raise UserError(f"generation_kwargs until={until!r} must be non-empty strings")
+            new = _positive_int("max_gen_toks", kwargs.pop("max_gen_toks", 256), 256)
+            new = min(new, self.max_length - 1)
+            sample = bool(kwargs.pop("do_sample", False))
+            temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0))
+            ids = self.tok_encode(context)[-(self.max_length - new):]  # the context cut as lm-eval's hf model cuts it
+            batch.append(Request(ids, new, temperature if sample else 0.0, kwargs.get("top_k"), kwargs.get("top_p"),
+                                 stop=until, seed=1234 + i))
+            stops.append(until)
+        texts = run_requests(self._engine, batch, text=True)
+        out = []
+        for r, text, until in zip(requests, texts, stops):
+            for s in until:  # the engine stops at them; a stop string lm-eval adds later is cut here too
+                text = text.split(s)[0]
+            self.cache_hook.add_partial("generate_until", r.args, text)
+            out.append(text)
+        return out
+
+
+if register_model is not None:
+    import lm_eval.models  # noqa: F401  (lm-eval's own names first: it lists them only while its registry is empty)
+    register_model("lmforge")(LmforgeLM)
+
+
+# ----------------------------------------------------------------------------------------------------- tasks
+
+def _check_yaml(folder: Path) -> None:
+    """Every task YAML of a folder parses (lm-eval's !function tags aside), or a one-line error names the file."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    files = sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.yml"))
+    if not files:
+        raise UserError(f"{folder} holds no task YAML (*.yaml)")
+    for file in files:
+        try:
+            doc = yaml.load(file.read_text(encoding="utf-8"), Loader=Loader)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise UserError(f"{file} is not valid YAML{at} ({getattr(e, 'problem', None) or e}); fix or remove "
+                            f"it") from None
+        if not isinstance(doc, dict):
+            raise UserError(f"{file} is not an lm-eval task (a mapping with task: or group:)")
+
+
+def _task_names(folder: Path) -> list[str]:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    names = []
+    for file in sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.yml")):
+        doc = yaml.load(file.read_text(encoding="utf-8"), Loader=Loader)
+        name = doc.get("task") or doc.get("group")
+        if isinstance(name, str):
+            names.append(name)
+    if not names:
+        raise UserError(f"{folder}: none of its YAML files names a task (task: NAME)")
+    return names
+
+
+def resolve_tasks(tasks, include_path=None):
+    """(task names, a TaskManager that knows them). tasks: names (a list, or a comma-separated string) and folders
+    of task YAML (each adds every task it names). lm-eval's built-in tasks are indexed only when a name needs
+    them (indexing them takes seconds)."""
+    _need_lm_eval()
+    from lm_eval.tasks import TaskManager
+    items = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    items = [t for t in items if t]
+    if not items:
+        raise UserError("no task given; name lm-eval tasks (--tasks hellaswag,arc_easy) or a folder of task YAML")
+    folders = [Path(p) for p in ([include_path] if isinstance(include_path, (str, Path)) else include_path or [])]
+    names = []
+    for item in items:
+        if Path(item).is_dir():
+            folders.append(Path(item))
+            names += _task_names(Path(item))
+        else:
+            names.append(item)
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"--include-path {folder}: no such folder")
+        _check_yaml(folder)
+    names = list(dict.fromkeys(names))
+    paths = [str(f) for f in folders] or None
+    manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
+    if manager is None or any(n not in manager.all_tasks for n in names):
+        manager = TaskManager(include_path=paths)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=5, cutoff=0.6)
+        raise UserError(f"unknown task {unknown[0]!r}" + (f" (close: {', '.join(close)})" if close else "")
+                        + "; `lm-eval ls tasks` lists lm-eval's, or give a folder of task YAML")
+    return names, manager
+
+
+def _load_tasks(names: list[str], manager):
+    """Each task built (its dataset loaded), or a one-line error naming the task whose data could not be had."""
+    built = []
+    for name in names:
+        try:
+            loaded = manager.load([name])
+        except UserError:
+            raise
+        except Exception as e:  # datasets and the hub raise many types: offline, gated, missing files
+            entry = manager.task_index.get(name)
+            source = (entry.cfg or {}).get("dataset_path") if entry is not None else None
+            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"task {name}: its data{f' ({source})' if source else ''} could not be loaded "
+                            f"({type(e).__name__}{': ' + message[:160] if message else ''}); offline, write a task "
+                            f"YAML with dataset_path: json and dataset_kwargs: {{data_files: ...}} naming local files, "
+                            f"and pass its folder (--tasks DIR or --include-path DIR)") from None
+        built += list(loaded["groups"].values())[:1] if name in loaded["groups"] else list(loaded["tasks"].values())
+    return built
+
+
+# ------------------------------------------------------------------------------------------------- evaluating
+
+@contextlib.contextmanager
+def _random_state_kept():
+    """lm-eval seeds Python's, numpy's and torch's global generators; the caller gets its own back."""
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+
+
+def _check_limit(limit):
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0 \
+            or (limit >= 1 and limit != int(limit)):
+        raise UserError(f"--limit {limit} evaluates nothing or is unclear; give a number of items per task (e.g. 100) "
+                        f"or a fraction of them below 1 (e.g. 0.1)")
+    return int(limit) if limit >= 1 else float(limit)
+
+
+def evaluate(run: str | Path, tasks, num_fewshot: int | None = None, limit: int | float | None = None,
+             batch_size: int = DEFAULT_BATCH, device: str = "cpu", dtype: str = "float32",
+             checkpoint: str | None = None, include_path=None, log_samples: bool = False, max_length: int | None = None,
+             gen_kwargs: str | None = None, bootstrap_iters: int = 100_000) -> dict:
+    """lm-eval's results for a run (or its ONNX export) on tasks (see resolve_tasks), as its simple_evaluate returns
+    them, with "lmforge": the run, checkpoint, weights' sha256 and model config they came from. Nothing of the
+    caller's random state changes."""
+    _need_lm_eval()
+    from lm_eval import simple_evaluate
+    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
+                                    or num_fewshot < 0):
+        raise UserError(f"--num-fewshot {num_fewshot} must be 0 or more")
+    limit = _check_limit(limit)
+    names, manager = resolve_tasks(tasks, include_path)
+    lm = LmforgeLM(str(run), checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
+                   max_length=max_length)
+    with _random_state_kept():
+        built = _load_tasks(names, manager)
+        results = simple_evaluate(model=lm, tasks=built, num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=manager, log_samples=log_samples, gen_kwargs=gen_kwargs,
+                                  bootstrap_iters=bootstrap_iters, batch_size=lm.batch_size, device=device)
+    results["lmforge"] = _provenance(Path(run), checkpoint, lm.onnx)
+    return results
+
+
+def _provenance(run: Path, checkpoint, onnx: bool) -> dict:
+    from .download import sha256_file
+    from .runs import model_folder, read_run_config
+    if onnx:
+        meta = json.loads((run / "onnx.json").read_text())
+        return {"onnx": str(run), "model": meta.get("model")}
+    folder = model_folder(run, checkpoint)
+    weights = next(folder / w for w in ("model.safetensors", "adapter.safetensors") if (folder / w).is_file())
+    config = read_run_config(run)
+    step = folder.name.removeprefix("step-")
+    return {"run": str(run.resolve()), "checkpoint": str(folder.resolve()),
+            "step": int(step) if step.isdigit() else None, "weights": str(weights.resolve()),
+            "weights_sha256": sha256_file(weights), "config": config}
+
+
+def write_results(results: dict, out: str | Path) -> Path:
+    """lm-eval's results as JSON (what it cannot serialize, as it writes it), atomically."""
+    from lm_eval.utils import handle_non_serializable
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def evaluate_cli(args) -> int:
+    _need_lm_eval()
+    from lm_eval.utils import make_table
+    limit = None
+    if args.limit is not None:
+        try:
+            limit = float(args.limit)
+        except ValueError:
+            raise UserError(f"--limit {args.limit} is not a number") from None
+    results = evaluate(args.run, args.tasks, num_fewshot=args.num_fewshot, limit=limit, batch_size=args.batch_size,
+                       device=args.device, dtype=args.dtype, checkpoint=args.checkpoint,
+                       include_path=args.include_path, log_samples=args.log_samples, max_length=args.max_length,
+                       gen_kwargs=args.gen_kwargs)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    if args.out:
+        print(f"results written to {write_results(results, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":  # lm-eval's own command line, with `lmforge` among its models
+    from lm_eval.__main__ import cli_evaluate
+    cli_evaluate()
