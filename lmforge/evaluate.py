@@ -30,6 +30,7 @@ import math
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,10 @@ import torch.nn.functional as F
 from .errors import UserError
 
 try:
-    from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
+    with warnings.catch_warnings():  # lm-eval's dependencies add warning filters as they import; not in our name
+        from lm_eval.api.model import TemplateLM
+        from lm_eval.api.registry import register_model
+        import lm_eval.models  # noqa: F401  (its own names first: it lists them only while its registry is empty)
 except ImportError:  # the extra is missing: evaluate() and the verb say so in one line
     TemplateLM, register_model = object, None
 
@@ -112,7 +115,9 @@ class LmforgeLM(TemplateLM):
         super().__init__()
         path = Path(run)
         self.onnx = (path / "onnx.json").is_file()
-        self.scorer = _OnnxScorer(path) if self.onnx else _RunScorer(path, checkpoint, device or "cpu", dtype)
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # as lm-eval's hf model treats its default
+        self.scorer = _OnnxScorer(path) if self.onnx else _RunScorer(path, checkpoint, device, dtype)
         self.tok, self.config = self.scorer.tokenizer, self.scorer.config
         self.run, self.checkpoint, self.dtype = path, checkpoint, dtype
         self.batch_size = _positive_int("batch_size", batch_size, DEFAULT_BATCH)
@@ -239,7 +244,6 @@ class LmforgeLM(TemplateLM):
 
 
 if register_model is not None:
-    import lm_eval.models  # noqa: F401  (lm-eval's own names first: it lists them only while its registry is empty)
     register_model("lmforge")(LmforgeLM)
 
 
@@ -269,6 +273,7 @@ def _check_yaml(folder: Path) -> None:
 
 def _task_names(folder: Path) -> list[str]:
     import yaml
+    _check_yaml(folder)
 
     class Loader(yaml.SafeLoader):
         pass
@@ -305,7 +310,7 @@ def resolve_tasks(tasks, include_path=None):
     for folder in folders:
         if not folder.is_dir():
             raise UserError(f"--include-path {folder}: no such folder")
-        _check_yaml(folder)
+        _check_yaml(folder)  # (again for a --tasks folder: cheap)
     names = list(dict.fromkeys(names))
     paths = [str(f) for f in folders] or None
     manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
@@ -358,7 +363,7 @@ def _check_limit(limit):
         return None
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0 \
             or (limit >= 1 and limit != int(limit)):
-        raise UserError(f"--limit {limit} evaluates nothing or is unclear; give a number of items per task (e.g. 100) "
+        raise UserError(f"--limit {limit:g} evaluates nothing or is unclear; give a number of items per task (e.g. 100) "
                         f"or a fraction of them below 1 (e.g. 0.1)")
     return int(limit) if limit >= 1 else float(limit)
 
@@ -372,15 +377,22 @@ def evaluate(run: str | Path, tasks, num_fewshot: int | None = None, limit: int 
     caller's random state changes."""
     _need_lm_eval()
     from lm_eval import simple_evaluate
+
+    from .runs import check_device
     if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
                                     or num_fewshot < 0):
         raise UserError(f"--num-fewshot {num_fewshot} must be 0 or more")
     limit = _check_limit(limit)
+    check_device(device)  # asked for by name here: a missing GPU is an error, not a fallback
     names, manager = resolve_tasks(tasks, include_path)
     lm = LmforgeLM(str(run), checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
                    max_length=max_length)
     with _random_state_kept():
         built = _load_tasks(names, manager)
+        if lm.onnx:
+            leaves = [t for b in built for t in (b.get_all_tasks() if hasattr(b, "get_all_tasks") else [b])]
+            if any(t.get_config("output_type") == "generate_until" for t in leaves):
+                lm.generate_until([None])  # its one-line refusal, before any item runs
         results = simple_evaluate(model=lm, tasks=built, num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, log_samples=log_samples, gen_kwargs=gen_kwargs,
                                   bootstrap_iters=bootstrap_iters, batch_size=lm.batch_size, device=device)
