@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import json
 import math
 import os
 import random
 import tempfile
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +41,26 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
+
+
+@contextlib.contextmanager
+def _process_kept():
+    """Warning filters and environment variables as they were: lm-eval and its dependencies set both as they import
+    and run (HF_XET_HIGH_PERFORMANCE, KMP_DUPLICATE_LIB_OK, TORCHINDUCTOR_CACHE_DIR, ...)."""
+    environ = dict(os.environ)
+    with warnings.catch_warnings():
+        try:
+            yield
+        finally:
+            for key in set(os.environ) - set(environ):
+                del os.environ[key]
+            for key, value in environ.items():
+                if os.environ.get(key) != value:
+                    os.environ[key] = value
+
+
 try:
-    with warnings.catch_warnings():  # lm-eval's dependencies add warning filters as they import; not in our name
+    with _process_kept():
         from lm_eval.api.model import TemplateLM
         from lm_eval.api.registry import register_model
         import lm_eval.models  # noqa: F401  (its own names first: it lists them only while its registry is empty)
@@ -122,6 +142,9 @@ class LmforgeLM(TemplateLM):
         self.run, self.checkpoint, self.dtype = path, checkpoint, dtype
         self.batch_size = _positive_int("batch_size", batch_size, DEFAULT_BATCH)
         self._max_length = _positive_int("max_length", max_length, self.config.block_size)
+        if self._max_length > self.config.block_size and not self.config.extrapolates:
+            raise UserError(f"max_length={self._max_length} is past block_size={self.config.block_size}, which "
+                            f"position={self.config.position!r} cannot go past; give at most {self.config.block_size}")
         self._engine = None
 
     # --- what TemplateLM asks for
@@ -146,6 +169,16 @@ class LmforgeLM(TemplateLM):
 
     def tok_decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
+
+    def chat_template(self, chat_template=False):
+        if chat_template:
+            raise UserError("the lmforge model class does not apply chat templates yet; evaluate without "
+                            "--apply_chat_template")
+        return None
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"lmforge:{self.run}"
 
     def get_model_info(self) -> dict:
         return {"lmforge_run": str(self.run), "lmforge_checkpoint": self.checkpoint, "model_dtype": self.dtype,
@@ -218,21 +251,17 @@ class LmforgeLM(TemplateLM):
         if self._engine is None:
             self._engine = Engine(self.scorer.model, self.tok, max_batch=min(self.batch_size, len(requests)),
                                   max_seq_len=self.max_length)
-        batch, stops = [], []
-        for i, (context, kwargs) in enumerate(r.args for r in requests):
-            kwargs = dict(kwargs or {})
-            until = kwargs.pop("until", None)
-            until = [until] if isinstance(until, str) else list(until or [])
-            if not all(isinstance(s, str) and s for s in until):
-                raise UserError(f"generation_kwargs until={until!r} must be non-empty strings")
-            new = _positive_int("max_gen_toks", kwargs.pop("max_gen_toks", 256), 256)
-            new = min(new, self.max_length - 1)
-            sample = bool(kwargs.pop("do_sample", False))
-            temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0))
+        batch, stops, seen = [], [], Counter()
+        for context, kwargs in (r.args for r in requests):
+            settings = _generation_settings(kwargs, self.max_length)
+            key = json.dumps([context, settings], sort_keys=True, default=str)
+            seen[key] += 1  # a task's repeats of one item draw different samples, the same ones every run
+            seed = int(hashlib.sha256(f"{key}#{seen[key]}".encode()).hexdigest()[:15], 16)
+            new = settings["max_gen_toks"]
             ids = self.tok_encode(context)[-(self.max_length - new):]  # the context cut as lm-eval's hf model cuts it
-            batch.append(Request(ids, new, temperature if sample else 0.0, kwargs.get("top_k"), kwargs.get("top_p"),
-                                 stop=until, seed=1234 + i))
-            stops.append(until)
+            batch.append(Request(ids, new, settings["temperature"] if settings["do_sample"] else 0.0,
+                                 settings["top_k"], settings["top_p"], stop=settings["until"], seed=seed))
+            stops.append(settings["until"])
         texts = run_requests(self._engine, batch, text=True)
         out = []
         for r, text, until in zip(requests, texts, stops):
@@ -243,14 +272,56 @@ class LmforgeLM(TemplateLM):
         return out
 
 
+GENERATION_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
+
+
+def _generation_settings(kwargs, max_length: int) -> dict:
+    """A generate_until request's settings, checked: unknown keys, values of the wrong kind and a max_gen_toks that
+    leaves its context no room are one-line errors, not silently ignored."""
+    kwargs = dict(kwargs or {})
+    unknown = sorted(set(kwargs) - set(GENERATION_KEYS))
+    if unknown:
+        raise UserError(f"generation setting {unknown[0]!r} is not one lmforge's model class takes; it takes "
+                        f"{', '.join(GENERATION_KEYS)}")
+    until = kwargs.get("until")
+    until = [until] if isinstance(until, str) else until if isinstance(until, list) else [] if until is None else None
+    if until is None or not all(isinstance(s, str) and s for s in until):
+        raise UserError(f"generation setting until={kwargs.get('until')!r} must be a non-empty string or a list of them")
+    new = _positive_int("max_gen_toks", kwargs.get("max_gen_toks", 256), 256)
+    if new >= max_length:
+        raise UserError(f"max_gen_toks={new} leaves no room for the context within max_length={max_length}; pass "
+                        f"--gen-kwargs max_gen_toks=N with N well below {max_length}, or a larger --max-length")
+    sample = kwargs.get("do_sample", False)
+    if not isinstance(sample, bool):
+        raise UserError(f"generation setting do_sample={sample!r} must be true or false")
+    numbers = {}
+    for name, low, high, kind in (("temperature", 0.0, None, float), ("top_p", 0.0, 1.0, float),
+                                  ("top_k", 1, None, int)):
+        value = kwargs.get(name)
+        if value is None:
+            numbers[name] = 1.0 if name == "temperature" else None
+            continue
+        try:
+            number = kind(float(value)) if kind is float or float(value).is_integer() else None
+        except (TypeError, ValueError):
+            number = None
+        if isinstance(value, bool) or number is None or number < low or (high is not None and number > high) \
+                or (name == "top_p" and number == 0):
+            raise UserError(f"generation setting {name}={value!r} must be a number"
+                            f"{f' from {low} to {high}' if high is not None else f' of at least {low}'}")
+        numbers[name] = None if name == "top_p" and number == 1.0 else number
+    return {"until": until, "max_gen_toks": new, "do_sample": sample, **numbers}
+
+
 if register_model is not None:
     register_model("lmforge")(LmforgeLM)
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
 
-def _check_yaml(folder: Path) -> None:
-    """Every task YAML of a folder parses (lm-eval's !function tags aside), or a one-line error names the file."""
+def _task_yaml(folder: Path) -> list[tuple[Path, dict]]:
+    """Every task YAML of a folder, parsed (lm-eval's !function tags read as nothing), or a one-line error naming
+    the file that does not parse or is no mapping."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -259,6 +330,7 @@ def _check_yaml(folder: Path) -> None:
     files = sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.yml"))
     if not files:
         raise UserError(f"{folder} holds no task YAML (*.yaml)")
+    docs = []
     for file in files:
         try:
             doc = yaml.load(file.read_text(encoding="utf-8"), Loader=Loader)
@@ -269,21 +341,13 @@ def _check_yaml(folder: Path) -> None:
                             f"it") from None
         if not isinstance(doc, dict):
             raise UserError(f"{file} is not an lm-eval task (a mapping with task: or group:)")
+        docs.append((file, doc))
+    return docs
 
 
 def _task_names(folder: Path) -> list[str]:
-    import yaml
-    _check_yaml(folder)
-
-    class Loader(yaml.SafeLoader):
-        pass
-    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
-    names = []
-    for file in sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.yml")):
-        doc = yaml.load(file.read_text(encoding="utf-8"), Loader=Loader)
-        name = doc.get("task") or doc.get("group")
-        if isinstance(name, str):
-            names.append(name)
+    names = [doc.get("task") or doc.get("group") for _, doc in _task_yaml(folder)]
+    names = [n for n in names if isinstance(n, str)]
     if not names:
         raise UserError(f"{folder}: none of its YAML files names a task (task: NAME)")
     return names
@@ -310,7 +374,7 @@ def resolve_tasks(tasks, include_path=None):
     for folder in folders:
         if not folder.is_dir():
             raise UserError(f"--include-path {folder}: no such folder")
-        _check_yaml(folder)  # (again for a --tasks folder: cheap)
+        _task_yaml(folder)  # (again for a --tasks folder: cheap)
     names = list(dict.fromkeys(names))
     paths = [str(f) for f in folders] or None
     manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
@@ -347,10 +411,11 @@ def _load_tasks(names: list[str], manager):
 # ------------------------------------------------------------------------------------------------- evaluating
 
 @contextlib.contextmanager
-def _random_state_kept():
-    """lm-eval seeds Python's, numpy's and torch's global generators; the caller gets its own back."""
+def _random_state_kept(device: str):
+    """lm-eval seeds Python's, numpy's and torch's global generators (the GPU's too); the caller gets its own back."""
     state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device).index or 0] if cuda else []):
         try:
             yield
         finally:
@@ -376,7 +441,8 @@ def evaluate(run: str | Path, tasks, num_fewshot: int | None = None, limit: int 
     them, with "lmforge": the run, checkpoint, weights' sha256 and model config they came from. Nothing of the
     caller's random state changes."""
     _need_lm_eval()
-    from lm_eval import simple_evaluate
+    with _process_kept():
+        from lm_eval import simple_evaluate
 
     from .runs import check_device
     if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
@@ -387,7 +453,7 @@ def evaluate(run: str | Path, tasks, num_fewshot: int | None = None, limit: int 
     names, manager = resolve_tasks(tasks, include_path)
     lm = LmforgeLM(str(run), checkpoint=checkpoint, device=device, dtype=dtype, batch_size=batch_size,
                    max_length=max_length)
-    with _random_state_kept():
+    with _random_state_kept(lm.scorer.device if not lm.onnx else "cpu"), _process_kept():
         built = _load_tasks(names, manager)
         if lm.onnx:
             leaves = [t for b in built for t in (b.get_all_tasks() if hasattr(b, "get_all_tasks") else [b])]
@@ -410,24 +476,45 @@ def _provenance(run: Path, checkpoint, onnx: bool) -> dict:
     weights = next(folder / w for w in ("model.safetensors", "adapter.safetensors") if (folder / w).is_file())
     config = read_run_config(run)
     step = folder.name.removeprefix("step-")
-    return {"run": str(run.resolve()), "checkpoint": str(folder.resolve()),
-            "step": int(step) if step.isdigit() else None, "weights": str(weights.resolve()),
-            "weights_sha256": sha256_file(weights), "config": config}
+    out = {"run": str(run.resolve()), "checkpoint": str(folder.resolve()),
+           "step": int(step) if step.isdigit() else None, "weights": str(weights.resolve()),
+           "weights_sha256": sha256_file(weights), "config": config}
+    if weights.name == "adapter.safetensors":  # a LoRA run: its base's weights too, as the adapter recorded them
+        from .lora import adapter_settings
+        out["base"] = {k: v for k, v in (adapter_settings(folder) or adapter_settings(run) or {}).items()
+                       if k not in ("rank", "alpha", "dropout", "modules")}
+    return out
 
 
 def write_results(results: dict, out: str | Path) -> Path:
     """lm-eval's results as JSON (what it cannot serialize, as it writes it), atomically."""
     from lm_eval.utils import handle_non_serializable
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    out = check_out(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    except OSError as e:
+        raise UserError(f"--out {out}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
         os.replace(tmp, out)
+    except OSError as e:
+        raise UserError(f"--out {out}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return out
+
+
+def check_out(out: str | Path) -> Path:
+    """Where results may go: not a folder, somewhere writable (checked before an evaluation spends its time)."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the results file, e.g. {out / 'results.json'}")
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {parent} is not a folder this process may write in")
     return out
 
 
@@ -440,6 +527,8 @@ def evaluate_cli(args) -> int:
             limit = float(args.limit)
         except ValueError:
             raise UserError(f"--limit {args.limit} is not a number") from None
+    if args.out:
+        check_out(args.out)
     results = evaluate(args.run, args.tasks, num_fewshot=args.num_fewshot, limit=limit, batch_size=args.batch_size,
                        device=args.device, dtype=args.dtype, checkpoint=args.checkpoint,
                        include_path=args.include_path, log_samples=args.log_samples, max_length=args.max_length,

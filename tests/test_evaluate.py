@@ -136,6 +136,12 @@ def test_rolling_perplexity_and_generation_equal_transformers(world):
     for metric in ("word_perplexity,none", "bits_per_byte,none"):
         assert a["results"]["animals_ppl"][metric] == pytest.approx(c["results"]["animals_ppl"][metric], rel=1e-4)
     assert a["results"]["animals_gen"]["exact_match,none"] == c["results"]["animals_gen"]["exact_match,none"] > 0.5
+    sampled = "do_sample=true,temperature=1.5"  # an item's sample is its own, whichever tasks run beside it
+    alone = evaluate(world / "run", ["animals_gen"], include_path=world / "tasks", log_samples=True,
+                     gen_kwargs=sampled)
+    beside = evaluate(world / "run", ["animals_ppl", "animals_gen"], include_path=world / "tasks", log_samples=True,
+                      gen_kwargs=sampled)
+    assert _scores(alone, "animals_gen") == _scores(beside, "animals_gen") != _scores(a, "animals_gen")
 
 
 def test_the_cli_and_lm_evals_own_command_line(world, tmp_path, capsys):
@@ -143,6 +149,7 @@ def test_the_cli_and_lm_evals_own_command_line(world, tmp_path, capsys):
     `python -m lmforge.evaluate` is lm-eval's command line with `lmforge` among its models; the caller's random
     state is as it was."""
     states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    environ = dict(os.environ)
     assert main(["evaluate", str(world / "run"), "--tasks", str(world / "tasks"), "--limit", "10",
                  "--out", str(tmp_path / "results.json")]) == 0
     out = capsys.readouterr().out
@@ -151,7 +158,7 @@ def test_the_cli_and_lm_evals_own_command_line(world, tmp_path, capsys):
     assert set(saved["results"]) == {"animals_mc", "animals_gen", "animals_ppl"}
     assert saved["config"]["limit"] == 10 and saved["lmforge"]["run"] == str((world / "run").resolve())
     assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
-    assert torch.equal(torch.get_rng_state(), states[2])
+    assert torch.equal(torch.get_rng_state(), states[2]) and dict(os.environ) == environ
     proc = subprocess.run([sys.executable, "-m", "lmforge.evaluate", "--model", "lmforge", "--model_args",
                            f"run={world / 'run'}", "--batch_size", "4", "--tasks", "animals_mc", "--include_path",
                            str(world / "tasks"), "--limit", "10"], capture_output=True, text=True, timeout=300)
@@ -194,6 +201,15 @@ def test_bad_input_is_one_line(world, onnx_export, tmp_path, capsys):
                                                               "--include-path", tasks, "--limit", "2")
     with pytest.raises(UserError, match="batch_size=0 must be a positive integer"):
         evaluate(run, ["animals_mc"], include_path=tasks, batch_size=0)
+    for settings, words in (("max_new_tokens=3", "'max_new_tokens' is not one"),
+                            ("do_sample=true,temperature=x", "temperature='x' must be a number"),
+                            ("max_gen_toks=64", "max_gen_toks=64 leaves no room")):
+        assert words in fails(run, "--tasks", "animals_gen", "--include-path", tasks, "--gen-kwargs", settings)
+    assert "is a folder; name the results file" in fails(run, "--tasks", tasks, "--out", str(tmp_path))
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_serve import make_run
+    learned = make_run(tmp_path / "learned", position="learned")
+    assert "max_length=200 is past block_size=128" in fails(str(learned), "--tasks", tasks, "--max-length", "200")
 
 
 def test_an_onnx_export_scores_as_the_run(world, onnx_export):

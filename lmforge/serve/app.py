@@ -533,8 +533,9 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
         server.check_model(model_id)
         return card()
 
-    # vLLM's tokenizer routes, which lm-eval's local-completions finds and uses instead of a local tokenizer
-    @app.post("/tokenize", dependencies=[Depends(authorized)])
+    # vLLM's tokenizer routes, which lm-eval's local-completions finds and uses instead of a local tokenizer; open
+    # like vLLM's (its key guards /v1 only): they tell the tokenizer, never run the model
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         if body.model is not None:
             server.check_model(body.model)
@@ -548,7 +549,7 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
             ids = [tokenizer.bos_id] + ids
         return {"tokens": ids, "count": len(ids), "max_model_len": server.max_seq_len}
 
-    @app.post("/detokenize", dependencies=[Depends(authorized)])
+    @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         if body.model is not None:
             server.check_model(body.model)
@@ -557,7 +558,7 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
         except UserError as e:
             raise APIError(400, f"tokens: {e}", param="tokens") from None
 
-    @app.get("/tokenizer_info", dependencies=[Depends(authorized)])
+    @app.get("/tokenizer_info")
     async def tokenizer_info():
         tokenizer = server.engine.tokenizer
         specials = {i: s for s, i in tokenizer.special_tokens.items()}
