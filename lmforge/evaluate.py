@@ -239,13 +239,16 @@ class LmforgeLM(TemplateLM):
         return totals
 
     # --- generation
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from .engine import Engine, Request
-        from .generation import run_requests
+    def check_generates(self) -> None:
         if self.onnx:
             raise UserError("generate_until tasks run on the engine, which an ONNX export does not have; evaluate "
                             "the run itself (lmforge evaluate RUN), or give this export loglikelihood tasks only "
                             "(multiple choice, perplexity)")
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from .engine import Engine, Request
+        from .generation import run_requests
+        self.check_generates()
         if not requests:
             return []
         if self._engine is None:
@@ -455,10 +458,9 @@ def evaluate(run: str | Path, tasks, num_fewshot: int | None = None, limit: int 
                    max_length=max_length)
     with _random_state_kept(lm.scorer.device if not lm.onnx else "cpu"), _process_kept():
         built = _load_tasks(names, manager)
-        if lm.onnx:
-            leaves = [t for b in built for t in (b.get_all_tasks() if hasattr(b, "get_all_tasks") else [b])]
-            if any(t.get_config("output_type") == "generate_until" for t in leaves):
-                lm.generate_until([None])  # its one-line refusal, before any item runs
+        leaves = [t for b in built for t in (b.get_all_tasks() if hasattr(b, "get_all_tasks") else [b])]
+        if any(t.get_config("output_type") == "generate_until" for t in leaves):
+            lm.check_generates()  # before any item runs
         results = simple_evaluate(model=lm, tasks=built, num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, log_samples=log_samples, gen_kwargs=gen_kwargs,
                                   bootstrap_iters=bootstrap_iters, batch_size=lm.batch_size, device=device)

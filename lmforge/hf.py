@@ -206,9 +206,8 @@ def converted(files: Checkpoint, family: Family, cfg: ModelConfig, shapes: dict[
     wanted = {ours: family.hf_names(ours) for ours in shapes}
     found = present | set(alias)
     missing = [n for names in wanted.values() for n in names if n not in found]
-    if missing and not (cfg.tie_embeddings and missing == ["lm_head.weight"]):
-        raise UserError(f"{files.folder}: the {family.name} checkpoint lacks the tensor "
-                        f"{next(n for n in missing if n != 'lm_head.weight')}")
+    if missing:  # (a tied output layer is not wanted: it is the embedding)
+        raise UserError(f"{files.folder}: the {family.name} checkpoint lacks the tensor {missing[0]}")
     used = {alias.get(n, n) for names in wanted.values() for n in names}
     extra = sorted(present - used)
     if extra:
@@ -217,8 +216,6 @@ def converted(files: Checkpoint, family: Family, cfg: ModelConfig, shapes: dict[
 
     def tensor(ours: str) -> torch.Tensor:
         parts = family.family_shapes(ours, tuple(shapes[ours]), cfg)
-        if ours == "lm_head.weight" and "lm_head.weight" not in found:
-            parts = family.family_shapes("wte.weight", tuple(shapes[ours]), cfg)
         pieces = [files.get(alias.get(n, n)) for n, _ in parts]
         for (n, expect), p in zip(parts, pieces):
             if tuple(p.shape) != tuple(expect):
