@@ -162,8 +162,10 @@ def latest_checkpoint(run: Path) -> Path:
     return found[-1]
 
 
-def load_weights(model, path: Path) -> None:
-    """Load safetensors weights into model (tied weights are stored once)."""
+def load_weights(model, path: Path, new_rows: bool = False) -> None:
+    """Load safetensors weights into model (tied weights are stored once). new_rows: the model's vocabulary may
+    hold more rows than the weights (tokens added to the tokenizer); each new row of the embedding and output layer
+    starts as the mean of the old rows (as transformers' resize_token_embeddings does)."""
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -174,6 +176,12 @@ def load_weights(model, path: Path) -> None:
         if "wte.weight" not in state and "lm_head.weight" in state:
             state["wte.weight"] = state["lm_head.weight"]
     shapes = model.state_dict()
+    if new_rows:
+        for key in ("wte.weight", "lm_head.weight"):
+            old, want = state.get(key), shapes.get(key)
+            if old is not None and want is not None and old.shape[1:] == want.shape[1:] and old.shape[0] < want.shape[0]:
+                mean = old.float().mean(0, keepdim=True).to(old.dtype)
+                state[key] = torch.cat([old, mean.expand(want.shape[0] - old.shape[0], -1)])
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(shapes[k].shape)}" for k, v in state.items()
              if k in shapes and v.shape != shapes[k].shape]
     if wrong:

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
       "lmforge prepare shakespeare --tokenizer char --out data/shakespeare-char")
 def _prepare_args(p):
     p.add_argument("source", help="a file, folder or glob of .txt/.md/.jsonl/.parquet (.gz/.zst too), a URL, "
-                                  "hf:NAME[:CONFIG], a .jsonl of prompt/completion pairs, or the built-in 'shakespeare'")
+                                  "hf:NAME[:CONFIG], a .jsonl of pairs, conversations or preferences, or the built-in "
+                                  "'shakespeare'")
     p.add_argument("--out", required=True, help="output data directory")
     p.add_argument("--tokenizer", default="char", help="char | bpe:VOCAB (e.g. bpe:8192) | gpt2 (default: char)")
     p.add_argument("--tokenizer-from", help="reuse the tokenizer of a run or data directory")
@@ -108,6 +109,8 @@ def _prepare_args(p):
                    help="tokens per output file; more make numbered shards (default 500,000,000)")
     p.add_argument("--tokenizer-sample", type=int, default=None, metavar="CHARS",
                    help="learn a char/BPE vocabulary from the first CHARS characters of training text only")
+    p.add_argument("--max-len", type=int, help="conversations and preferences: refuse a row longer than this many "
+                                               "tokens")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
@@ -212,13 +215,20 @@ def _serve_args(p):
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-@verb("finetune", "finetune:finetune_cli", "Fine-tune a run on prompt/completion pairs, fully or with LoRA.",
-      "lmforge finetune runs/base --data pairs.jsonl --out runs/tuned --lora-rank 8 --max_steps=500")
+@verb("finetune", "finetune:finetune_cli",
+      "Fine-tune a run on prompt/completion pairs or conversations, or on preferences (DPO); fully or with LoRA.",
+      "lmforge finetune runs/base --data chats.jsonl --out runs/chat --max_steps=500")
 def _finetune_args(p):
     p.add_argument("run", help="the base run")
-    p.add_argument("--data", required=True, help="a pairs .jsonl (prepared with the run's tokenizer) or a prepared "
-                                                 "data directory")
-    p.add_argument("--val", help="a .jsonl of validation pairs (default: the last 10%% of --data)")
+    p.add_argument("--data", required=True, help="a .jsonl of pairs {prompt, completion}, conversations {messages}, "
+                                                 "or with --method dpo preferences {prompt, chosen, rejected}; or a "
+                                                 "prepared data directory")
+    p.add_argument("--val", help="a .jsonl of validation rows (default: the last 10%% of --data)")
+    p.add_argument("--method", default="sft", choices=["sft", "dpo"],
+                   help="sft: learn the replies (default); dpo: prefer chosen over rejected, against the base")
+    p.add_argument("--beta", type=float, help="DPO's beta (default 0.1): larger keeps the policy nearer the base")
+    p.add_argument("--max-len", type=int, help="refuse a row longer than this many tokens (default: cut rows longer "
+                                               "than the context from the left, and say how many)")
     p.add_argument("--out", required=True, help="the new run's directory")
     p.add_argument("--config", help="a TOML file of TrainConfig fields")
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (default 0: all weights)")

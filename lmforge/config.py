@@ -309,6 +309,8 @@ class TrainConfig(_ConfigMixin):
     lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) * B @ A
     lora_targets: str = "attn,mlp"  # comma-separated module names that take LoRA (attn, mlp, c_attn, c_fc, ...)
     lora_dropout: float = 0.0  # dropout on the LoRA path's input
+    method: str = "sft"  # sft: learn the data's targets | dpo: preference tuning against init_from as reference
+    dpo_beta: float = 0.1  # DPO's beta: how far from the reference the policy may move (larger = closer)
     overwrite: bool = False  # allow training into a run directory that already holds checkpoints
     progress: bool = True  # show a progress bar
 
@@ -339,6 +341,12 @@ class TrainConfig(_ConfigMixin):
         if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise UserError(f"need lora_rank >= 0, lora_alpha > 0 and 0 <= lora_dropout < 1, got {self.lora_rank}, "
                             f"{self.lora_alpha}, {self.lora_dropout}")
+        _check_choice("method", self.method, ("sft", "dpo"))
+        if self.dpo_beta <= 0:
+            raise UserError(f"dpo_beta={self.dpo_beta} must be positive")
+        if self.method == "dpo" and not self.init_from:
+            raise UserError("method=dpo tunes a base run against itself as the reference: set init_from "
+                            "(lmforge finetune BASE --method dpo does)")
         if self.lora_rank and not self.init_from:
             raise UserError("lora_rank > 0 trains adapters on a base run: set init_from (lmforge finetune does)")
         self.model_config({"vocab_size": 256})  # fail now, not after loading data, on a bad model table

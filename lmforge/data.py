@@ -107,9 +107,11 @@ def _write_json(path: Path, obj) -> None:
 def prepare(source: str, out: str | Path, tokenizer: str = "char", val_fraction: float = 0.1, split: str = "auto",
             errors: str = "strict", force: bool = False, tokenizer_from: str | None = None, text_field: str = "text",
             workers: int | None = None, shard_tokens: int = SHARD_TOKENS, tokenizer_sample: int | None = None,
-            progress: bool = False, val_pairs: str | None = None) -> Prepared:
+            progress: bool = False, val_pairs: str | None = None, max_len: int | None = None) -> Prepared:
     """Tokenize SOURCE into OUT, streaming (see the module docstring). A `.jsonl` file of prompt/completion rows makes
-    a pairs dataset. workers: encoding processes (default: every core); shard_tokens: tokens per output file;
+    a pairs dataset; of {"messages": [...]} rows, a conversations dataset; of prompt/chosen/rejected rows, a
+    preferences dataset (max_len: refuse a row longer than this many tokens instead of cutting it in training).
+    workers: encoding processes (default: every core); shard_tokens: tokens per output file;
     tokenizer_sample: learn a char/BPE vocabulary from the first this-many characters of training text only;
     val_pairs: a .jsonl of pairs to validate on (default: the last val_fraction of the pairs)."""
     out = Path(out)
@@ -132,9 +134,13 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", val_fraction:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     try:
-        if _is_pairs(source, text_field):
+        rows = _rows_kind(source, text_field)
+        if rows == "pairs":
             meta = _prepare_pairs(Path(source), tmp, tokenizer, val_fraction, tokenizer_from,
                                   Path(val_pairs) if val_pairs else None)
+        elif rows is not None:
+            meta = _prepare_sequences(rows, Path(source), tmp, tokenizer, val_fraction, tokenizer_from,
+                                      Path(val_pairs) if val_pairs else None, max_len)
         else:
             meta = _prepare_text(source, tmp, tokenizer, val_fraction, split, errors, tokenizer_from, text_field,
                                  workers, shard_tokens, tokenizer_sample, progress)
@@ -145,20 +151,27 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", val_fraction:
     return Prepared(out, meta)
 
 
-def _is_pairs(source: str, text_field: str) -> bool:
-    """A plain .jsonl file whose first row has prompt and completion (and not the text field) holds pairs."""
+def _rows_kind(source: str, text_field: str) -> str | None:
+    """What a plain .jsonl file's first row holds: "pairs" (prompt, completion), "messages" (a conversation),
+    "preferences" (prompt, chosen, rejected), or None (text rows, read by the corpus streams)."""
     path = Path(source)
     if path.suffix != ".jsonl" or not path.is_file():
-        return False
+        return None
     with open(path, "rb") as f:
         for line in f:
             if line.strip():
                 try:
                     row = json.loads(line)
                 except ValueError:
-                    return True  # read_pairs names the line
-                return isinstance(row, dict) and "prompt" in row and "completion" in row and text_field not in row
-    return True
+                    return "pairs"  # read_pairs names the line
+                if not isinstance(row, dict) or text_field in row:
+                    return None
+                if "chosen" in row or "rejected" in row:
+                    return "preferences"
+                if "messages" in row:
+                    return "messages"
+                return "pairs" if "prompt" in row and "completion" in row else None
+    return "pairs"
 
 
 def _tokenizer_for(spec: str, text: str, tokenizer_from: str | None) -> tuple[Tokenizer, str]:
@@ -514,6 +527,137 @@ def _prepare_pairs(path: Path, tmp: Path, spec, val_fraction, tokenizer_from, va
             "split": rule}
 
 
+# --- conversations and preferences: token sequences with a per-token target mask (templates.py renders them)
+
+def read_rows(path: Path, kind: str) -> list:
+    """The rows of a conversations (kind "messages") or preferences file, each checked, naming the line of a bad one.
+    A preference row's prompt, chosen and rejected are text, or messages (then text parts become messages: the
+    prompt a user turn, a reply an assistant turn), as TRL's DPOTrainer takes them."""
+    from .templates import check_messages
+    if not path.is_file():
+        raise MissingFileError(f"no such file: {path}")
+    shape = ('{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}'
+             if kind == "messages" else '{"prompt": ..., "chosen": ..., "rejected": ...}')
+    rows = []
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg}); each line must be {shape}") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: each line must be {shape}")
+        if kind == "messages":
+            rows.append(check_messages(row.get("messages"), where))
+            continue
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+        if missing:
+            raise UserError(f"{where}: the preference row has no {' or '.join(repr(k) for k in missing)}; each line "
+                            f"must be {shape}")
+        if not all(isinstance(row[k], (str, list)) for k in ("prompt", "chosen", "rejected")):
+            raise UserError(f"{where}: prompt, chosen and rejected must each be text or a list of messages")
+        if all(isinstance(row[k], str) for k in ("prompt", "chosen", "rejected")):
+            if not row["chosen"] or not row["rejected"]:
+                raise UserError(f"{where}: chosen and rejected must not be empty")
+            rows.append((row["prompt"], row["chosen"], row["rejected"]))
+            continue
+        as_messages = {k: row[k] if isinstance(row[k], list) else
+                       [{"role": "user" if k == "prompt" else "assistant", "content": row[k]}]
+                       for k in ("prompt", "chosen", "rejected")}
+        prompt = check_messages(as_messages["prompt"], f"{where}: prompt", need_assistant=False)
+        replies = [check_messages(as_messages[k], f"{where}: {k}") for k in ("chosen", "rejected")]
+        rows.append((prompt, *replies))
+    if not rows:
+        raise UserError(f"{path} holds no rows; each line must be {shape}")
+    return rows
+
+
+def sequence_arrays(tok: Tokenizer, kind: str, rows: list, dtype=np.int64, source: str = "row",
+                    max_len: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All rows' token sequences in one array, their targets (1 = a token the loss covers) and an index of
+    (start, first target, length) rows: one sequence per conversation, two per preference row (chosen, rejected)."""
+    from .templates import conversation_ids
+    tokens, targets, index, start = [], [], [], 0
+
+    def add(ids: list[int], mask: list[int], n: int):
+        nonlocal start
+        if max_len is not None and len(ids) > max_len:
+            raise UserError(f"{source} {n}: {len(ids)} tokens, more than --max-len {max_len}; shorten it or raise "
+                            f"--max-len")
+        index.append((start, mask.index(1) if 1 in mask else len(mask), len(ids)))
+        tokens.extend(ids)
+        targets.extend(mask)
+        start += len(ids)
+
+    for n, row in enumerate(rows, 1):
+        where = f"{source} {n}"
+        if kind == "messages":
+            add(*conversation_ids(tok, row, where=where), n)
+        elif isinstance(row[0], str):
+            prompt, *replies = row
+            for reply in replies:
+                p, c = encode_pair(tok, prompt, reply)
+                add(p + c, [0] * len(p) + [1] * len(c), n)
+        else:
+            prompt, *replies = row
+            for reply in replies:
+                add(*conversation_ids(tok, prompt + reply, learn_from=len(prompt), where=where), n)
+    return (np.asarray(tokens, dtype=dtype), np.asarray(targets, dtype=np.uint8),
+            np.asarray(index, dtype=np.int64).reshape(-1, 3))
+
+
+def chat_tokenizer(tok: Tokenizer) -> Tokenizer:
+    """tok as conversations need it: its own chat template, or ChatML with ChatML's two special tokens added."""
+    from .templates import CHATML, CHATML_TOKENS
+    if tok.chat_template is not None:
+        return tok
+    return tok.with_special_tokens(CHATML_TOKENS, CHATML)
+
+
+def _prepare_sequences(kind: str, path: Path, tmp: Path, spec, val_fraction, tokenizer_from, val_path, max_len):
+    rows = read_rows(path, kind)
+    held_out = read_rows(val_path, kind) if val_path is not None else None
+    conversational = kind == "messages" or any(not isinstance(r[0], str) for r in rows + (held_out or []))
+    if tokenizer_from:
+        tok, spec = load_tokenizer(tokenizer_from), f"from:{tokenizer_from}"
+    else:  # a vocabulary learned from the text the rows render to
+        from .templates import CHATML, CHATML_TOKENS, render
+        texts = []
+        for r in rows + (held_out or []):
+            if kind == "messages" or not isinstance(r[0], str):
+                for messages in ([r] if kind == "messages" else [r[0] + r[1], r[0] + r[2]]):
+                    texts.append(render(CHATML, messages, eos_token=EOT))
+            else:
+                texts.append("".join(r))
+        text = "".join(texts)
+        for special in (*CHATML_TOKENS, EOT):
+            text = text.replace(special, "")
+        tok = make_tokenizer(spec, text)
+    if conversational:
+        tok = chat_tokenizer(tok)
+    if held_out is not None:
+        splits, rule = {"train": rows, "val": held_out}, f"validation rows are {val_path}"
+    else:
+        n_val = min(len(rows) - 1, max(1, round(len(rows) * val_fraction))) if len(rows) > 1 else 0
+        splits = {"train": rows[:len(rows) - n_val], "val": rows[len(rows) - n_val:]}
+        rule = f"the last {n_val} rows are validation"
+    dtype = token_dtype(tok.vocab_size)
+    for split, part in splits.items():
+        source = f"{val_path if split == 'val' and val_path else path}: row"
+        tokens, targets, index = sequence_arrays(tok, kind, part, dtype, source, max_len)
+        tokens.tofile(tmp / f"{split}.bin")
+        targets.tofile(tmp / f"{split}.targets.bin")
+        np.save(tmp / f"{split}.idx.npy", index)
+    tok.save(tmp / "tokenizer.json")
+    name = "conversations" if kind == "messages" else "preference rows"
+    return {"format": DATA_FORMAT, "version": DATA_VERSION, "kind": "pairs" if kind == "messages" else "preferences",
+            "rows": kind, "source": str(path.resolve()), "source_sha256": sha256_file(path), "tokenizer": spec,
+            "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "train_pairs": len(splits["train"]),
+            "val_pairs": len(splits["val"]), "split": rule, "describe": name}
+
+
 # ------------------------------------------------------------------------------------------------------- loading
 
 class Dataset:
@@ -552,6 +696,14 @@ class Dataset:
 
     def index(self, split: str) -> np.ndarray:
         return np.load(self.path / f"{split}.idx.npy")
+
+    def targets(self, split: str) -> np.ndarray | None:
+        """A conversations or preferences split's per-token targets (1 = the loss covers it); None for pairs,
+        whose targets are everything after the prompt."""
+        path = self.path / f"{split}.targets.bin"
+        if not path.is_file():
+            return None
+        return np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
 
     def __len__(self) -> int:
         return self.meta.get("train_tokens") or self.meta.get("train_pairs")
@@ -600,48 +752,62 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, s
     return data[:, :-1], data[:, 1:]
 
 
-def pair_batch(tokens: np.ndarray, index: np.ndarray, rows, block_size: int, pad_id: int):
-    """Right-padded prompt+completion batch: x, y (B, T), attention_mask (1 = token) and loss_mask (1 where y is a
-    completion token). Too-long examples keep the end of the prompt and the start of the completion."""
-    seqs, n_prompt = [], []
+def pair_batch(tokens: np.ndarray, index: np.ndarray, rows, block_size: int, pad_id: int,
+               targets: np.ndarray | None = None):
+    """Right-padded sequences: x, y (B, T), attention_mask (1 = token) and loss_mask (1 where y is a target: a
+    completion token, or with targets given, a token targets marks). Too-long examples: a pair keeps the end of its
+    prompt and the start of its completion; a conversation is cut from the left (after its last target)."""
+    seqs, masks = [], []
     for r in rows:
-        start, p_len, total = (int(v) for v in index[r])
+        start, first, total = (int(v) for v in index[r])
         ids = np.asarray(tokens[start:start + total], dtype=np.int64)
-        over = len(ids) - (block_size + 1)
-        if over > 0:  # cut the prompt's start first, then the completion's end
-            cut = min(over, max(p_len - 1, 0))
-            ids, p_len = ids[cut:], p_len - cut
-            ids = ids[:block_size + 1]
+        if targets is None:
+            mask = np.zeros(total, dtype=np.int64)
+            mask[first:] = 1
+            over = len(ids) - (block_size + 1)
+            if over > 0:  # cut the prompt's start first, then the completion's end
+                cut = min(over, max(first - 1, 0))
+                ids, mask = ids[cut:][:block_size + 1], mask[cut:][:block_size + 1]
+        else:
+            mask = np.asarray(targets[start:start + total], dtype=np.int64)
+            last = int(np.flatnonzero(mask)[-1]) + 1 if mask.any() else len(mask)
+            ids, mask = ids[:last][-(block_size + 1):], mask[:last][-(block_size + 1):]  # what follows teaches nothing
         seqs.append(ids)
-        n_prompt.append(p_len)
+        masks.append(mask)
     T = max(len(s) for s in seqs) - 1
     x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     y = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(len(seqs), T, dtype=torch.long)
     loss_mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, (ids, p_len) in enumerate(zip(seqs, n_prompt)):
+    for b, (ids, mask) in enumerate(zip(seqs, masks)):
         n = len(ids) - 1
         x[b, :n] = torch.from_numpy(ids[:-1])
         y[b, :n] = torch.from_numpy(ids[1:])
         attention_mask[b, :n] = 1
-        loss_mask[b, max(p_len - 1, 0):n] = 1  # target j is token j+1: completion tokens start at p_len
+        loss_mask[b, :n] = torch.from_numpy(mask[1:])  # target j is token j+1
     return x, y, attention_mask, loss_mask
 
 
 def get_pair_batch(data: Dataset, split: str, batch_size: int, block_size: int, seed: int, step: int, micro: int = 0):
+    """A batch of pairs or conversations; of a preferences dataset, batch_size rows as 2 x batch_size sequences:
+    the chosen replies first, then the rejected ones in the same order."""
     index = data.index(split)
-    rows = batch_rng(seed, step, micro).integers(0, len(index), size=batch_size)
-    return pair_batch(data.tokens(split), index, rows, block_size, data.tokenizer.eot_id)
+    if data.kind == "preferences":
+        picked = batch_rng(seed, step, micro).integers(0, len(index) // 2, size=batch_size)
+        rows = [2 * int(r) for r in picked] + [2 * int(r) + 1 for r in picked]
+    else:
+        rows = batch_rng(seed, step, micro).integers(0, len(index), size=batch_size)
+    return pair_batch(data.tokens(split), index, rows, block_size, data.tokenizer.eot_id, data.targets(split))
 
 
 def prepare_cli(args) -> int:
     result = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction, split=args.split,
                      errors=args.errors, force=args.force, tokenizer_from=args.tokenizer_from,
                      text_field=args.text_field, workers=args.workers, shard_tokens=args.shard_tokens,
-                     tokenizer_sample=args.tokenizer_sample, progress=sys.stderr.isatty())
+                     tokenizer_sample=args.tokenizer_sample, progress=sys.stderr.isatty(), max_len=args.max_len)
     m = result.meta
     sizes = (f"{m['train_tokens']:,} train / {m['val_tokens']:,} val tokens" if m["kind"] == "tokens"
-             else f"{m['train_pairs']:,} train / {m['val_pairs']:,} val pairs")
+             else f"{m['train_pairs']:,} train / {m['val_pairs']:,} val {m.get('describe', 'pairs')}")
     files = sum(len(f) for f in m.get("shards", {}).values())
     print(f"prepared {result.path}: {sizes}{f' in {files} files' if files > 2 else ''}, vocabulary "
           f"{m['vocab_size']:,} ({m['tokenizer']}), {m['split']}")

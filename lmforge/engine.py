@@ -174,6 +174,9 @@ class Engine:
                                 f"kernels; install one, or decode without compile")
         self.config, self.tokenizer = cfg, tokenizer
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eot_id", None)
+        # what ends a reply: eos_id alone when given, else the tokenizer's end-of-text and end-of-turn tokens
+        self.eos_ids = ({eos_id} if eos_id is not None else set(getattr(tokenizer, "stop_ids", None) or ())
+                        or {self.eos_id})
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.model = inference_copy(model, rows=max_batch)
         size = 2 * cfg.n_layer * max_batch * max_seq_len * cfg.kv_heads * cfg.head_dim * model.wte.weight.element_size()
@@ -447,7 +450,7 @@ class Engine:
         seq.ids.append(token)
         seq.pending = token
         seq.generated += 1
-        if r.stop_at_eos and token == self.eos_id:
+        if r.stop_at_eos and token in self.eos_ids:
             return self._finish(seq, event, "stop")
         if seq.stream is not None:
             event.text = seq.stream.feed(self.tokenizer.decode_bytes([token]))

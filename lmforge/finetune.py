@@ -23,17 +23,22 @@ from .data import Dataset, prepare
 from .errors import UserError
 from .lora import adapter_settings, merge_lora
 from .runs import check_output, load, read_run_config, refuse_quantized
+from .tokenizer import added_tokens, load_tokenizer
 from .train import print_summary, train
 
 # Settings that fit fine-tuning better than training's defaults; --field=value and --config override them.
 FINETUNE_DEFAULTS = {"max_steps": 300, "warmup_steps": 20, "eval_interval": 50, "eval_steps": 10, "batch_size": 16,
                      "lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.0}
 LORA_DEFAULTS = {"lr": 1e-2, "min_lr": 1e-3}  # a low-rank update of a frozen model takes larger steps
+DPO_DEFAULTS = {"lr": 1e-4, "min_lr": 1e-5, "method": "dpo"}  # preferences move a tuned model a little
+DPO_LORA_DEFAULTS = {"lr": 1e-3, "min_lr": 1e-4}
 
 
 def finetune_config(base: str | Path, data: str, out: str, overrides: dict | None = None,
-                    config_file: str | None = None, lora: dict | None = None) -> TrainConfig:
-    """The TrainConfig of fine-tuning base on data into out (lora: rank, alpha, targets, dropout, or None)."""
+                    config_file: str | None = None, lora: dict | None = None, method: str = "sft",
+                    beta: float | None = None) -> TrainConfig:
+    """The TrainConfig of fine-tuning base on data into out (lora: rank, alpha, targets, dropout, or None;
+    method: sft, or dpo with beta)."""
     import tomllib
     base_cfg = read_run_config(Path(base))
     refuse_quantized(base, base_cfg)
@@ -44,8 +49,13 @@ def finetune_config(base: str | Path, data: str, out: str, overrides: dict | Non
             given = {k: v for k, v in tomllib.load(f).items() if k != "model"}
     overrides = dict(overrides or {})
     uses_lora = bool(lora) or int(given.get("lora_rank", 0)) > 0 or int(overrides.get("lora_rank", 0) or 0) > 0
+    dpo = method == "dpo" or given.get("method") == "dpo" or overrides.get("method") == "dpo"
     values = {**FINETUNE_DEFAULTS, **(LORA_DEFAULTS if uses_lora else {}), "block_size": model.block_size,
               "sample_prompt": ""}
+    if dpo:
+        values.update({**DPO_DEFAULTS, **(DPO_LORA_DEFAULTS if uses_lora else {})})
+    if beta is not None:
+        values["dpo_beta"] = beta
     values.update({f"lora_{k}": v for k, v in (lora or {}).items()})
     values.update(given)
     values.update(data=str(Path(data).resolve()), out=str(out), init_from=str(Path(base).resolve()),
@@ -54,8 +64,12 @@ def finetune_config(base: str | Path, data: str, out: str, overrides: dict | Non
 
 
 def finetune(base: str | Path, data: str, out: str, val: str | None = None, overrides: dict | None = None,
-             config_file: str | None = None, lora: dict | None = None, resume: bool = False) -> dict:
-    """Fine-tune base on data (a prepared folder, or a pairs .jsonl prepared here with the base's tokenizer)."""
+             config_file: str | None = None, lora: dict | None = None, resume: bool = False, method: str = "sft",
+             beta: float | None = None, max_len: int | None = None) -> dict:
+    """Fine-tune base on data: a prepared folder, or a .jsonl prepared here with the base's tokenizer (pairs,
+    conversations, or with method="dpo" preference rows)."""
+    if method not in ("sft", "dpo"):
+        raise UserError(f"--method {method!r} must be sft or dpo")
     base, out = Path(base), Path(out)
     read_run_config(base)
     if out.resolve() == base.resolve() or base.resolve() in out.resolve().parents:
@@ -68,31 +82,41 @@ def finetune(base: str | Path, data: str, out: str, val: str | None = None, over
         shutil.rmtree(out)  # start over: nothing of the old run (adapter or weights) may linger beside the new one
     created = not out.exists()
     try:
-        return _finetune(base, data, out, val, overrides, config_file, lora, resume)
+        return _finetune(base, data, out, val, overrides, config_file, lora, resume, method, beta, max_len)
     except BaseException:
         if created and out.exists() and not complete_checkpoints(out):  # a failed start leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _finetune(base: Path, data: str, out: Path, val, overrides, config_file, lora, resume: bool) -> dict:
+def _finetune(base: Path, data: str, out: Path, val, overrides, config_file, lora, resume: bool, method: str,
+              beta, max_len) -> dict:
     if str(data).endswith(".jsonl"):
         prepared = out / "data"
         if not resume:
             prepared = prepare(str(data), prepared, tokenizer_from=str(base / "tokenizer.json"), val_pairs=val,
-                               force=True).path
+                               force=True, max_len=max_len).path
     else:
         prepared = Path(data)
     dataset = Dataset(prepared)
-    if json.loads((base / "tokenizer.json").read_text()) != json.loads((dataset.path / "tokenizer.json").read_text()):
+    added = added_tokens(load_tokenizer(base / "tokenizer.json"), dataset.tokenizer)
+    if added is None:
         raise UserError(f"the tokenizer of {dataset.path} differs from {base}'s; prepare the data with "
                         f"--tokenizer-from {base}")
-    cfg = finetune_config(base, str(prepared), str(out), overrides, config_file, lora)
-    if dataset.kind == "pairs":
+    uses_lora = bool(lora) or int((overrides or {}).get("lora_rank", 0) or 0) > 0
+    if added and uses_lora:
+        raise UserError(f"the chat template's tokens {', '.join(added)} are new to {base}, and LoRA cannot train "
+                        f"new embedding rows; fine-tune on the conversations without --lora-rank first")
+    if added:
+        print(f"added {', '.join(added)} to the tokenizer and the model's embedding (the chat template's tokens)")
+    cfg = finetune_config(base, str(prepared), str(out), overrides, config_file, lora, method, beta)
+    if dataset.kind in ("pairs", "preferences"):
         long = int((dataset.index("train")[:, 2] > cfg.block_size + 1).sum())
         if long:
-            print(f"{long} of {len(dataset.index('train'))} training pairs are longer than the context "
-                  f"({cfg.block_size} tokens): their prompts are cut from the left")
+            what = ("pairs are longer than the context ({} tokens): their prompts are cut from the left"
+                    if dataset.targets("train") is None else
+                    "sequences are longer than the context ({} tokens): they are cut from the left")
+            print(f"{long} of {len(dataset.index('train'))} training {what.format(cfg.block_size)}")
     summary = train(cfg, resume=resume)
     summary["trainable"], summary["total"] = _parameter_counts(cfg)
     summary["lora"] = cfg.lora_rank > 0
@@ -135,7 +159,8 @@ def finetune_cli(args) -> int:
     if args.lora_rank:
         lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets,
                 "dropout": args.lora_dropout}
-    summary = finetune(args.run, args.data, args.out, args.val, parse_overrides(args.overrides), args.config, lora)
+    summary = finetune(args.run, args.data, args.out, args.val, parse_overrides(args.overrides), args.config, lora,
+                       method=args.method, beta=args.beta, max_len=args.max_len)
     print_summary(summary)
     out = Path(args.out)
     if summary["lora"]:

@@ -14,6 +14,7 @@ A LoRA run (adapter.safetensors + adapter_config.json beside its base) is writte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -45,7 +46,11 @@ class LoRALinear(nn.Module):
         if base.bias is not None:
             base.bias.requires_grad_(False)
 
+    enabled = True  # False: the base layer alone (adapters_disabled)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
     @torch.no_grad()
@@ -58,6 +63,19 @@ class LoRALinear(nn.Module):
         if self.base.bias is not None:
             linear.bias.copy_(self.base.bias)
         return linear
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside: the model computes as its base, every adapter off (DPO's reference without a second copy)."""
+    wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in wrapped:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in wrapped:
+            m.enabled = True
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:

@@ -60,10 +60,28 @@ class Tokenizer(ABC):
     """What both tokenizers share: special tokens, decoding to str, saving."""
 
     special_tokens: dict[str, int]
+    chat_template: str | None = None  # a Jinja string in Hugging Face's convention (templates.py renders it)
 
     @property
     def eot_id(self) -> int:
         return self.special_tokens[EOT]
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """The tokens generation ends at: end-of-text, and the end-of-turn token of a chat template's family."""
+        from .templates import END_OF_TURN
+        return {self.eot_id} | {self.special_tokens[t] for t in END_OF_TURN if t in self.special_tokens}
+
+    def with_special_tokens(self, names: Iterable[str], chat_template: str | None = None) -> Tokenizer:
+        """A copy with the special tokens it lacks appended (ids from vocab_size up) and, when given, this chat
+        template: the old ids keep their meaning, so a model grows its embedding by the new rows only."""
+        new = [n for n in dict.fromkeys(names) if n not in self.special_tokens]
+        copy = self._with_specials({**self.special_tokens, **{n: self.vocab_size + i for i, n in enumerate(new)}})
+        copy.chat_template = chat_template if chat_template is not None else self.chat_template
+        return copy
+
+    @abstractmethod
+    def _with_specials(self, special_tokens: dict[str, int]) -> Tokenizer: ...
 
     @property
     @abstractmethod
@@ -104,7 +122,10 @@ class Tokenizer(ABC):
         """Write tokenizer.json atomically (a temp file renamed over the target)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, **self._state()}, indent=1, ensure_ascii=False))
+        state = {"format": FORMAT, "version": VERSION, **self._state()}
+        if self.chat_template is not None:
+            state["chat_template"] = self.chat_template
+        tmp.write_text(json.dumps(state, indent=1, ensure_ascii=False))
         tmp.replace(path)
 
     def _check_ids(self, ids) -> list[int]:
@@ -113,6 +134,17 @@ class Tokenizer(ABC):
         if bad is not None:
             raise UserError(f"token id {bad} is outside this tokenizer's vocabulary [0, {self.vocab_size})")
         return ids
+
+
+def added_tokens(base: Tokenizer, tok: Tokenizer) -> list[str] | None:
+    """The special tokens tok appends to base when tok is base with tokens added (and perhaps a chat template):
+    [] when they are the same tokenizer, None when tok is another one."""
+    new = [s for s in tok.special_tokens if s not in base.special_tokens]
+    grown = base.with_special_tokens(sorted(new, key=tok.special_tokens.get), tok.chat_template)
+    same = (json.loads(grown._json) == json.loads(tok._json) if isinstance(grown, HFTokenizer) and isinstance(
+        tok, HFTokenizer) else type(grown) is type(tok) and not isinstance(tok, HFTokenizer)
+        and grown._state() == tok._state())
+    return new if same else None
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -194,6 +226,9 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self._itos[i] for i in self._check_ids(ids))
+
+    def _with_specials(self, special_tokens: dict[str, int]) -> CharTokenizer:
+        return CharTokenizer(self.chars, special_tokens, self.unk_token)
 
     def _state(self) -> dict:
         return {"type": "char", "chars": self.chars, "special_tokens": self.special_tokens, "unk_token": self.unk_token}
@@ -424,6 +459,9 @@ class BPETokenizer(Tokenizer):
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         return parts[0], parts[1]
 
+    def _with_specials(self, special_tokens: dict[str, int]) -> BPETokenizer:
+        return BPETokenizer(self.ranks, special_tokens, self.pattern, self.name)
+
     def _state(self) -> dict:
         return {"type": "bpe", "name": self.name, "pattern": self.pattern, "special_tokens": self.special_tokens,
                 "vocab": [_readable(self.vocab[i]) for i in range(len(self.vocab))]}
@@ -469,11 +507,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise UserError(f"{path} has tokenizer format version {state.get('version')}; this lmforge reads "
                          f"version {VERSION}; upgrade lmforge or re-create the file")
     if state.get("type") == "char":
-        return CharTokenizer(state["chars"], state["special_tokens"], state.get("unk_token"))
-    if state.get("type") == "bpe":
+        tok = CharTokenizer(state["chars"], state["special_tokens"], state.get("unk_token"))
+    elif state.get("type") == "bpe":
         ranks = {_from_readable(t): i for i, t in enumerate(state["vocab"])}
-        return BPETokenizer(ranks, state["special_tokens"], state["pattern"], state.get("name", "lmforge-bpe"))
-    raise UserError(f"{path}: unknown tokenizer type {state.get('type')!r} (expected 'char' or 'bpe')")
+        tok = BPETokenizer(ranks, state["special_tokens"], state["pattern"], state.get("name", "lmforge-bpe"))
+    else:
+        raise UserError(f"{path}: unknown tokenizer type {state.get('type')!r} (expected 'char' or 'bpe')")
+    template = state.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{path}: chat_template must be a Jinja string, not a {type(template).__name__}")
+    tok.chat_template = template
+    return tok
 
 
 # ------------------------------------------------------------------------------- Hugging Face's tokenizer.json
@@ -517,6 +561,7 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # the library raises its own exception type for every malformed file
             raise UserError(f"{where} is not a tokenizer.json the tokenizers library reads ({e})") from None
         self._json, self.config = tokenizer_json, dict(config or {})
+        self._plain = None
         added = self._tok.get_added_tokens_decoder()
         self.special_tokens = {t.content: i for i, t in added.items() if t.special}
         self._added = {i: t.content for i, t in added.items()}
@@ -542,6 +587,9 @@ class HFTokenizer(Tokenizer):
             template = next((t.get("template") for t in template if isinstance(t, dict)
                              and t.get("name") == "default"), None)
         self.chat_template = template if isinstance(template, str) else None
+        if template is not None and self.chat_template is None and not isinstance(template, list):
+            raise UserError(f"{TOKENIZER_CONFIG}: chat_template must be a Jinja string, not a "
+                            f"{type(template).__name__}")
 
     @classmethod
     def load(cls, path: str | Path) -> HFTokenizer:
@@ -575,6 +623,29 @@ class HFTokenizer(Tokenizer):
 
     def encode_with_specials(self, text: str) -> list[int]:
         return self.encode(text)  # the library reads every added token in text as that token
+
+    def encode_offsets(self, text: str, plain: bool = False) -> tuple[list[int], list[int]]:
+        """encode_with_specials(text) (plain: special-token text as plain text) and where each token starts."""
+        if plain and self._plain is None:  # a second tokenizer that reads special-token text as text
+            self._plain = _tokenizers().Tokenizer.from_str(self._json)
+            self._plain.encode_special_tokens = True
+        enc = (self._plain if plain else self._tok).encode(text, add_special_tokens=False)
+        return enc.ids, [start for start, _ in enc.offsets]
+
+    def _with_specials(self, special_tokens: dict[str, int]) -> HFTokenizer:
+        tokenizers = _tokenizers()
+        tok = tokenizers.Tokenizer.from_str(self._json)
+        new = [s for s in special_tokens if s not in self.special_tokens]
+        tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in new])
+        for s, i in special_tokens.items():
+            if tok.token_to_id(s) != i:
+                raise UserError(f"the tokenizer gave {s!r} the id {tok.token_to_id(s)}, not {i}")
+        return HFTokenizer(tok.to_str(), self.config)
+
+    def with_special_tokens(self, names: Iterable[str], chat_template: str | None = None) -> HFTokenizer:
+        copy = super().with_special_tokens(names, chat_template)
+        copy.config = {**copy.config, "chat_template": copy.chat_template}
+        return copy
 
     def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
@@ -621,28 +692,14 @@ class HFTokenizer(Tokenizer):
         raise AssertionError("HFTokenizer saves the family's own tokenizer.json")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """The ids of messages rendered by the tokenizer's chat template (a Jinja string in Hugging Face's convention)
-        in a sandbox, with the variables and helpers transformers gives it; special tokens in the text are tokens."""
-        import datetime
-
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        """The ids of messages rendered by the tokenizer's chat template (templates.py renders as transformers does)."""
+        from .templates import chat_prompt_ids, render
         if self.chat_template is None:
             raise UserError("this tokenizer has no chat template (tokenizer_config.json's chat_template)")
-
-        def raise_exception(message):
-            raise UserError(f"the chat template refused the messages: {message}")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)  # as transformers gives it
-        try:
-            text = env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=_content(self.config.get("bos_token")) or "", eos_token=self.eos_token)
-        except jinja2.TemplateError as e:
-            raise UserError(f"the chat template cannot be rendered ({e})") from None
-        return self.encode(text)
+        if add_generation_prompt:
+            return chat_prompt_ids(self, messages, self.chat_template)
+        return self.encode(render(self.chat_template, messages, False,
+                                  bos_token=_content(self.config.get("bos_token")) or "", eos_token=self.eos_token))
 
 
 def is_hf_tokenizer_json(path: Path) -> bool:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -180,7 +181,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def make_batch(data: Dataset, split: str, batch_size: int, block_size: int, seed: int, step: int, micro: int = 0):
     """(x, y, extra forward arguments) of either kind of data: token windows, or padded prompt/completion pairs
     with their attention and loss masks."""
-    if data.kind == "pairs":
+    if data.kind in ("pairs", "preferences"):
         x, y, attn, loss_mask = get_pair_batch(data, split, batch_size, block_size, seed, step, micro)
         return x, y, {"attention_mask": attn, "loss_mask": loss_mask}
     x, y = get_batch(data.tokens(split), batch_size, block_size, seed, step, micro)
@@ -190,7 +191,12 @@ def make_batch(data: Dataset, split: str, batch_size: int, block_size: int, seed
 # ------------------------------------------------------------------------------------------------ setup and checks
 
 def check_fits(cfg: TrainConfig, data: Dataset) -> None:
-    if data.kind == "pairs":
+    if data.kind == "preferences" and cfg.method != "dpo":
+        raise UserError(f"{data.path} holds preference rows (chosen, rejected): tune on them with --method dpo")
+    if cfg.method == "dpo" and data.kind != "preferences":
+        raise UserError(f"method=dpo needs preference rows ({{\"prompt\", \"chosen\", \"rejected\"}}); {data.path} "
+                        f"holds {data.kind}")
+    if data.kind in ("pairs", "preferences"):
         for split in ("train", "val"):
             if len(data.index(split)) == 0:
                 raise UserError(f"{data.path} has no {split} pairs; give more pairs (the last 10% validate) or a "
@@ -285,7 +291,10 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
     data = Dataset(cfg.data)
     check_fits(cfg, data)
     check_sample_prompt(cfg, data)
-    model_cfg = cfg.model_config({"vocab_size": data.tokenizer.vocab_size})
+    vocab = data.tokenizer.vocab_size
+    if cfg.init_from:  # a base's rows past its tokenizer (a padded vocabulary) are kept; added tokens add rows
+        vocab = max(vocab, int(cfg.model.get("vocab_size", 0)))
+    model_cfg = cfg.model_config({"vocab_size": vocab})
     ckpt = check_resume(run, model_cfg, data) if resume else None
     if not resume and complete_checkpoints(run) and not cfg.overwrite:
         raise TrainingError(f"{run} already holds checkpoints; resume it with --resume {run}, pick another --out, "
@@ -302,7 +311,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
         if not (base / "model.safetensors").is_file():
             raise TrainingError(f"{cfg.init_from} is a LoRA run; fold its adapter in first (lmforge merge) and "
                                 f"start from that")
-        load_weights(model, base / "model.safetensors")
+        load_weights(model, base / "model.safetensors", new_rows=True)
     adapter = None
     if cfg.lora_rank:
         if cfg.fsdp and info.world > 1:
@@ -326,6 +335,9 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
     model.activation_checkpointing = cfg.activation_checkpointing
     model.sparse_embedding_grad &= not (cfg.fsdp and info.world > 1)
     wrapped = _wrap(model, cfg, info, device)
+    if cfg.method == "dpo":  # the loop calls the objective where it calls the model; the reference is fixed now
+        from .dpo import DPOObjective
+        wrapped = DPOObjective(wrapped, model, cfg.dpo_beta)
     optimizers = make_optimizers(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     step, best_val, train_seconds, tokens_seen = 0, float("inf"), 0.0, 0
@@ -351,16 +363,19 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
         return [x.to(device), y.to(device)], {k: v.to(device) for k, v in extra.items()}
 
     @torch.no_grad()
-    def evaluate() -> float:
+    def evaluate() -> tuple[float, dict]:
+        """The mean validation loss, and the mean of whatever statistics the objective reports (DPO's rewards)."""
         wrapped.eval()
-        losses = []
+        losses, stats = [], {}
         for i in range(cfg.eval_steps):  # the same batches at every evaluation
             (x, y), extra = batch("val", i, 0, cfg.seed + 1)
             with autocast_context(device, cfg.dtype):
-                _, loss = wrapped(x, y, **extra)
+                out, loss = wrapped(x, y, **extra)
             losses.append(loss.float())
+            for k, v in (out.items() if isinstance(out, dict) else ()):
+                stats.setdefault(k, []).append(float(v))
         wrapped.train()
-        return torch.stack(losses).mean().item()
+        return torch.stack(losses).mean().item(), {k: round(sum(v) / len(v), 6) for k, v in stats.items()}
 
     def save(is_best: bool) -> None:
         weights, opt_states = _full_state(model, optimizers, cfg, info)
@@ -388,7 +403,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
     bar = _progress_bar(cfg, step, info.main)
     wrapped.train()
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * info.world
-    last_val, sample_text, stop_reason = None, "", "max_steps"
+    last_val, val_stats, sample_text, stop_reason = None, {}, "", "max_steps"
     window_start, window_tokens = time.perf_counter(), 0
     try:
         while step < cfg.max_steps:
@@ -449,12 +464,12 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
             should_save = last_step or (step % cfg.save_interval == 0 if cfg.save_interval else should_eval)
             is_best = False
             if should_eval:
-                last_val = evaluate()
+                last_val, val_stats = evaluate()
                 is_best = last_val < best_val
                 best_val = min(best_val, last_val)
                 if info.main:
                     _append_metrics(run, {"step": step, "val_loss": round(last_val, 6),
-                                          "val_ppl": round(math.exp(min(last_val, 50)), 4)})
+                                          "val_ppl": round(math.exp(min(last_val, 50)), 4), **val_stats})
                     if not cfg.fsdp:  # sampling runs on rank 0 alone, which sharded weights do not allow
                         sample_text = _write_sample(run, model, data, cfg, step, last_val)
                     plot_curves(run)
@@ -471,7 +486,8 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
         bar.close()
     return {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None,
             "best_val": best_val, "train_seconds": train_seconds, "tokens": tokens_seen, "stop_reason": stop_reason,
-            "run": str(run), "curves": str(run / "curves.png"), "sample": sample_text}
+            "run": str(run), "curves": str(run / "curves.png"), "sample": sample_text,
+            **({"val_" + k: v for k, v in val_stats.items()} if last_val is not None else {})}
 
 
 # --------------------------------------------------------------------------------------------------- run outputs
@@ -521,7 +537,9 @@ def _write_sample(run: Path, model: GPT, data: Dataset, cfg: TrainConfig, step: 
     was_training = model.training
     model.eval()
     try:
-        if data.kind == "pairs":
+        if data.targets("val") is not None:
+            text = _reply_samples(model, data)
+        elif data.kind == "pairs":
             text = _pair_samples(model, data, cfg)
         else:
             from .generation import generate
@@ -546,6 +564,32 @@ def _pair_samples(model: GPT, data: Dataset, cfg: TrainConfig, n: int = 3) -> st
     result = evaluate_pairs(model, tok, pairs, examples=n)
     return "\n".join(f"{'ok ' if ex['match'] else 'BAD'} {ex['prompt']!r} -> {ex['generated']!r}"
                      f"{'' if ex['match'] else ' (expected ' + repr(ex['expected']) + ')'}" for ex in result["examples"])
+
+
+def _reply_samples(model: GPT, data: Dataset, n: int = 3) -> str:
+    """Conversations and preference rows: the greedy reply to the first few validation prompts (everything before
+    the first target token), beside the reply the data wants (the first run of targets: chosen for preferences)."""
+    from .engine import Engine, Request
+    from .generation import run_requests
+    tok, tokens, targets, index = data.tokenizer, data.tokens("val"), data.targets("val"), data.index("val")
+    rows = list(range(0, len(index), 2 if data.kind == "preferences" else 1))[:n]
+    block = model.config.block_size
+    prompts, wanted = [], []
+    for r in rows:
+        start, first, total = (int(v) for v in index[r])
+        mask = np.asarray(targets[start + first:start + total])
+        end = first + (int(np.argmin(mask)) if not mask.all() else len(mask))
+        wanted.append(np.asarray(tokens[start + first:start + end]).tolist())
+        prompts.append(np.asarray(tokens[start:start + first]).tolist()[-(block - len(wanted[-1])):] or [tok.eot_id])
+    engine = Engine(model, tok, max_batch=len(rows), max_seq_len=block)
+    outs = run_requests(engine, [Request(p, max(1, min(len(w) + 8, block - len(p))), temperature=0.0)
+                                 for p, w in zip(prompts, wanted)])
+    lines = []
+    for p, w, out in zip(prompts, wanted, outs):
+        verdict = "ok " if out == w else "BAD"
+        lines.append(f"{verdict} {tok.decode(p[-80:])!r} -> {tok.decode(out)!r}"
+                     f"{'' if out == w else ' (expected ' + repr(tok.decode(w)) + ')'}")
+    return "\n".join(lines)
 
 
 def check_sample_prompt(cfg: TrainConfig, data: Dataset) -> None:

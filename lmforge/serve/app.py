@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..runs import check_dtype, model_config_of, model_folder, read_run_config
 from ..engine import MAX_LOGPROBS, Engine, Logprob, Request
 from ..errors import UserError
+from ..templates import chat_prompt_ids, from_legacy, template_of
 from ..tokenizer import prompt_ids
 from .loop import Busy, EngineLoop, Job, Metrics
 
@@ -39,8 +40,6 @@ log = logging.getLogger("lmforge.serve")
 MAX_N = 16  # choices one request may ask for
 MAX_STOP = 16  # stop strings one request may give
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: impossible tokens report this
-DEFAULT_CHAT_TEMPLATE = {  # what a run fine-tuned on prompt->completion pairs expects: a lone user turn is the prompt
-    "system": "{content}\n\n", "user": "{content}", "assistant": "{content}<|endoftext|>", "generation": ""}
 
 
 # --------------------------------------------------------------------------------------------------- request bodies
@@ -139,10 +138,11 @@ class Server:
                  api_key: str | None = None, compile: str = "auto", model_name: str | None = None,
                  on_failure: Callable[[BaseException], None] = lambda e: None):
         config = read_run_config(Path(run))  # a missing or broken run fails now, before the server starts
-        template = config.get("chat_template", DEFAULT_CHAT_TEMPLATE)
-        if not isinstance(template, dict) or set(template) != set(DEFAULT_CHAT_TEMPLATE) or not all(
-                isinstance(v, str) for v in template.values()):
-            raise UserError(f"{run}/config.json: chat_template must map {sorted(DEFAULT_CHAT_TEMPLATE)} to strings")
+        legacy = config.get("chat_template")  # the old dict form in config.json: converted to its Jinja template
+        if legacy is not None and not isinstance(legacy, str):
+            from_legacy(legacy)
+            log.info("%s/config.json holds the old chat_template form; it is served as the Jinja template that "
+                     "renders the same text (fine-tune or save the run again to store it with the tokenizer)", run)
         if max_batch < 1 or max_queue < 0:
             raise UserError(f"--max-batch={max_batch} must be at least 1 and --max-queue={max_queue} at least 0")
         if max_tokens_limit is not None and max_tokens_limit < 1:
@@ -156,7 +156,7 @@ class Server:
         if api_key is not None and (not api_key.strip() or not api_key.isascii() or api_key != api_key.strip()):
             raise UserError("the API key must be non-empty printable ASCII without surrounding spaces (HTTP headers "
                             "carry nothing else)")
-        self.chat_template, self.api_key = template, api_key
+        self.run_config, self.api_key = config, api_key
         self.name = model_name or Path(run).resolve().name
         self.created = int(time.time())
         self.metrics = Metrics()
@@ -213,40 +213,24 @@ class Server:
                 out.append(list(p))
         return out
 
+    @property
+    def chat_template(self) -> str:
+        """The run's one template (templates.template_of): its tokenizer's, the old config.json form converted, or
+        the pairs template for a run never tuned on conversations."""
+        return template_of(self.engine.tokenizer, self.run_config)
+
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        """The messages rendered by the run's chat template, then the template's generation prefix, as ids. A run
-        whose tokenizer brings its own (an imported family's tokenizer_config.json) renders that one."""
-        tokenizer, template = self.engine.tokenizer, self.chat_template
-        if getattr(tokenizer, "chat_template", None):
-            rows = []
-            for m in messages:
-                content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
-                _check_text(content, "messages")
-                rows.append({"role": m.role, "content": content})
-            try:
-                return tokenizer.apply_chat_template(rows)
-            except UserError as e:
-                raise APIError(400, f"messages: {e}", param="messages") from None
-
-        def encode(text: str, marks: bool) -> list[int]:  # marks: the template's <|endoftext|> is the token
-            ids = []
-            for i, piece in enumerate(text.split("<|endoftext|>") if marks else [text]):
-                if i:
-                    ids.append(tokenizer.eot_id)
-                try:
-                    ids += tokenizer.encode(piece) if piece else []
-                except UserError as e:
-                    raise APIError(400, f"messages: {e}", param="messages") from None
-            return ids
-
-        ids = []
+        """The messages rendered by the run's chat template with its generation prompt, as ids: the same ids the
+        training data of these messages starts with (templates.chat_prompt_ids)."""
+        rows = []
         for m in messages:
             content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
             _check_text(content, "messages")
-            before, _, after = template[m.role].partition("{content}")
-            ids += encode(before, True) + encode(content, False) + encode(after, True)
-        ids += encode(template["generation"], True)
-        return ids or [tokenizer.eot_id]
+            rows.append({"role": m.role, "content": content})
+        try:
+            return chat_prompt_ids(self.engine.tokenizer, rows, self.chat_template)
+        except UserError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
 
     def requests(self, prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
                  logprobs: int | None, prompt_logprobs: bool = False) -> list[Request]:
@@ -568,7 +552,7 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
         return {"tokenizer_class": type(tokenizer).__name__, "eos_token": eos,
                 "bos_token": eos if bos_id is None else tokenizer.decode([bos_id]),  # ours begin after end-of-text
                 "pad_token": None if pad_id is None else tokenizer.decode([pad_id]),
-                "chat_template": getattr(tokenizer, "chat_template", None), "model_max_length": server.max_seq_len,
+                "chat_template": server.chat_template, "model_max_length": server.max_seq_len,
                 "vocab_size": tokenizer.vocab_size}
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])

@@ -1,0 +1,221 @@
+"""Chat templates: a Jinja string in Hugging Face's convention (tokenizer_config.json's chat_template), rendered in
+jinja2's sandbox with the globals transformers gives it, and conversations turned into token ids with the mask of
+the tokens a model learns from (its assistant turns and their end-of-turn token).
+
+    text = render(template, messages, add_generation_prompt=True, bos_token="", eos_token="<|endoftext|>")
+    ids, targets = conversation_ids(tokenizer, messages)        # targets[j] = 1: token j is an assistant token
+    ids = chat_prompt_ids(tokenizer, messages)                  # what generation (serve, chat) starts from
+
+The template lives with the tokenizer (our tokenizer.json's "chat_template"; an HF tokenizer's tokenizer_config.json),
+so the run's one string renders training data, the server's chat route, `lmforge chat` and every export. Runs
+trained here get CHATML, whose two special tokens are added to the tokenizer when a run is first tuned on
+conversations. A run without a template chats through PAIRS_TEMPLATE: a lone user turn is the prompt, as pair
+fine-tuning trains it. The assistant turns are found by rendering: turn i's text is what rendering messages[:i+1]
+adds to rendering messages[:i] with the generation prompt, so any template that renders earlier turns the same way
+when later ones follow (every family's does) gives an exact mask without markers in the template.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+from .errors import UserError
+
+ROLES = ("system", "user", "assistant")
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHATML = (  # the ChatML layout Qwen and SmolLM use, without a default system prompt
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+PAIRS_TEMPLATE = (  # a run tuned on prompt->completion pairs (or none): the user's words are the prompt
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{% endfor %}")
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")  # tokens that end a reply
+
+
+def render(template: str, messages: list[dict], add_generation_prompt: bool = False, bos_token: str = "",
+           eos_token: str = "", **variables) -> str:
+    """The template rendered as transformers renders it: an immutable sandbox, trim_blocks and lstrip_blocks, the
+    loopcontrols extension, tojson, raise_exception and strftime_now. A failure names the template line."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise UserError(f"the chat template refused the messages: {message}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        compiled = env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"the chat template does not parse: line {e.lineno}: {e.message}") from None
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+                               eos_token=eos_token, **variables)
+    except UserError:
+        raise
+    except Exception as e:  # a template's own mistake (an undefined name, a type): where in the template it was
+        raise UserError(f"the chat template fails to render{_template_line(e)}: {type(e).__name__}: {e}") from None
+
+
+def _template_line(e: BaseException) -> str:
+    tb, line = e.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f" at line {line}" if line else ""
+
+
+def from_legacy(template: dict) -> str:
+    """The old config.json form ({"system": "{content}...", "user": ..., "assistant": ..., "generation": ...}, each
+    a string around {content}) as the Jinja template that renders the same text."""
+    if not isinstance(template, dict) or set(template) != {*ROLES, "generation"} or not all(
+            isinstance(v, str) for v in template.values()):
+        raise UserError(f"config.json: chat_template must be a Jinja string (or the old form mapping "
+                        f"{sorted({*ROLES, 'generation'})} to strings around {{content}}); write the template as "
+                        f"tokenizer_config.json's chat_template")
+
+    def literal(text: str) -> str:
+        return "{{ " + json.dumps(text) + " }}" if text else ""
+    parts = ["{% for message in messages %}"]
+    for i, role in enumerate(ROLES):
+        before, _, after = template[role].partition("{content}")
+        parts.append(("{% if" if i == 0 else "{% elif") + f" message['role'] == '{role}' %}}"
+                     + literal(before) + "{{ message['content'] }}" + literal(after))
+    parts += ["{% endif %}{% endfor %}", "{% if add_generation_prompt %}" + literal(template["generation"])
+              + "{% endif %}"]
+    return "".join(parts)
+
+
+def template_of(tokenizer, run_config: dict | None = None) -> str:
+    """The template a run chats with: its tokenizer's, else config.json's old dict form converted, else
+    PAIRS_TEMPLATE."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    legacy = (run_config or {}).get("chat_template")
+    if isinstance(legacy, str):
+        return legacy
+    if legacy is not None:
+        return from_legacy(legacy)
+    return PAIRS_TEMPLATE
+
+
+def check_messages(messages, where: str, need_assistant: bool = True) -> list[dict]:
+    """A conversation in OpenAI's shape: a list of {"role", "content"} with roles system, user, assistant."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}}')
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise UserError(f'{where}: message {i} needs a "role" and a string "content"')
+        if m["role"] not in ROLES:
+            raise UserError(f"{where}: message {i} has role {m['role']!r}; roles are {', '.join(ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise UserError(f"{where}: the conversation has no assistant turn; there would be nothing to learn from it")
+    return out
+
+
+def _special(tokenizer, name: str) -> str:
+    config = getattr(tokenizer, "config", None) or {}
+    token = config.get(name)
+    return (token.get("content") if isinstance(token, dict) else token) or ""
+
+
+def _render_for(tokenizer, messages: list[dict], add_generation_prompt: bool, template: str) -> str:
+    bos = _special(tokenizer, "bos_token")
+    eos = getattr(tokenizer, "eos_token", None) or next(
+        (s for s, i in tokenizer.special_tokens.items() if i == tokenizer.eot_id), "")
+    return render(template, messages, add_generation_prompt, bos_token=bos, eos_token=eos)
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
+    """The ids generation starts from: the messages rendered with the generation prompt and tokenized as
+    transformers' apply_chat_template does (the template's special-token text read as those tokens), except that
+    a message's own text never becomes a special token."""
+    text = _render_for(tokenizer, messages, True, template or template_of(tokenizer))
+    return token_starts(tokenizer, text, messages)[0] or [tokenizer.eot_id]
+
+
+def conversation_ids(tokenizer, messages: list[dict], template: str | None = None, learn_from: int = 0,
+                     where: str = "the conversation") -> tuple[list[int], list[int]]:
+    """A conversation's ids (the whole rendering tokenized at once, as the server tokenizes a prompt) and its
+    targets: 1 for each token that starts inside an assistant turn's text (turns from message learn_from on), its
+    end-of-turn token included and the whitespace the template puts after it left out."""
+    template = template or template_of(tokenizer)
+    full = _render_for(tokenizer, messages, False, template)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or i < learn_from:
+            continue
+        before = _render_for(tokenizer, messages[:i], True, template)
+        upto = _render_for(tokenizer, messages[:i + 1], False, template)
+        if not upto.startswith(before) or not full.startswith(upto):
+            raise UserError(f"{where}: the chat template renders turn {i} differently once later turns follow, so "
+                            f"its assistant tokens cannot be found; use a template that renders earlier turns alike")
+        spans.append((len(before), len(upto.rstrip())))
+    ids, starts = token_starts(tokenizer, full, messages)
+    targets = [int(any(a <= s < b for a, b in spans)) for s in starts]
+    return ids, targets
+
+
+def _plain_spans(tokenizer, text: str, messages: list[dict]) -> list[tuple[int, int]]:
+    """Where in the rendered text the messages' own words hold a special token's text: those spans are tokenized as
+    plain text, so no message can end a turn or forge one. Contents are found in order (as rendered, or trimmed)."""
+    specials = [s for s in tokenizer.special_tokens if s]
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        content = m["content"]
+        risky = any(s in content for s in specials)
+        for shown in dict.fromkeys((content, content.strip())):
+            at = text.find(shown, cursor) if shown else -1
+            if at >= 0:
+                if risky:
+                    spans.append((at, at + len(shown)))
+                cursor = at + len(shown)
+                break
+        else:
+            if risky:
+                raise UserError(f"message {i} holds a special token's text, and the chat template changes the "
+                                f"message so it cannot be kept as plain text; remove the token's text")
+    return spans
+
+
+def token_starts(tokenizer, text: str, messages: list[dict] = ()) -> tuple[list[int], list[int]]:
+    """text's ids, its special-token text read as those tokens except inside the messages' own words, and the
+    character offset where each token starts."""
+    ids, starts, pos = [], [], 0
+    for a, b in _plain_spans(tokenizer, text, list(messages)) + [(len(text), len(text))]:
+        for piece, plain, at in ((text[pos:a], False, pos), (text[a:b], True, a)):
+            if piece:
+                piece_ids, piece_starts = _piece_starts(tokenizer, piece, plain)
+                ids += piece_ids
+                starts += [at + s for s in piece_starts]
+        pos = b
+    return ids, starts
+
+
+def _piece_starts(tokenizer, text: str, plain: bool) -> tuple[list[int], list[int]]:
+    if hasattr(tokenizer, "encode_offsets"):
+        return tokenizer.encode_offsets(text, plain)
+    ids = tokenizer.encode(text) if plain else tokenizer.encode_with_specials(text)
+    data = text.encode("utf-8")
+    char_of = []  # byte offset -> character offset
+    for c, ch in enumerate(text):
+        char_of += [c] * len(ch.encode("utf-8"))
+    starts, at = [], 0
+    for i in ids:
+        starts.append(char_of[at] if at < len(char_of) else len(text))
+        at += len(tokenizer.decode_bytes([i]))
+    if at != len(data):
+        raise UserError("the tokenizer does not give back the rendered text byte for byte (unknown characters?); "
+                        "the assistant tokens cannot be found")
+    return ids, starts
