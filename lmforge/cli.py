@@ -186,6 +186,22 @@ def _generate_args(p):
     p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")
 
 
+@verb("chat", "chat:chat_cli", "Chat with a run in the terminal, through its chat template, replies streamed.",
+      'lmforge chat runs/chat --system "You are terse." --temperature 0.7')
+def _chat_args(p):
+    p.add_argument("run", help="run directory")
+    p.add_argument("--system", help="a system message that starts the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of the first reply (each later one: seed + turn)")
+    p.add_argument("--device", default="cpu")
+    _dtype_arg(p)
+    p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")
+    p.epilog += "\n\nin the chat: /reset forgets the history, /system TEXT sets the system message, /exit leaves"
+
+
 def _dtype_arg(p):  # the names of runs.INFERENCE_DTYPES (this module imports no torch)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations while decoding (bfloat16: half the memory, on a GPU about half the "

@@ -160,6 +160,11 @@ def _add_tokenizer(w, gguf, tok, n_vocab: int) -> None:
                        for i in range(tok.vocab_size)] + [gguf.TokenType.UNUSED] * len(pads))
     w.add_bos_token_id(tok.eot_id)
     w.add_eos_token_id(tok.eot_id)
+    from .templates import end_of_turn_ids
+    if end_of_turn_ids(tok):  # llama.cpp ends a reply at end-of-turn as at end-of-text
+        w.add_eot_token_id(end_of_turn_ids(tok)[0])
+    if tok.chat_template:  # the run's template, which llama.cpp's chat (and llama-server --jinja) renders
+        w.add_chat_template(tok.chat_template)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
 

@@ -28,6 +28,7 @@ import torch
 from .config import ModelConfig
 from .errors import UserError
 from .families import FAMILIES, Family, family_for_hf, family_of, model_shapes  # noqa: F401 (FAMILIES: API)
+from .templates import end_of_turn_ids, stored_template
 
 HF_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "vocab.json",
             "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
@@ -389,10 +390,11 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False, checkpoint:
         hf = family.hf_config(cfg, bos if bos is not None else eos, eos, getattr(tokenizer, "pad_id", None))
         hf["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        turn_ends = end_of_turn_ids(tokenizer)  # generate() stops at any of them, as our engine does
         (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": hf["bos_token_id"], "eos_token_id": eos, "pad_token_id": hf["pad_token_id"]},
-            indent=2) + "\n")
-        write_hf_tokenizer(tokenizer, tmp, cfg.block_size)
+            {"bos_token_id": hf["bos_token_id"], "eos_token_id": [eos, *turn_ends] if turn_ends else eos,
+             "pad_token_id": hf["pad_token_id"]}, indent=2) + "\n")
+        write_hf_tokenizer(tokenizer, tmp, cfg.block_size, stored_template(tokenizer, read_run_config(run)))
     return out
 
 
@@ -403,15 +405,18 @@ def hf_state(model) -> dict[str, torch.Tensor]:
             for name, t in family.to_family(ours, state[ours].detach().cpu(), model.config)}
 
 
-def write_hf_tokenizer(tok, folder: Path, context: int) -> None:
-    """tokenizer.json + tokenizer_config.json (AutoTokenizer loads them); a BPE also as GPT-2's vocab.json +
-    merges.txt, which GPT2Tokenizer and older tools read."""
+def write_hf_tokenizer(tok, folder: Path, context: int, chat_template: str | None = None) -> None:
+    """tokenizer.json + tokenizer_config.json (AutoTokenizer loads them; the chat template in it); a BPE also as
+    GPT-2's vocab.json + merges.txt, which GPT2Tokenizer and older tools read."""
     from .tokenizer import BPETokenizer, HFTokenizer, tokenizer_config, tokenizer_json
     if isinstance(tok, HFTokenizer):
         tok.save(folder / "tokenizer.json")
         return
     (folder / "tokenizer.json").write_text(tokenizer_json(tok), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok, context), indent=2) + "\n")
+    config = tokenizer_config(tok, context)
+    if chat_template:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if isinstance(tok, BPETokenizer):
         vocab, merges = tok.vocab_and_merges()
         (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))

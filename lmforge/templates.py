@@ -48,7 +48,8 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Fa
 
     def raise_exception(message):
         raise UserError(f"the chat template refused the messages: {message}")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, _generation_tag()])
     env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -63,6 +64,22 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Fa
         raise
     except Exception as e:  # a template's own mistake (an undefined name, a type): where in the template it was
         raise UserError(f"the chat template fails to render{_template_line(e)}: {type(e).__name__}: {e}") from None
+
+
+def _generation_tag():
+    """{% generation %}...{% endgeneration %}, which transformers' templates use to mark assistant text: rendered as
+    its body (the mask comes from rendering turn by turn, so the marks are not needed)."""
+    import jinja2.ext
+    from jinja2 import nodes
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+    return Generation
 
 
 def _template_line(e: BaseException) -> str:
@@ -95,17 +112,26 @@ def from_legacy(template: dict) -> str:
     return "".join(parts)
 
 
-def template_of(tokenizer, run_config: dict | None = None) -> str:
-    """The template a run chats with: its tokenizer's, else config.json's old dict form converted, else
-    PAIRS_TEMPLATE."""
+def stored_template(tokenizer, run_config: dict | None = None) -> str | None:
+    """The template a run was given (its tokenizer's, or config.json's old form converted); None when it has none
+    (what exports write)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template
     legacy = (run_config or {}).get("chat_template")
-    if isinstance(legacy, str):
+    if legacy is None or isinstance(legacy, str):
         return legacy
-    if legacy is not None:
-        return from_legacy(legacy)
-    return PAIRS_TEMPLATE
+    return from_legacy(legacy)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens a reply ends at besides end-of-text, in id order."""
+    return sorted(i for i in getattr(tokenizer, "stop_ids", ()) if i != tokenizer.eot_id)
+
+
+def template_of(tokenizer, run_config: dict | None = None) -> str:
+    """The template a run chats with: its tokenizer's, else config.json's old dict form converted, else
+    PAIRS_TEMPLATE."""
+    return stored_template(tokenizer, run_config) or PAIRS_TEMPLATE
 
 
 def check_messages(messages, where: str, need_assistant: bool = True) -> list[dict]:
@@ -137,12 +163,17 @@ def _render_for(tokenizer, messages: list[dict], add_generation_prompt: bool, te
     return render(template, messages, add_generation_prompt, bos_token=bos, eos_token=eos)
 
 
+def chat_ids(tokenizer, messages: list[dict], template: str | None = None,
+             add_generation_prompt: bool = True) -> list[int]:
+    """The messages rendered and tokenized as transformers' apply_chat_template does (the template's special-token
+    text read as those tokens), except that a message's own text never becomes a special token."""
+    text = _render_for(tokenizer, messages, add_generation_prompt, template or template_of(tokenizer))
+    return token_starts(tokenizer, text, messages)[0]
+
+
 def chat_prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
-    """The ids generation starts from: the messages rendered with the generation prompt and tokenized as
-    transformers' apply_chat_template does (the template's special-token text read as those tokens), except that
-    a message's own text never becomes a special token."""
-    text = _render_for(tokenizer, messages, True, template or template_of(tokenizer))
-    return token_starts(tokenizer, text, messages)[0] or [tokenizer.eot_id]
+    """The ids generation starts from: the messages with the generation prompt (end-of-text when that is empty)."""
+    return chat_ids(tokenizer, messages, template, True) or [tokenizer.eot_id]
 
 
 def conversation_ids(tokenizer, messages: list[dict], template: str | None = None, learn_from: int = 0,

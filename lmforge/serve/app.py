@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..runs import check_dtype, model_config_of, model_folder, read_run_config
 from ..engine import MAX_LOGPROBS, Engine, Logprob, Request
 from ..errors import UserError
-from ..templates import chat_prompt_ids, from_legacy, template_of
+from ..templates import chat_ids, chat_prompt_ids, from_legacy, template_of
 from ..tokenizer import prompt_ids
 from .loop import Busy, EngineLoop, Job, Metrics
 
@@ -103,8 +103,10 @@ class ChatRequest(_Sampling):
 
 class TokenizeRequest(_Body):
     model: str | None = None
-    prompt: str
-    add_special_tokens: bool = True  # the family's begin-of-text first, where its tokenizer adds one
+    prompt: str | None = None  # a completion prompt, or
+    messages: list[ChatMessage] | None = None  # a conversation, rendered as the chat route renders it
+    add_special_tokens: bool = True  # a prompt: the family's begin-of-text first, where its tokenizer adds one
+    add_generation_prompt: bool = True  # messages: end with the template's generation prompt, as the chat route
 
 
 class DetokenizeRequest(_Body):
@@ -219,7 +221,7 @@ class Server:
         the pairs template for a run never tuned on conversations."""
         return template_of(self.engine.tokenizer, self.run_config)
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         """The messages rendered by the run's chat template with its generation prompt, as ids: the same ids the
         training data of these messages starts with (templates.chat_prompt_ids)."""
         rows = []
@@ -228,6 +230,8 @@ class Server:
             _check_text(content, "messages")
             rows.append({"role": m.role, "content": content})
         try:
+            if not add_generation_prompt:
+                return chat_ids(self.engine.tokenizer, rows, self.chat_template, False)
             return chat_prompt_ids(self.engine.tokenizer, rows, self.chat_template)
         except UserError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
@@ -523,6 +527,11 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
     async def tokenize(body: TokenizeRequest):
         if body.model is not None:
             server.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt (text) or messages (a conversation)", param="prompt")
+        if body.messages is not None:
+            ids = server.chat_prompt(body.messages, body.add_generation_prompt)
+            return {"tokens": ids, "count": len(ids), "max_model_len": server.max_seq_len}
         _check_text(body.prompt, "prompt")
         tokenizer = server.engine.tokenizer
         try:

@@ -1,0 +1,346 @@
+"""Chat models: conversations become exact assistant-turn targets through the run's Jinja template; imported families'
+templates render token for token as transformers' apply_chat_template; one template serves training, the server's
+chat route, `lmforge chat` and the HF and GGUF exports; DPO's loss is the formula, its reference never moves; bad
+input is one line naming the row."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmforge
+from lmforge import GPT, ModelConfig
+from lmforge.checkpoint import load_weights, run_config, save_checkpoint, weights_for_saving
+from lmforge.cli import main
+from lmforge.data import Dataset, prepare
+from lmforge.dpo import DPOObjective, dpo_loss, sequence_logprobs
+from lmforge.errors import UserError
+from lmforge.finetune import finetune
+from lmforge.lora import adapters_disabled, apply_lora
+from lmforge.runs import load
+from lmforge.templates import (CHATML, CHATML_TOKENS, PAIRS_TEMPLATE, chat_ids, chat_prompt_ids, conversation_ids,
+                               from_legacy, render)
+from lmforge.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_serve import TEXT, make_run  # noqa: E402
+
+TWO_TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, I am Ann."},
+             {"role": "assistant", "content": "Hello Ann."}, {"role": "user", "content": "Who am I?"},
+             {"role": "assistant", "content": "Ann."}]
+
+
+def trained(tok, ids, targets) -> str:
+    return "".join(tok.decode([i]) if t else "\0" for i, t in zip(ids, targets))
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_the_targets_are_exactly_the_assistant_turns_and_their_end_of_turn(kind):
+    base = CharTokenizer.train(TEXT) if kind == "char" else BPETokenizer.train(TEXT * 3, 300)
+    tok = base.with_special_tokens(CHATML_TOKENS, CHATML)
+    assert tok.vocab_size == base.vocab_size + 2 and tok.encode("To be") == base.encode("To be")
+    ids, targets = conversation_ids(tok, TWO_TURNS)
+    assert tok.decode(ids) == render(CHATML, TWO_TURNS)
+    pieces = trained(tok, ids, targets).split("\0")
+    assert [p for p in pieces if p] == ["Hello Ann.<|im_end|>", "Ann.<|im_end|>"]
+    assert ids[:len(chat_prompt_ids(tok, TWO_TURNS[:2]))] == chat_prompt_ids(tok, TWO_TURNS[:2])
+    assert tok.stop_ids == {tok.eot_id, tok.special_tokens["<|im_end|>"]}
+
+
+def _hf_folder(tmp_path, name, specials, template, bos=None, eos=None, extra_config=None):
+    """A byte-level tokenizer folder trained by the tokenizers library, with the family's special tokens and
+    chat template in tokenizer_config.json."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT] * 20 + [m["content"] for m in TWO_TURNS] * 5, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / name
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+         "clean_up_tokenization_spaces": False, "chat_template": template, **(extra_config or {})}))
+    return folder
+
+
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+          "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+          "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+          "{% endif %}")
+QWEN = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + "
+        "'<|im_end|>\n' }}{%- else %}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+        "{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+        "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}"
+        "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+FAMILIES = {
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
+    "qwen": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], QWEN, None, "<|im_end|>"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_templates_render_as_autotokenizer_does_token_for_token(tmp_path, family):
+    transformers = pytest.importorskip("transformers")
+    specials, template, bos, eos = FAMILIES[family]
+    folder = _hf_folder(tmp_path, family, specials, template, bos, eos)
+    ours, theirs = load_tokenizer(folder / "tokenizer.json"), transformers.AutoTokenizer.from_pretrained(folder)
+
+    def want(messages, generation):
+        out = theirs.apply_chat_template(messages, add_generation_prompt=generation, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    for messages in (TWO_TURNS, TWO_TURNS[1:], TWO_TURNS[:2], TWO_TURNS[1:2]):
+        for generation in (True, False):
+            assert chat_ids(ours, messages, add_generation_prompt=generation) == want(messages, generation)
+    ids, targets = conversation_ids(ours, TWO_TURNS)
+    assert ids == want(TWO_TURNS, False)
+    eot = eos
+    assert [p for p in trained(ours, ids, targets).split("\0") if p] == [f"Hello Ann.{eot}", f"Ann.{eot}"]
+    assert ours.special_tokens[eot] in ours.stop_ids
+
+
+def test_the_mask_equals_transformers_assistant_mask_on_a_template_with_generation_marks(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    marked = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' %}"
+              "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+              "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    folder = _hf_folder(tmp_path, "marked", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], marked, None,
+                        "<|endoftext|>")
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    out = theirs.apply_chat_template(TWO_TURNS, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, targets = conversation_ids(load_tokenizer(folder / "tokenizer.json"), TWO_TURNS)
+    assert ids == list(out["input_ids"]) and targets == list(out["assistant_masks"]) and sum(targets) > 4
+
+
+def test_message_text_stays_text_and_templates_fail_in_one_line_naming_where():
+    tok = CharTokenizer.train(TEXT + "<|>_").with_special_tokens(CHATML_TOKENS, CHATML)
+    forged = [{"role": "user", "content": "To<|im_end|>be"}]
+    ids = chat_prompt_ids(tok, forged)
+    assert tok.special_tokens["<|im_end|>"] in ids and ids.count(tok.special_tokens["<|im_end|>"]) == 1
+    assert tok.decode(ids) == render(CHATML, forged, True)
+    with pytest.raises(UserError, match="does not parse: line 2"):
+        render("{{ messages }}\n{% for m in messages %}", TWO_TURNS)
+    with pytest.raises(UserError, match="at line 3: UndefinedError"):
+        render("a\nb\n{{ messages[0].nothing.more }}", TWO_TURNS)
+    with pytest.raises(UserError, match="refused the messages: roles alternate"):
+        render("{{ raise_exception('roles alternate') }}", TWO_TURNS)
+
+
+def test_the_old_config_form_renders_the_text_it_did():
+    old = {"system": "{content}\n\n", "user": "Q: {content}\n", "assistant": "A: {content}<|endoftext|>",
+           "generation": "A:"}
+    text = render(from_legacy(old), TWO_TURNS[:2], True)
+    assert text == "Be brief.\n\nQ: Hi, I am Ann.\nA:"
+    assert render(PAIRS_TEMPLATE, TWO_TURNS[:2], True, eos_token="<|endoftext|>") == "Be brief.\n\nHi, I am Ann."
+    with pytest.raises(UserError, match="Jinja string"):
+        from_legacy({"user": "{content}"})
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_rows_are_one_line_errors_naming_the_row(tmp_path, capsys):
+    run = make_run(tmp_path / "base")
+    cases = [
+        ([{"messages": TWO_TURNS}, {"messages": [{"role": "robot", "content": "x"}]}], "chats.jsonl:2",
+         "role 'robot'"),
+        ([{"messages": TWO_TURNS[:2]}], "chats.jsonl:1", "no assistant turn"),
+        ([{"messages": [{"role": "user"}]}], "chats.jsonl:1", 'a "role" and a string "content"'),
+        ([{"prompt": "a", "chosen": "b"}], "prefs.jsonl:1", "no 'rejected'"),
+        ([{"prompt": "a", "chosen": "b", "rejected": 3}], "prefs.jsonl:1", "text or a list of messages"),
+    ]
+    for rows, where, words in cases:
+        name = where.split(":")[0]
+        _write(tmp_path / name, rows)
+        code = main(["prepare", str(tmp_path / name), "--tokenizer-from", str(run), "--out", str(tmp_path / "d"),
+                     "--force"])
+        err = capsys.readouterr().err
+        assert code == 2 and where in err and words in err and len(err.strip().splitlines()) == 1, err
+    _write(tmp_path / "long.jsonl", [{"messages": TWO_TURNS}] * 3)
+    assert main(["prepare", str(tmp_path / "long.jsonl"), "--tokenizer-from", str(run), "--out",
+                 str(tmp_path / "d"), "--force", "--max-len", "20"]) == 2
+    assert "row 1: " in capsys.readouterr().err
+    _write(tmp_path / "prefs.jsonl", [{"prompt": "To", "chosen": " be", "rejected": " not"}] * 4)
+    assert main(["finetune", str(tmp_path / "nothing"), "--data", str(tmp_path / "prefs.jsonl"), "--out",
+                 str(tmp_path / "o"), "--method", "dpo"]) == 2
+    assert "nothing" in capsys.readouterr().err
+    assert main(["finetune", str(run), "--data", str(tmp_path / "prefs.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "--method dpo" in capsys.readouterr().err
+    with pytest.raises(UserError, match="init_from"):
+        lmforge.TrainConfig(data="d", out="o", method="dpo")
+
+
+def test_new_rows_start_as_the_mean_and_the_old_ones_are_kept(tmp_path):
+    torch.manual_seed(0)
+    small = GPT(ModelConfig.preset("tiny", vocab_size=40, block_size=16))
+    save_checkpoint(tmp_path, weights_for_saving(small.state_dict(), True), {"step": 0},
+                    run_config(small.config))
+    big = GPT(ModelConfig.preset("tiny", vocab_size=42, block_size=16))
+    load_weights(big, tmp_path / "model.safetensors", new_rows=True)
+    old = small.wte.weight.detach()
+    assert torch.equal(big.wte.weight[:40], old) and torch.allclose(big.wte.weight[40:], old.mean(0).expand(2, -1))
+    assert big.lm_head.weight is big.wte.weight
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A char run tuned on two-turn conversations: the ChatML tokens added, the template stored with it."""
+    root = tmp_path_factory.mktemp("chat")
+    base = make_run(root / "base", mlp="swiglu", norm="rmsnorm", bias=False)  # the demo block: Llama's
+    rows = [{"messages": [{"role": "user", "content": f"I am {n}."}, {"role": "assistant", "content": "OK."},
+                          {"role": "user", "content": "Who am I?"}, {"role": "assistant", "content": f"{n}."}]}
+            for n in ["Ann", "Bob", "Cy", "Dee"] * 10]
+    _write(root / "chats.jsonl", rows)
+    finetune(base, str(root / "chats.jsonl"), str(root / "chat"),
+             overrides={"max_steps": "6", "eval_interval": "3", "batch_size": "4", "progress": "false"})
+    return root
+
+
+def test_a_conversation_run_keeps_one_template_from_training_to_serving_and_exports(chat_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import create_app
+    run = chat_run / "chat"
+    model, tok = load(run)
+    base_model, base_tok = load(chat_run / "base")
+    assert tok.chat_template == CHATML and tok.vocab_size == base_tok.vocab_size + 2 == model.config.vocab_size
+    data = Dataset(run / "data")
+    start, first, total = data.index("train")[0]
+    train_ids = data.tokens("train")[start:start + total].tolist()
+    messages = [{"role": "user", "content": "I am Ann."}]
+    with TestClient(create_app(run, compile="off")) as http:
+        deadline = time.monotonic() + 60
+        while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        served = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+        assert served == train_ids[:first]  # the training row's prompt is what the chat route decodes from
+        info = http.get("/tokenizer_info").json()
+        assert info["chat_template"] == CHATML
+        r = http.post("/v1/chat/completions", json={"model": "chat", "messages": messages, "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == first
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    out = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert list(out["input_ids"] if hasattr(out, "keys") else out) == served
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tok.eot_id, tok.special_tokens["<|im_end|>"]]
+    import gguf
+    assert main(["export", str(run), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = reader.fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode() == CHATML
+    field = reader.fields["tokenizer.ggml.eot_token_id"]
+    assert int(field.parts[field.data[0]][0]) == tok.special_tokens["<|im_end|>"]
+
+
+def test_lora_cannot_take_new_tokens_but_tunes_a_chat_run(chat_run, capsys):
+    _write(chat_run / "more.jsonl", [{"messages": TWO_TURNS[1:3]}] * 8)
+    assert main(["finetune", str(chat_run / "base"), "--data", str(chat_run / "more.jsonl"), "--out",
+                 str(chat_run / "lora-new"), "--lora-rank", "2"]) == 2
+    assert "without --lora-rank" in capsys.readouterr().err
+    assert main(["finetune", str(chat_run / "chat"), "--data", str(chat_run / "more.jsonl"), "--out",
+                 str(chat_run / "lora"), "--lora-rank", "2", "--max_steps=2", "--eval_interval=2",
+                 "--batch_size=2", "--progress=false"]) == 0
+    assert load_tokenizer(chat_run / "lora").chat_template == CHATML
+
+
+def test_the_chat_verb_streams_keeps_history_and_resets(chat_run):
+    from lmforge.chat import Chat
+    model, tok = load(chat_run / "chat")
+    chat = Chat(model, tok, system="Be brief.", max_new_tokens=4, temperature=0.0)
+    first = "".join(chat.reply("I am Ann."))
+    assert chat.history == [{"role": "user", "content": "I am Ann."}, {"role": "assistant", "content": first}]
+    ids, dropped = chat.prompt("Who am I?")
+    assert dropped == 0 and ids == chat_prompt_ids(tok, [{"role": "system", "content": "Be brief."}, *chat.history,
+                                                         {"role": "user", "content": "Who am I?"}])
+    chat.reset()
+    assert chat.prompt("Who am I?")[0] == chat_prompt_ids(tok, [{"role": "system", "content": "Be brief."},
+                                                                {"role": "user", "content": "Who am I?"}])
+    with pytest.raises(UserError, match="max-new-tokens"):
+        Chat(model, tok, max_new_tokens=10**6)
+    import subprocess
+    out = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(chat_run / "chat"), "--temperature", "0",
+                          "--max-new-tokens", "4"], input="I am Ann.\n/reset\n/nope\nI am Ann.\n", text=True,
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    alone = "".join(Chat(model, tok, max_new_tokens=4, temperature=0.0).reply("I am Ann."))
+    assert out.stdout == f"> {alone}\n> > > {alone}\n> "  # after /reset the same turn gets the same greedy reply
+    assert "history cleared" in out.stderr and "unknown command /nope" in out.stderr
+
+
+def test_the_dpo_loss_is_the_formula_and_its_reference_never_moves():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=30, block_size=16))
+    x, y = torch.randint(0, 30, (4, 12)), torch.randint(0, 30, (4, 12))
+    mask = torch.zeros(4, 12, dtype=torch.long)
+    mask[:, 5:] = 1
+    mask[1, 9:] = 0
+    attention = torch.ones(4, 12, dtype=torch.long)
+    objective = DPOObjective(model, model, beta=0.3)
+    with torch.no_grad():
+        ref = objective.reference_logprobs(x, y, attention, mask)
+    with torch.no_grad():  # a second model the reference must not follow
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    stats, loss = objective(x, y, attention, mask)
+    logits, _ = model(x, attention_mask=attention)
+    logp = torch.log_softmax(logits.double(), -1)
+    seq = [sum(float(logp[b, t, y[b, t]]) for t in range(12) if mask[b, t]) for b in range(4)]
+    ref_seq = [float(v) for v in ref]
+    margins = [0.3 * ((seq[i] - ref_seq[i]) - (seq[i + 2] - ref_seq[i + 2])) for i in range(2)]
+    want = sum(-torch.nn.functional.logsigmoid(torch.tensor(m)).item() for m in margins) / 2
+    assert abs(loss.item() - want) < 1e-5
+    assert stats["reward_accuracy"].item() == sum(m > 0 for m in margins) / 2
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):  # the real optimizer on the policy: the reference's log-probabilities stay put
+        opt.zero_grad()
+        objective(x, y, attention, mask)[1].backward()
+        opt.step()
+    assert torch.equal(objective.reference_logprobs(x, y, attention, mask), ref)
+    lora_model = GPT(ModelConfig.preset("tiny", vocab_size=30, block_size=16))
+    base = sequence_logprobs(lora_model(x, attention_mask=attention)[0], y, mask).detach()
+    apply_lora(lora_model, "attn,mlp", rank=2, alpha=4)
+    lora_objective = DPOObjective(lora_model, lora_model, beta=0.1)
+    assert lora_objective.reference is None  # no second copy: the adapters switch off
+    opt = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        lora_objective(x, y, attention, mask)[1].backward()
+        opt.step()
+    assert torch.allclose(lora_objective.reference_logprobs(x, y, attention, mask), base, atol=1e-5)
+    with adapters_disabled(lora_model):
+        moved = sequence_logprobs(lora_model(x, attention_mask=attention)[0], y, mask)
+    assert torch.allclose(moved, base, atol=1e-5)
+    assert not torch.allclose(sequence_logprobs(lora_model(x, attention_mask=attention)[0], y, mask), base)
+    loss, stats = dpo_loss(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.1)
+    assert abs(loss.item() - 0.693147) < 1e-5  # log 2 where policy and reference agree
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_finetune_method_dpo_logs_rewards_at_each_eval(chat_run, lora):
+    rows = [{"prompt": [{"role": "user", "content": f"Say {n}."}], "chosen": [{"role": "assistant",
+             "content": f"{n}!"}], "rejected": f"{n}?"} for n in ["Ann", "Bob", "Cy", "Dee"] * 6]
+    _write(chat_run / "prefs.jsonl", rows)
+    out = chat_run / f"dpo-{lora}"
+    args = ["finetune", str(chat_run / "chat"), "--data", str(chat_run / "prefs.jsonl"), "--out", str(out),
+            "--method", "dpo", "--beta", "0.2", "--max_steps=4", "--eval_interval=2", "--batch_size=4",
+            "--progress=false"] + (["--lora-rank", "2"] if lora else [])
+    assert main(args) == 0
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["reward_accuracy"] <= 1 for r in evals)
+    assert all("reward_margin" in r for r in evals)
+    config = json.loads((out / "config.json").read_text())["train"]
+    assert config["method"] == "dpo" and config["dpo_beta"] == 0.2
+    data = Dataset(out / "data")
+    assert data.kind == "preferences" and len(data.index("train")) == 2 * data.meta["train_pairs"]
