@@ -155,6 +155,11 @@ def _evaluate_args(p):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")
     p.add_argument("--log-samples", action="store_true", help="keep every item's requests and scores in the results")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render each prompt as a conversation through the run's chat template (as it is served)")
+    p.add_argument("--fewshot-as-multiturn", action="store_true",
+                   help="with --apply-chat-template: each few-shot example a user/assistant exchange")
+    p.add_argument("--system-instruction", help="a system message before each prompt")
     p.add_argument("--out", help="write lm-eval's results JSON here (with the run, checkpoint and weights' sha256)")
 
 

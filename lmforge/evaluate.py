@@ -171,10 +171,29 @@ class LmforgeLM(TemplateLM):
         return self.tok.decode(ids)
 
     def chat_template(self, chat_template=False):
-        if chat_template:
-            raise UserError("the lmforge model class does not apply chat templates yet; evaluate without "
-                            "--apply_chat_template")
-        return None
+        """The run's one chat template (templates.template_of), when lm-eval is asked to apply one."""
+        if not chat_template:
+            return None
+        if isinstance(chat_template, str) and chat_template != self._template():
+            raise UserError("a run chats through its own template; --apply_chat_template takes no template name")
+        return self._template()
+
+    def _template(self) -> str:
+        from .runs import read_run_config
+        from .templates import template_of
+        config = {} if self.onnx else read_run_config(self.run)
+        return template_of(self.tok, config)
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the text the server's chat route renders (tok_encode reads its special tokens)."""
+        from .templates import check_messages, render
+        messages = check_messages(chat_history, "the task's conversation", need_assistant=False)
+        config = getattr(self.tok, "config", None) or {}
+        bos = config.get("bos_token")
+        bos = (bos.get("content") if isinstance(bos, dict) else bos) or ""
+        eos = getattr(self.tok, "eos_token", None) or next(
+            (t for t, i in self.tok.special_tokens.items() if i == self.tok.eot_id), "")
+        return render(self._template(), messages, add_generation_prompt, bos_token=bos, eos_token=eos)
 
     @property
     def tokenizer_name(self) -> str:
@@ -439,7 +458,8 @@ def _check_limit(limit):
 def evaluate(run: str | Path, tasks, num_fewshot: int | None = None, limit: int | float | None = None,
              batch_size: int = DEFAULT_BATCH, device: str = "cpu", dtype: str = "float32",
              checkpoint: str | None = None, include_path=None, log_samples: bool = False, max_length: int | None = None,
-             gen_kwargs: str | None = None, bootstrap_iters: int = 100_000) -> dict:
+             gen_kwargs: str | None = None, bootstrap_iters: int = 100_000, apply_chat_template: bool = False,
+             fewshot_as_multiturn: bool = False, system_instruction: str | None = None) -> dict:
     """lm-eval's results for a run (or its ONNX export) on tasks (see resolve_tasks), as its simple_evaluate returns
     them, with "lmforge": the run, checkpoint, weights' sha256 and model config they came from. Nothing of the
     caller's random state changes."""
@@ -463,7 +483,9 @@ def evaluate(run: str | Path, tasks, num_fewshot: int | None = None, limit: int 
             lm.check_generates()  # before any item runs
         results = simple_evaluate(model=lm, tasks=built, num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, log_samples=log_samples, gen_kwargs=gen_kwargs,
-                                  bootstrap_iters=bootstrap_iters, batch_size=lm.batch_size, device=device)
+                                  bootstrap_iters=bootstrap_iters, batch_size=lm.batch_size, device=device,
+                                  apply_chat_template=apply_chat_template,
+                                  fewshot_as_multiturn=fewshot_as_multiturn, system_instruction=system_instruction)
     results["lmforge"] = _provenance(Path(run), checkpoint, lm.onnx)
     return results
 
@@ -534,7 +556,8 @@ def evaluate_cli(args) -> int:
     results = evaluate(args.run, args.tasks, num_fewshot=args.num_fewshot, limit=limit, batch_size=args.batch_size,
                        device=args.device, dtype=args.dtype, checkpoint=args.checkpoint,
                        include_path=args.include_path, log_samples=args.log_samples, max_length=args.max_length,
-                       gen_kwargs=args.gen_kwargs)
+                       gen_kwargs=args.gen_kwargs, apply_chat_template=args.apply_chat_template,
+                       fewshot_as_multiturn=args.fewshot_as_multiturn, system_instruction=args.system_instruction)
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))

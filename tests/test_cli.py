@@ -15,14 +15,15 @@ from lmforge.tokenizer import CharTokenizer
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
 
 SURFACE = {
-    "prepare": ["--errors", "--force", "--out", "--shard-tokens", "--split", "--text-field", "--tokenizer",
+    "prepare": ["--errors", "--force", "--max-len", "--out", "--shard-tokens", "--split", "--text-field", "--tokenizer",
                 "--tokenizer-from", "--tokenizer-sample", "--val-fraction", "--workers", "source"],
     "train": ["--config", "--resume"],
     "eval": ["--batch-size", "--batches", "--checkpoint", "--data", "--device", "--pairs", "--split", "run"],
-    "evaluate": ["--batch-size", "--checkpoint", "--device", "--dtype", "--gen-kwargs", "--include-path", "--limit",
-                 "--log-samples", "--max-length", "--num-fewshot", "--out", "--tasks", "run"],
-    "finetune": ["--config", "--data", "--lora-alpha", "--lora-dropout", "--lora-rank", "--lora-targets", "--out",
-                 "--val", "run"],
+    "evaluate": ["--apply-chat-template", "--batch-size", "--checkpoint", "--device", "--dtype",
+                 "--fewshot-as-multiturn", "--gen-kwargs", "--include-path", "--limit", "--log-samples",
+                 "--max-length", "--num-fewshot", "--out", "--system-instruction", "--tasks", "run"],
+    "finetune": ["--beta", "--config", "--data", "--lora-alpha", "--lora-dropout", "--lora-rank", "--lora-targets",
+                 "--max-len", "--method", "--out", "--val", "run"],
     "merge": ["--force", "--out", "run"],
     "quantize": ["--checkpoint", "--data", "--device", "--eval-tokens", "--force", "--group-size", "--max-kl",
                  "--method", "--out", "--overwrite", "run"],
@@ -31,6 +32,8 @@ SURFACE = {
     "generate": ["--checkpoint", "--compile", "--device", "--dtype", "--early-stopping", "--interactive", "--length-penalty",
                  "--max-new-tokens", "--num-beams", "--num-samples", "--prompt", "--prompt-file",
                  "--repetition-penalty", "--seed", "--stop", "--temperature", "--top-k", "--top-p", "run"],
+    "chat": ["--checkpoint", "--device", "--dtype", "--max-new-tokens", "--seed", "--system", "--temperature",
+             "--top-k", "--top-p", "run"],
     "serve": ["--api-key", "--checkpoint", "--compile", "--device", "--dtype", "--host", "--log-level", "--max-batch",
               "--max-body-bytes", "--max-queue", "--max-seq-len", "--max-tokens-limit", "--model-name", "--port", "run"],
 }

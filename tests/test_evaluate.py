@@ -217,3 +217,32 @@ def test_an_onnx_export_scores_as_the_run(world, onnx_export):
     a = evaluate(world / "run", ["animals_mc"], include_path=world / "tasks", log_samples=True, limit=20)
     o = evaluate(onnx_export, ["animals_mc"], include_path=world / "tasks", log_samples=True, limit=20)
     np.testing.assert_allclose(_scores(a, "animals_mc"), _scores(o, "animals_mc"), atol=1e-3, rtol=0)
+
+
+def test_a_chat_template_is_applied_as_transformers_applies_it(world, tmp_path):
+    """--apply-chat-template renders each prompt through the run's own template: the same contexts and scores as
+    lm-eval's hf model applying the template the export carries."""
+    import shutil
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lmforge.tokenizer import load_tokenizer
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+    tok = load_tokenizer(run)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} " \
+                        "{% endif %}"
+    tok.save(run / "tokenizer.json")
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    ours = evaluate(run, ["animals_mc"], include_path=world / "tasks", log_samples=True, limit=12,
+                    apply_chat_template=True)
+    theirs = simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32",
+                             tasks=["animals_mc"], log_samples=True, device="cpu", batch_size=4, limit=12,
+                             apply_chat_template=True,
+                             task_manager=TaskManager(include_path=str(world / "tasks"), include_defaults=False))
+    contexts = [s["arguments"][0][0] for s in ours["samples"]["animals_mc"]]
+    assert contexts == [s["arguments"][0][0] for s in theirs["samples"]["animals_mc"]]
+    assert all(c.endswith("sat on the ") for c in contexts)  # the template's generation prompt ends each one
+    np.testing.assert_allclose(np.array(_scores(ours, "animals_mc")), np.array(_scores(theirs, "animals_mc")),
+                               atol=1e-3, rtol=0)
