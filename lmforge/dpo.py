@@ -40,14 +40,15 @@ class DPOObjective(nn.Module):
     """policy(x, y, attention_mask, loss_mask) -> (statistics, DPO loss): called where the loop calls the model.
     policy may be the DDP- or compile-wrapped model; model is the raw one (its adapters, its reference copy)."""
 
-    def __init__(self, policy: nn.Module, model: nn.Module, beta: float):
+    def __init__(self, policy: nn.Module, model: nn.Module, beta: float, reference: nn.Module | None = None):
+        """reference: the starting model (default: a copy of model as it is now); unused with LoRA adapters."""
         super().__init__()
         self.policy, self.beta = policy, beta
         self.uses_lora = any(isinstance(m, LoRALinear) for m in model.modules())
         self._model = [model]  # not a submodule: its parameters are the policy's, counted once
         self.reference = None
-        if not self.uses_lora:  # the starting weights, frozen: a copy made before any step
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if not self.uses_lora:  # the starting weights, frozen
+            self.reference = (reference if reference is not None else copy.deepcopy(model)).eval().requires_grad_(False)
 
     @torch.no_grad()
     def reference_logprobs(self, x, y, attention_mask, loss_mask) -> torch.Tensor:

@@ -18,6 +18,7 @@ when later ones follow (every family's does) gives an exact mask without markers
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 
 from .errors import UserError
@@ -42,6 +43,19 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Fa
            eos_token: str = "", **variables) -> str:
     """The template rendered as transformers renders it: an immutable sandbox, trim_blocks and lstrip_blocks, the
     loopcontrols extension, tojson, raise_exception and strftime_now. A failure names the template line."""
+    compiled = _compiled(template)
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+                               eos_token=eos_token, **variables)
+    except UserError:
+        raise
+    except Exception as e:  # a template's own mistake (an undefined name, a type): where in the template it was
+        raise UserError(f"the chat template fails to render{_template_line(e)}: {type(e).__name__}: {e}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    """A template compiled once (a conversation renders it once per assistant turn and once whole)."""
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -54,16 +68,9 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Fa
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
-        compiled = env.from_string(template)
+        return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise UserError(f"the chat template does not parse: line {e.lineno}: {e.message}") from None
-    try:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
-                               eos_token=eos_token, **variables)
-    except UserError:
-        raise
-    except Exception as e:  # a template's own mistake (an undefined name, a type): where in the template it was
-        raise UserError(f"the chat template fails to render{_template_line(e)}: {type(e).__name__}: {e}") from None
 
 
 def _generation_tag():

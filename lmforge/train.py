@@ -8,6 +8,7 @@ the step and the RNG states. Under torchrun it trains with DDP (or FSDP2 when as
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import math
@@ -312,6 +313,8 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
             raise TrainingError(f"{cfg.init_from} is a LoRA run; fold its adapter in first (lmforge merge) and "
                                 f"start from that")
         load_weights(model, base / "model.safetensors", new_rows=True)
+    # DPO's reference is the base as loaded, before a resumed checkpoint replaces the weights (LoRA: adapters off)
+    reference = copy.deepcopy(model) if cfg.method == "dpo" and not cfg.lora_rank else None
     adapter = None
     if cfg.lora_rank:
         if cfg.fsdp and info.world > 1:
@@ -337,7 +340,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
     wrapped = _wrap(model, cfg, info, device)
     if cfg.method == "dpo":  # the loop calls the objective where it calls the model; the reference is fixed now
         from .dpo import DPOObjective
-        wrapped = DPOObjective(wrapped, model, cfg.dpo_beta)
+        wrapped = DPOObjective(wrapped, model, cfg.dpo_beta, reference)
     optimizers = make_optimizers(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     step, best_val, train_seconds, tokens_seen = 0, float("inf"), 0.0, 0

@@ -344,3 +344,58 @@ def test_finetune_method_dpo_logs_rewards_at_each_eval(chat_run, lora):
     assert config["method"] == "dpo" and config["dpo_beta"] == 0.2
     data = Dataset(out / "data")
     assert data.kind == "preferences" and len(data.index("train")) == 2 * data.meta["train_pairs"]
+
+
+def test_dpo_resumes_exactly_against_the_base_not_the_resumed_weights(chat_run):
+    rows = [{"prompt": f"Say {n}.", "chosen": f" {n}!", "rejected": f" {n}?"} for n in ["Ann", "Bob", "Cy"] * 6]
+    _write(chat_run / "plain-prefs.jsonl", rows)
+    common = ["--method", "dpo", "--max_steps=6", "--eval_interval=6", "--batch_size=4", "--log_interval=1",
+              "--progress=false", "--sample_tokens=0", "--lr=1e-3"]
+    whole, paused = chat_run / "dpo-whole", chat_run / "dpo-paused"
+    for out, extra in ((whole, []), (paused, ["--stop_at=3"])):
+        assert main(["finetune", str(chat_run / "chat"), "--data", str(chat_run / "plain-prefs.jsonl"), "--out",
+                     str(out), *common, *extra]) == 0
+    assert main(["train", "--resume", str(paused), "--stop_at=0"]) == 0
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+    assert losses(paused) == losses(whole) and len(losses(whole)) == 6
+
+
+def test_a_run_with_the_old_config_form_serves_its_old_rendering(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import create_app
+    run = make_run(tmp_path / "old")
+    config = json.loads((run / "config.json").read_text())
+    config["chat_template"] = {"system": "{content}\n\n", "user": "Q: {content}\n", "assistant": "A: {content}"
+                               "<|endoftext|>", "generation": "A:"}
+    (run / "config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(run)
+    with TestClient(create_app(run, compile="off")) as http:
+        deadline = time.monotonic() + 60
+        while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ids = http.post("/tokenize", json={"messages": TWO_TURNS[:3] + [TWO_TURNS[3]]}).json()["tokens"]
+        want = tok.encode("Be brief.\n\nQ: Hi, I am Ann.\nA: Hello Ann.") + [tok.eot_id] + tok.encode(
+            "Q: Who am I?\nA:")
+        assert ids == want
+        r = http.post("/v1/chat/completions", json={"model": "old", "messages": TWO_TURNS[:2], "max_tokens": 2})
+        assert r.status_code == 200
+    config["chat_template"] = {"user": "{content}"}
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="Jinja string"):
+        create_app(run, compile="off")
+
+
+def test_a_conversation_past_the_context_is_cut_from_the_left_keeping_its_targets():
+    from lmforge.data import pair_batch, sequence_arrays
+    tok = CharTokenizer.train(TEXT).with_special_tokens(CHATML_TOKENS, CHATML)
+    tokens, targets, index = sequence_arrays(tok, "messages", [TWO_TURNS])
+    ids, mask = tokens.tolist(), targets.tolist()
+    last = max(i for i, t in enumerate(mask) if t)
+    x, y, attention, loss_mask = pair_batch(tokens, index, [0], 24, tok.eot_id, targets)
+    kept = ids[:last + 1][-25:]  # the trailing newline teaches nothing; then the last 25 tokens
+    assert x[0].tolist() == kept[:-1] and y[0].tolist() == kept[1:]
+    assert loss_mask[0].tolist() == mask[:last + 1][-24:] and attention[0].sum() == 24
