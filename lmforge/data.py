@@ -578,7 +578,6 @@ def sequence_arrays(tok: Tokenizer, kind: str, rows: list, dtype=np.int64, sourc
                     max_len: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All rows' token sequences in one array, their targets (1 = a token the loss covers) and an index of
     (start, first target, length) rows: one sequence per conversation, two per preference row (chosen, rejected)."""
-    from .templates import conversation_ids
     tokens, targets, index, start = [], [], [], 0
 
     def add(ids: list[int], mask: list[int], n: int):
@@ -593,19 +592,27 @@ def sequence_arrays(tok: Tokenizer, kind: str, rows: list, dtype=np.int64, sourc
 
     for n, row in enumerate(rows, 1):
         where = f"{source} {n}"
-        if kind == "messages":
-            add(*conversation_ids(tok, row, where=where), n)
-        elif isinstance(row[0], str):
-            prompt, *replies = row
-            for reply in replies:
-                p, c = encode_pair(tok, prompt, reply)
-                add(p + c, [0] * len(p) + [1] * len(c), n)
-        else:
-            prompt, *replies = row
-            for reply in replies:
-                add(*conversation_ids(tok, prompt + reply, learn_from=len(prompt), where=where), n)
+        try:
+            _add_row(tok, kind, row, where, n, add)
+        except UserError as e:
+            message = str(e)
+            raise UserError(message if message.startswith(where) else f"{where}: {message}") from None
     return (np.asarray(tokens, dtype=dtype), np.asarray(targets, dtype=np.uint8),
             np.asarray(index, dtype=np.int64).reshape(-1, 3))
+
+
+def _add_row(tok: Tokenizer, kind: str, row, where: str, n: int, add) -> None:
+    from .templates import conversation_ids
+    if kind == "messages":
+        add(*conversation_ids(tok, row, where=where), n)
+        return
+    prompt, *replies = row
+    for reply in replies:
+        if isinstance(prompt, str):
+            p, c = encode_pair(tok, prompt, reply)
+            add(p + c, [0] * len(p) + [1] * len(c), n)
+        else:
+            add(*conversation_ids(tok, prompt + reply, learn_from=len(prompt), where=where), n)
 
 
 def chat_tokenizer(tok: Tokenizer) -> Tokenizer:

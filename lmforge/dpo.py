@@ -22,8 +22,10 @@ from .lora import LoRALinear, adapters_disabled
 
 
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Each row's summed log-probability of its target tokens (where loss_mask is 1): (B, T, V) -> (B,)."""
-    logp = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    """Each row's summed log-probability of its target tokens (where loss_mask is 1): (B, T, V) -> (B,). The
+    target's logit less the logsumexp, so no second (B, T, V) tensor (a log-softmax) is kept for backward."""
+    logits = logits.float()
+    logp = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return (logp * loss_mask.to(logp.dtype)).sum(-1)
 
 
@@ -46,9 +48,19 @@ class DPOObjective(nn.Module):
         self.policy, self.beta = policy, beta
         self.uses_lora = any(isinstance(m, LoRALinear) for m in model.modules())
         self._model = [model]  # not a submodule: its parameters are the policy's, counted once
-        self.reference = None
-        if not self.uses_lora:  # the starting weights, frozen
-            self.reference = (reference if reference is not None else copy.deepcopy(model)).eval().requires_grad_(False)
+        self._reference = [None]  # not a submodule either: train() and eval() of the objective never reach it
+        if not self.uses_lora:  # the starting weights, frozen, always in eval mode (no dropout)
+            self._reference[0] = (reference if reference is not None else copy.deepcopy(model)).eval()
+            self._reference[0].requires_grad_(False)
+
+    @property
+    def reference(self) -> nn.Module | None:
+        """The frozen copy of the starting model; None under LoRA (the adapters switch off instead)."""
+        return self._reference[0]
+
+    def no_sync(self):
+        """DDP's no_sync of the policy, for gradient accumulation."""
+        return self.policy.no_sync()
 
     @torch.no_grad()
     def reference_logprobs(self, x, y, attention_mask, loss_mask) -> torch.Tensor:

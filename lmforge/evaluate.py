@@ -186,14 +186,9 @@ class LmforgeLM(TemplateLM):
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as the text the server's chat route renders (tok_encode reads its special tokens)."""
-        from .templates import check_messages, render
+        from .templates import check_messages, render_for
         messages = check_messages(chat_history, "the task's conversation", need_assistant=False)
-        config = getattr(self.tok, "config", None) or {}
-        bos = config.get("bos_token")
-        bos = (bos.get("content") if isinstance(bos, dict) else bos) or ""
-        eos = getattr(self.tok, "eos_token", None) or next(
-            (t for t, i in self.tok.special_tokens.items() if i == self.tok.eot_id), "")
-        return render(self._template(), messages, add_generation_prompt, bos_token=bos, eos_token=eos)
+        return render_for(self.tok, messages, add_generation_prompt, self._template())
 
     @property
     def tokenizer_name(self) -> str:

@@ -401,7 +401,7 @@ def _generate_onnx(args, prompt: str) -> int:
             print(f"--- sample {i + 1} ---")
         new = model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                              None if args.seed is None else args.seed + i)
-        if new and new[-1] == model.eos_id:
+        if new and new[-1] in model.eos_ids:
             new = new[:-1]
         text = model.tokenizer.decode(new)
         cuts = [text.find(s) for s in args.stop if s and s in text]

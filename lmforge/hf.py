@@ -410,6 +410,8 @@ def write_hf_tokenizer(tok, folder: Path, context: int, chat_template: str | Non
     GPT-2's vocab.json + merges.txt, which GPT2Tokenizer and older tools read."""
     from .tokenizer import BPETokenizer, HFTokenizer, tokenizer_config, tokenizer_json
     if isinstance(tok, HFTokenizer):
+        if chat_template and tok.chat_template != chat_template:  # the old config.json form, converted
+            tok = HFTokenizer(tok._json, {**tok.config, "chat_template": chat_template})
         tok.save(folder / "tokenizer.json")
         return
     (folder / "tokenizer.json").write_text(tokenizer_json(tok), encoding="utf-8")

@@ -165,6 +165,8 @@ class OnnxModel:
         self.config = ModelConfig.from_dict(self.meta["model"])
         self.eos_id = self.meta.get("eos_id")
         self.tokenizer = load_tokenizer(self.path / "tokenizer.json")
+        # replies end at end-of-text and at a chat template's end-of-turn token, as the engine's do
+        self.eos_ids = set(self.tokenizer.stop_ids) | ({self.eos_id} if self.eos_id is not None else set())
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -207,7 +209,7 @@ class OnnxModel:
                                           generator)[0])
             out.append(token)
             ids.append(token)
-            if (stop_at_eos and token == self.eos_id) or len(out) == max_new_tokens:
+            if (stop_at_eos and token in self.eos_ids) or len(out) == max_new_tokens:
                 break
             if self.config.extrapolates or len(ids) <= block:
                 logits, cache = self.decode(np.array([[token]]), cache)

@@ -12,7 +12,8 @@ trained here get CHATML, whose two special tokens are added to the tokenizer whe
 conversations. A run without a template chats through PAIRS_TEMPLATE: a lone user turn is the prompt, as pair
 fine-tuning trains it. The assistant turns are found by rendering: turn i's text is what rendering messages[:i+1]
 adds to rendering messages[:i] with the generation prompt, so any template that renders earlier turns the same way
-when later ones follow (every family's does) gives an exact mask without markers in the template.
+when later ones follow gives an exact mask without markers in the template; one that does not (Qwen3's drops the
+thinking of earlier replies) has each reply found in the whole rendering instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import re
 
 from .errors import UserError
 
@@ -108,7 +110,7 @@ def from_legacy(template: dict) -> str:
                         f"tokenizer_config.json's chat_template")
 
     def literal(text: str) -> str:
-        return "{{ " + json.dumps(text) + " }}" if text else ""
+        return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
     parts = ["{% for message in messages %}"]
     for i, role in enumerate(ROLES):
         before, _, after = template[role].partition("{content}")
@@ -163,7 +165,8 @@ def _special(tokenizer, name: str) -> str:
     return (token.get("content") if isinstance(token, dict) else token) or ""
 
 
-def _render_for(tokenizer, messages: list[dict], add_generation_prompt: bool, template: str) -> str:
+def render_for(tokenizer, messages: list[dict], add_generation_prompt: bool, template: str) -> str:
+    """render() with the tokenizer's begin- and end-of-text tokens as bos_token and eos_token."""
     bos = _special(tokenizer, "bos_token")
     eos = getattr(tokenizer, "eos_token", None) or next(
         (s for s, i in tokenizer.special_tokens.items() if i == tokenizer.eot_id), "")
@@ -174,8 +177,8 @@ def chat_ids(tokenizer, messages: list[dict], template: str | None = None,
              add_generation_prompt: bool = True) -> list[int]:
     """The messages rendered and tokenized as transformers' apply_chat_template does (the template's special-token
     text read as those tokens), except that a message's own text never becomes a special token."""
-    text = _render_for(tokenizer, messages, add_generation_prompt, template or template_of(tokenizer))
-    return token_starts(tokenizer, text, messages)[0]
+    text, plain = _rendered(tokenizer, messages, add_generation_prompt, template or template_of(tokenizer))
+    return token_starts(tokenizer, text, plain)[0]
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
@@ -187,54 +190,91 @@ def conversation_ids(tokenizer, messages: list[dict], template: str | None = Non
                      where: str = "the conversation") -> tuple[list[int], list[int]]:
     """A conversation's ids (the whole rendering tokenized at once, as the server tokenizes a prompt) and its
     targets: 1 for each token that starts inside an assistant turn's text (turns from message learn_from on), its
-    end-of-turn token included and the whitespace the template puts after it left out."""
+    end-of-turn token included and the whitespace the template puts after it left out. A template that renders an
+    earlier turn differently once later turns follow (Qwen3 drops the thinking block of earlier replies) has each
+    reply found in the whole rendering instead, in order, with the special token right after it."""
     template = template or template_of(tokenizer)
-    full = _render_for(tokenizer, messages, False, template)
-    spans = []
+
+    def text(part, generation):
+        return _rendered(tokenizer, part, generation, template)[0]
+    full, plain = _rendered(tokenizer, messages, False, template)
+    spans, stable = [], True
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < learn_from:
             continue
-        before = _render_for(tokenizer, messages[:i], True, template)
-        upto = _render_for(tokenizer, messages[:i + 1], False, template)
+        before, upto = text(messages[:i], True), text(messages[:i + 1], False)
         if not upto.startswith(before) or not full.startswith(upto):
-            raise UserError(f"{where}: the chat template renders turn {i} differently once later turns follow, so "
-                            f"its assistant tokens cannot be found; use a template that renders earlier turns alike")
+            stable = False
+            break
         spans.append((len(before), len(upto.rstrip())))
-    ids, starts = token_starts(tokenizer, full, messages)
+    if not stable:
+        spans = _found_replies(tokenizer, full, messages, learn_from, where)
+    ids, starts = token_starts(tokenizer, full, plain)
     targets = [int(any(a <= s < b for a, b in spans)) for s in starts]
     return ids, targets
 
 
-def _plain_spans(tokenizer, text: str, messages: list[dict]) -> list[tuple[int, int]]:
-    """Where in the rendered text the messages' own words hold a special token's text: those spans are tokenized as
-    plain text, so no message can end a turn or forge one. Contents are found in order (as rendered, or trimmed)."""
-    specials = [s for s in tokenizer.special_tokens if s]
+def _found_replies(tokenizer, full: str, messages: list[dict], learn_from: int, where: str) -> list[tuple[int, int]]:
+    specials = sorted((t for t in tokenizer.special_tokens if t), key=len, reverse=True)
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         content = m["content"]
-        risky = any(s in content for s in specials)
-        for shown in dict.fromkeys((content, content.strip())):
-            at = text.find(shown, cursor) if shown else -1
-            if at >= 0:
-                if risky:
-                    spans.append((at, at + len(shown)))
-                cursor = at + len(shown)
-                break
-        else:
-            if risky:
-                raise UserError(f"message {i} holds a special token's text, and the chat template changes the "
-                                f"message so it cannot be kept as plain text; remove the token's text")
+        shown = next((c for c in dict.fromkeys((content, content.strip())) if c and c in full[cursor:]), None)
+        if shown is None:
+            if content.strip():
+                raise UserError(f"{where}: the chat template renders turn {i} differently once later turns follow, "
+                                f"and its text is not in the whole rendering; its tokens cannot be found")
+            continue
+        a = full.index(shown, cursor)
+        b = a + len(shown)
+        b += len(next((t for t in specials if full.startswith(t, b)), ""))  # the end-of-turn token after it
+        if m["role"] == "assistant" and i >= learn_from:
+            spans.append((a, b))
+        cursor = b
     return spans
 
 
-def token_starts(tokenizer, text: str, messages: list[dict] = ()) -> tuple[list[int], list[int]]:
-    """text's ids, its special-token text read as those tokens except inside the messages' own words, and the
-    character offset where each token starts."""
+_MARK = "\ue000{}\ue001"  # a private-use placeholder for a message's text while the template renders
+
+
+def _rendered(tokenizer, messages: list[dict], add_generation_prompt: bool,
+              template: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendering, and the spans of it that are messages' own text holding a special token's text: those are
+    tokenized as plain text, so no message can end a turn or forge one. They are found by rendering placeholders in
+    their place (then the text put back), never by searching for the text."""
+    specials = [t for t in tokenizer.special_tokens if t]
+    risky = [i for i, m in enumerate(messages) if any(t in m["content"] for t in specials)]
+    if not risky:
+        return render_for(tokenizer, messages, add_generation_prompt, template), []
+    if any("\ue000" in m["content"] or "\ue001" in m["content"] for m in messages):
+        raise UserError("a message holds both a special token's text and the characters U+E000/U+E001; remove one")
+    marked = [{**m, "content": _MARK.format(i)} if i in risky else m for i, m in enumerate(messages)]
+    text = render_for(tokenizer, marked, add_generation_prompt, template)
+    out, spans, pos = [], [], 0
+    for match in re.finditer("\ue000(\\d+)\ue001", text):
+        out.append(text[pos:match.start()])
+        at = sum(len(piece) for piece in out)
+        content = messages[int(match.group(1))]["content"]
+        out.append(content)
+        spans.append((at, at + len(content)))
+        pos = match.end()
+    out.append(text[pos:])
+    found = {int(m) for m in re.findall("\ue000(\\d+)\ue001", text)}
+    missing = next((i for i in risky if i not in found), None)
+    if missing is not None:
+        raise UserError(f"message {missing} holds a special token's text, and the chat template changes the message "
+                        f"so it cannot be kept as plain text; remove the token's text")
+    return "".join(out), spans
+
+
+def token_starts(tokenizer, text: str, plain: list[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:
+    """text's ids, its special-token text read as those tokens except inside the plain spans, and the character
+    offset where each token starts."""
     ids, starts, pos = [], [], 0
-    for a, b in _plain_spans(tokenizer, text, list(messages)) + [(len(text), len(text))]:
-        for piece, plain, at in ((text[pos:a], False, pos), (text[a:b], True, a)):
+    for a, b in list(plain) + [(len(text), len(text))]:
+        for piece, is_plain, at in ((text[pos:a], False, pos), (text[a:b], True, a)):
             if piece:
-                piece_ids, piece_starts = _piece_starts(tokenizer, piece, plain)
+                piece_ids, piece_starts = _piece_starts(tokenizer, piece, is_plain)
                 ids += piece_ids
                 starts += [at + s for s in piece_starts]
         pos = b

@@ -140,11 +140,17 @@ def added_tokens(base: Tokenizer, tok: Tokenizer) -> list[str] | None:
     """The special tokens tok appends to base when tok is base with tokens added (and perhaps a chat template):
     [] when they are the same tokenizer, None when tok is another one."""
     new = [s for s in tok.special_tokens if s not in base.special_tokens]
+    if isinstance(base, HFTokenizer) or isinstance(tok, HFTokenizer):
+        if not (isinstance(base, HFTokenizer) and isinstance(tok, HFTokenizer)):
+            return None
+        grown = base.with_special_tokens(sorted(new, key=tok.special_tokens.get)) if new else base
+        # both as the installed tokenizers library writes them: a published file's layout may differ from its own
+        tokenizers = _tokenizers()
+        same = json.loads(tokenizers.Tokenizer.from_str(grown._json).to_str()) == json.loads(
+            tokenizers.Tokenizer.from_str(tok._json).to_str())
+        return new if same else None
     grown = base.with_special_tokens(sorted(new, key=tok.special_tokens.get), tok.chat_template)
-    same = (json.loads(grown._json) == json.loads(tok._json) if isinstance(grown, HFTokenizer) and isinstance(
-        tok, HFTokenizer) else type(grown) is type(tok) and not isinstance(tok, HFTokenizer)
-        and grown._state() == tok._state())
-    return new if same else None
+    return new if type(grown) is type(tok) and grown._state() == tok._state() else None
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -693,13 +699,12 @@ class HFTokenizer(Tokenizer):
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The ids of messages rendered by the tokenizer's chat template (templates.py renders as transformers does)."""
-        from .templates import chat_prompt_ids, render
+        from .templates import chat_ids, chat_prompt_ids
         if self.chat_template is None:
             raise UserError("this tokenizer has no chat template (tokenizer_config.json's chat_template)")
         if add_generation_prompt:
             return chat_prompt_ids(self, messages, self.chat_template)
-        return self.encode(render(self.chat_template, messages, False,
-                                  bos_token=_content(self.config.get("bos_token")) or "", eos_token=self.eos_token))
+        return chat_ids(self, messages, self.chat_template, False)
 
 
 def is_hf_tokenizer_json(path: Path) -> bool:

@@ -225,6 +225,14 @@ def check_resume(run: Path, model_cfg: ModelConfig, data: Dataset) -> Path:
     return latest_checkpoint(run)
 
 
+def _added_to_base(base: Path, data: Dataset) -> list[str] | None:
+    """The special tokens data's tokenizer adds to the base run's ([] for the same one), or None for another."""
+    from .tokenizer import added_tokens, load_tokenizer
+    if not (base / "tokenizer.json").is_file():
+        return None
+    return added_tokens(load_tokenizer(base / "tokenizer.json"), data.tokenizer)
+
+
 def _wrap(model: GPT, cfg: TrainConfig, info: Dist, device: torch.device):
     """DDP or FSDP2 under torchrun, then torch.compile when asked. The raw model stays the one we save."""
     wrapped = model
@@ -292,9 +300,11 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
     data = Dataset(cfg.data)
     check_fits(cfg, data)
     check_sample_prompt(cfg, data)
-    vocab = data.tokenizer.vocab_size
-    if cfg.init_from:  # a base's rows past its tokenizer (a padded vocabulary) are kept; added tokens add rows
-        vocab = max(vocab, int(cfg.model.get("vocab_size", 0)))
+    vocab, grows = data.tokenizer.vocab_size, False
+    if cfg.init_from:  # a base's rows past its tokenizer (a padded vocabulary) are kept; tokens added to its own
+        added = _added_to_base(Path(cfg.init_from), data)  # tokenizer add rows; any other tokenizer fails to load
+        if added is not None:
+            vocab, grows = max(vocab, int(cfg.model.get("vocab_size", 0))), bool(added)
     model_cfg = cfg.model_config({"vocab_size": vocab})
     ckpt = check_resume(run, model_cfg, data) if resume else None
     if not resume and complete_checkpoints(run) and not cfg.overwrite:
@@ -312,7 +322,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
         if not (base / "model.safetensors").is_file():
             raise TrainingError(f"{cfg.init_from} is a LoRA run; fold its adapter in first (lmforge merge) and "
                                 f"start from that")
-        load_weights(model, base / "model.safetensors", new_rows=True)
+        load_weights(model, base / "model.safetensors", new_rows=grows)
     # DPO's reference is the base as loaded, before a resumed checkpoint replaces the weights (LoRA: adapters off)
     reference = copy.deepcopy(model) if cfg.method == "dpo" and not cfg.lora_rank else None
     adapter = None
@@ -696,6 +706,10 @@ def print_summary(s: dict) -> None:
           f"{s['tokens']:,} tokens")
     if s["val_loss"] is not None:
         print(f"final val loss {s['val_loss']:.4f}, perplexity {s['val_ppl']:.2f} (best {s['best_val']:.4f})")
+    if "val_reward_accuracy" in s:
+        print(f"DPO on the validation rows: reward accuracy {s['val_reward_accuracy']:.2%}, margin "
+              f"{s['val_reward_margin']:.3f} (chosen {s['val_reward_chosen']:.3f}, rejected "
+              f"{s['val_reward_rejected']:.3f})")
     if s["sample"]:
         print("\n--- sample ---\n" + s["sample"].strip() + "\n--------------")
     print(f"curves: {s['curves']}\nrun:    {s['run']}")

@@ -399,3 +399,83 @@ def test_a_conversation_past_the_context_is_cut_from_the_left_keeping_its_target
     kept = ids[:last + 1][-25:]  # the trailing newline teaches nothing; then the last 25 tokens
     assert x[0].tolist() == kept[:-1] and y[0].tolist() == kept[1:]
     assert loss_mask[0].tolist() == mask[:last + 1][-24:] and attention[0].sum() == 24
+
+
+@pytest.mark.parametrize("spec", ["char", "bpe:300"])
+def test_conversations_prepared_from_scratch_get_chatml_and_train(tmp_path, spec):
+    rows = [{"messages": [{"role": "user", "content": f"Name {n}."}, {"role": "assistant", "content": f"{n}!"}]}
+            for n in ["Ann", "Bob", "Cy", "Dee", "Eve"] * 8]
+    data = prepare(str(_write(tmp_path / "chats.jsonl", rows)), tmp_path / "data", tokenizer=spec).path
+    ds = Dataset(data)
+    assert ds.tokenizer.chat_template == CHATML and set(CHATML_TOKENS) <= set(ds.tokenizer.special_tokens)
+    assert ds.meta["rows"] == "messages" and ds.meta["train_pairs"] == 36
+    start, first, total = ds.index("train")[0]
+    ids = ds.tokens("train")[start:start + total].tolist()
+    mask = ds.targets("train")[start:start + total].tolist()
+    assert ids == conversation_ids(ds.tokenizer, rows[0]["messages"])[0]
+    assert ds.tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "Ann!<|im_end|>"
+    summary = lmforge.train(lmforge.TrainConfig(data=str(data), out=str(tmp_path / "run"), model={"preset": "tiny"},
+                                                max_steps=3, eval_interval=3, eval_steps=1, batch_size=4,
+                                                block_size=32, progress=False))
+    assert summary["step"] == 3 and load_tokenizer(tmp_path / "run").chat_template == CHATML
+
+
+def test_published_tokenizer_files_are_the_same_tokenizer_whatever_their_layout(tmp_path):
+    from lmforge.tokenizer import HFTokenizer, added_tokens
+    folder = _hf_folder(tmp_path, "qwen", *FAMILIES["qwen"][:2], None, "<|im_end|>")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]]
+    spec["model"].pop("ignore_merges", None)  # as older tokenizers versions, and most published files, write them
+    text = json.dumps(spec)
+    assert added_tokens(HFTokenizer(text), HFTokenizer(text)) == []
+    grown = HFTokenizer(text).with_special_tokens(["<|tool|>"])
+    assert added_tokens(HFTokenizer(text), grown) == ["<|tool|>"]
+    assert added_tokens(HFTokenizer(text), load_tokenizer(_hf_folder(tmp_path, "other", ["<|endoftext|>"], None) /
+                                                          "tokenizer.json")) is None
+
+
+def test_text_that_repeats_the_template_is_still_plain_and_unstable_templates_find_their_replies():
+    tok = CharTokenizer.train(TEXT + "<|>_").with_special_tokens(CHATML_TOKENS, CHATML)
+    start, end = (tok.special_tokens[t] for t in CHATML_TOKENS)
+    for content in ("<|im_start|>", "<|im_start|>user\n", "hi<|im_end|>\n<|im_start|>"):
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content},
+                    {"role": "user", "content": content}]
+        ids = chat_prompt_ids(tok, messages)
+        assert ids.count(start) == 4 and ids.count(end) == 3  # the template's own, and no message's
+        assert tok.decode(ids) == render(CHATML, messages, True)
+        ids, targets = conversation_ids(tok, messages[:2])
+        assert [p for p in trained(tok, ids, targets).split("\0") if p] == [content + "<|im_end|>"]
+    thinking = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' and "
+                "loop.last %}{{ '<think>\n\n</think>\n\n' }}{% endif %}{{ m['content'] + '<|im_end|>\n' }}{% endfor %}")
+    tok = CharTokenizer.train(TEXT + "<>/").with_special_tokens(CHATML_TOKENS, thinking)
+    ids, targets = conversation_ids(tok, TWO_TURNS)
+    assert [p for p in trained(tok, ids, targets).split("\0") if p] == ["Hello Ann.<|im_end|>", "Ann.<|im_end|>"]
+    assert render(from_legacy({"system": "", "user": "🙂 {content}", "assistant": "{content}", "generation": ""}),
+                  TWO_TURNS[1:2]) == "🙂 Hi, I am Ann."
+
+
+def test_lora_from_a_config_file_cannot_take_new_tokens_and_train_refuses_another_tokenizer(chat_run, tmp_path,
+                                                                                           capsys):
+    _write(tmp_path / "chats.jsonl", [{"messages": TWO_TURNS[1:3]}] * 8)
+    (tmp_path / "lora.toml").write_text("lora_rank = 2\n")
+    assert main(["finetune", str(chat_run / "base"), "--data", str(tmp_path / "chats.jsonl"), "--out",
+                 str(tmp_path / "o"), "--config", str(tmp_path / "lora.toml")]) == 2
+    assert "without LoRA" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    (tmp_path / "other.txt").write_text((TEXT + "ÄÖÜ äöü ß") * 20)
+    data = prepare(str(tmp_path / "other.txt"), tmp_path / "other").path
+    assert main(["train", f"--data={data}", f"--out={tmp_path / 'x'}", f"--init_from={chat_run / 'base'}",
+                 "--model.preset=tiny", "--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.bias=false",
+                 "--model.position=rope", "--max_steps=1", "--progress=false"]) == 2
+    assert "shapes differ" in capsys.readouterr().err
+
+
+def test_the_reference_stays_in_eval_mode_under_dropout():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=30, block_size=16, dropout=0.3))
+    objective = DPOObjective(model, model, beta=0.1).train()
+    assert model.training and not objective.reference.training
+    x, y = torch.randint(0, 30, (2, 8)), torch.randint(0, 30, (2, 8))
+    mask, attention = torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long)
+    assert torch.equal(objective.reference_logprobs(x, y, attention, mask),
+                       objective.reference_logprobs(x, y, attention, mask))
+    assert all(not n.startswith("reference") for n, _ in objective.named_parameters())
