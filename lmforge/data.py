@@ -505,16 +505,19 @@ def pair_arrays(tok: Tokenizer, pairs: list[tuple[str, str]], dtype=np.int64) ->
     return np.asarray(tokens, dtype=dtype), np.asarray(index, dtype=np.int64).reshape(-1, 3)
 
 
+def _split_rows(rows: list, held_out: list | None, val_fraction: float, val_path, name: str) -> tuple[dict, str]:
+    """train and val rows, and the rule stated in meta.json: a separate file's, or the last val_fraction."""
+    if held_out is not None:
+        return {"train": rows, "val": held_out}, f"validation {name} are {val_path}"
+    n_val = min(len(rows) - 1, max(1, round(len(rows) * val_fraction))) if len(rows) > 1 else 0
+    return {"train": rows[:len(rows) - n_val], "val": rows[len(rows) - n_val:]}, f"the last {n_val} {name} are validation"
+
+
 def _prepare_pairs(path: Path, tmp: Path, spec, val_fraction, tokenizer_from, val_path: Path | None = None) -> dict:
     pairs = read_pairs(path)
     held_out = read_pairs(val_path) if val_path is not None else None
     tok, spec = _tokenizer_for(spec, "".join(p + c for p, c in pairs + (held_out or [])), tokenizer_from)
-    if held_out is not None:
-        splits, rule = {"train": pairs, "val": held_out}, f"validation pairs are {val_path}"
-    else:
-        n_val = min(len(pairs) - 1, max(1, round(len(pairs) * val_fraction))) if len(pairs) > 1 else 0
-        splits = {"train": pairs[:len(pairs) - n_val], "val": pairs[len(pairs) - n_val:]}
-        rule = f"the last {n_val} pairs are validation"
+    splits, rule = _split_rows(pairs, held_out, val_fraction, val_path, "pairs")
     dtype = token_dtype(tok.vocab_size)
     for split, rows in splits.items():
         tokens, index = pair_arrays(tok, rows, dtype)
@@ -644,12 +647,7 @@ def _prepare_sequences(kind: str, path: Path, tmp: Path, spec, val_fraction, tok
         tok = make_tokenizer(spec, text)
     if conversational:
         tok = chat_tokenizer(tok)
-    if held_out is not None:
-        splits, rule = {"train": rows, "val": held_out}, f"validation rows are {val_path}"
-    else:
-        n_val = min(len(rows) - 1, max(1, round(len(rows) * val_fraction))) if len(rows) > 1 else 0
-        splits = {"train": rows[:len(rows) - n_val], "val": rows[len(rows) - n_val:]}
-        rule = f"the last {n_val} rows are validation"
+    splits, rule = _split_rows(rows, held_out, val_fraction, val_path, "rows")
     dtype = token_dtype(tok.vocab_size)
     for split, part in splits.items():
         source = f"{val_path if split == 'val' and val_path else path}: row"

@@ -248,7 +248,7 @@ def test_lora_cannot_take_new_tokens_but_tunes_a_chat_run(chat_run, capsys):
     _write(chat_run / "more.jsonl", [{"messages": TWO_TURNS[1:3]}] * 8)
     assert main(["finetune", str(chat_run / "base"), "--data", str(chat_run / "more.jsonl"), "--out",
                  str(chat_run / "lora-new"), "--lora-rank", "2"]) == 2
-    assert "without --lora-rank" in capsys.readouterr().err
+    assert "without LoRA" in capsys.readouterr().err
     assert main(["finetune", str(chat_run / "chat"), "--data", str(chat_run / "more.jsonl"), "--out",
                  str(chat_run / "lora"), "--lora-rank", "2", "--max_steps=2", "--eval_interval=2",
                  "--batch_size=2", "--progress=false"]) == 0
