@@ -26,10 +26,12 @@ class Chat:
     """A conversation with a run: history in, streamed reply out. Used by the verb; usable from Python."""
 
     def __init__(self, model, tokenizer, run_config: dict | None = None, system: str | None = None,
-                 max_new_tokens: int = 256, temperature: float = 0.7, top_k: int | None = None,
+                 max_new_tokens: int | None = None, temperature: float = 0.7, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, engine: Engine | None = None):
         self.tokenizer, self.template = tokenizer, template_of(tokenizer, run_config)
         self.engine = engine or Engine(model, tokenizer, max_batch=1)
+        if max_new_tokens is None:  # room for a reply and for the history
+            max_new_tokens = min(256, self.engine.max_seq_len // 2)
         if max_new_tokens < 1 or max_new_tokens >= self.engine.max_seq_len:
             raise UserError(f"--max-new-tokens {max_new_tokens} must be between 1 and the context less one "
                             f"({self.engine.max_seq_len - 1})")
@@ -71,11 +73,11 @@ class Chat:
             print(f"(the {dropped} oldest turns left the history to fit the context)", file=sys.stderr)
         seed = None if self.seed is None else self.seed + self.turn
         rid = self.engine.add(Request(ids, seed=seed, **self.settings))
-        text = []
+        text, specials = [], set(self.tokenizer.special_tokens.values())
         try:
             while rid in self.engine:
-                for event in self.engine.step():
-                    if event.request_id == rid and event.text:
+                for event in self.engine.step():  # a special token the model emits is neither shown nor kept
+                    if event.request_id == rid and event.text and event.token not in specials:
                         text.append(event.text)
                         yield event.text
         finally:

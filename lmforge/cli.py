@@ -196,7 +196,8 @@ def _generate_args(p):
 def _chat_args(p):
     p.add_argument("run", help="run directory")
     p.add_argument("--system", help="a system message that starts the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest reply (default: 256, or half the context when that is less)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)

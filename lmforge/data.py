@@ -532,10 +532,11 @@ def _prepare_pairs(path: Path, tmp: Path, spec, val_fraction, tokenizer_from, va
 
 # --- conversations and preferences: token sequences with a per-token target mask (templates.py renders them)
 
-def read_rows(path: Path, kind: str) -> list:
-    """The rows of a conversations (kind "messages") or preferences file, each checked, naming the line of a bad one.
-    A preference row's prompt, chosen and rejected are text, or messages (then text parts become messages: the
-    prompt a user turn, a reply an assistant turn), as TRL's DPOTrainer takes them."""
+def read_rows(path: Path, kind: str, lines: list[int] | None = None) -> list:
+    """The rows of a conversations (kind "messages") or preferences file, each checked, naming the line of a bad one
+    (lines, when given, gets each row's line number). A preference row's prompt, chosen and rejected are text, or
+    messages (then text parts become messages: the prompt a user turn, a reply an assistant turn), as TRL's
+    DPOTrainer takes them; replies that repeat the prompt's messages first (whole conversations) lose them."""
     from .templates import check_messages
     if not path.is_file():
         raise MissingFileError(f"no such file: {path}")
@@ -552,6 +553,8 @@ def read_rows(path: Path, kind: str) -> list:
             raise UserError(f"{where}: not valid JSON ({e.msg}); each line must be {shape}") from None
         if not isinstance(row, dict):
             raise UserError(f"{where}: each line must be {shape}")
+        if lines is not None:
+            lines.append(n)
         if kind == "messages":
             rows.append(check_messages(row.get("messages"), where))
             continue
@@ -570,33 +573,43 @@ def read_rows(path: Path, kind: str) -> list:
                        [{"role": "user" if k == "prompt" else "assistant", "content": row[k]}]
                        for k in ("prompt", "chosen", "rejected")}
         prompt = check_messages(as_messages["prompt"], f"{where}: prompt", need_assistant=False)
-        replies = [check_messages(as_messages[k], f"{where}: {k}") for k in ("chosen", "rejected")]
+        replies = []
+        for k in ("chosen", "rejected"):
+            reply = check_messages(as_messages[k], f"{where}: {k}")
+            if reply[:len(prompt)] == prompt:  # a whole conversation, as ultrafeedback_binarized gives them
+                reply = reply[len(prompt):]
+            if not any(m["role"] == "assistant" and m["content"] for m in reply):
+                raise UserError(f"{where}: {k} has no assistant reply after the prompt; give it one")
+            replies.append(reply)
         rows.append((prompt, *replies))
     if not rows:
         raise UserError(f"{path} holds no rows; each line must be {shape}")
     return rows
 
 
-def sequence_arrays(tok: Tokenizer, kind: str, rows: list, dtype=np.int64, source: str = "row",
+def sequence_arrays(tok: Tokenizer, kind: str, rows: list, dtype=np.int64, wheres: list[str] | None = None,
                     max_len: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All rows' token sequences in one array, their targets (1 = a token the loss covers) and an index of
     (start, first target, length) rows: one sequence per conversation, two per preference row (chosen, rejected)."""
     tokens, targets, index, start = [], [], [], 0
 
-    def add(ids: list[int], mask: list[int], n: int):
+    def add(ids: list[int], mask: list[int], where: str):
         nonlocal start
         if max_len is not None and len(ids) > max_len:
-            raise UserError(f"{source} {n}: {len(ids)} tokens, more than --max-len {max_len}; shorten it or raise "
+            raise UserError(f"{where}: {len(ids)} tokens, more than --max-len {max_len}; shorten it or raise "
                             f"--max-len")
+        if 1 not in mask:
+            raise UserError(f"{where}: no token of it is learned from (its replies are empty, or the template leaves "
+                            f"them out); give it a reply")
         index.append((start, mask.index(1) if 1 in mask else len(mask), len(ids)))
         tokens.extend(ids)
         targets.extend(mask)
         start += len(ids)
 
     for n, row in enumerate(rows, 1):
-        where = f"{source} {n}"
+        where = wheres[n - 1] if wheres else f"row {n}"
         try:
-            _add_row(tok, kind, row, where, n, add)
+            _add_row(tok, kind, row, where, add)
         except UserError as e:
             message = str(e)
             raise UserError(message if message.startswith(where) else f"{where}: {message}") from None
@@ -604,18 +617,18 @@ def sequence_arrays(tok: Tokenizer, kind: str, rows: list, dtype=np.int64, sourc
             np.asarray(index, dtype=np.int64).reshape(-1, 3))
 
 
-def _add_row(tok: Tokenizer, kind: str, row, where: str, n: int, add) -> None:
+def _add_row(tok: Tokenizer, kind: str, row, where: str, add) -> None:
     from .templates import conversation_ids
     if kind == "messages":
-        add(*conversation_ids(tok, row, where=where), n)
+        add(*conversation_ids(tok, row, where=where), where)
         return
     prompt, *replies = row
     for reply in replies:
         if isinstance(prompt, str):
             p, c = encode_pair(tok, prompt, reply)
-            add(p + c, [0] * len(p) + [1] * len(c), n)
+            add(p + c, [0] * len(p) + [1] * len(c), where)
         else:
-            add(*conversation_ids(tok, prompt + reply, learn_from=len(prompt), where=where), n)
+            add(*conversation_ids(tok, prompt + reply, learn_from=len(prompt), where=where), where)
 
 
 def chat_tokenizer(tok: Tokenizer) -> Tokenizer:
@@ -627,11 +640,20 @@ def chat_tokenizer(tok: Tokenizer) -> Tokenizer:
 
 
 def _prepare_sequences(kind: str, path: Path, tmp: Path, spec, val_fraction, tokenizer_from, val_path, max_len):
-    rows = read_rows(path, kind)
-    held_out = read_rows(val_path, kind) if val_path is not None else None
+    lines, val_lines = [], []
+    rows = read_rows(path, kind, lines)
+    held_out = read_rows(val_path, kind, val_lines) if val_path is not None else None
     conversational = kind == "messages" or any(not isinstance(r[0], str) for r in rows + (held_out or []))
     if tokenizer_from:
         tok, spec = load_tokenizer(tokenizer_from), f"from:{tokenizer_from}"
+        config = Path(tokenizer_from) / "config.json" if Path(tokenizer_from).is_dir() else \
+            Path(tokenizer_from).with_name("config.json")
+        if tok.chat_template is None and config.is_file():  # a run's template in the old config.json form
+            from .templates import stored_template
+            try:
+                tok.chat_template = stored_template(tok, json.loads(config.read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                pass
     else:  # a vocabulary learned from the text the rows render to
         from .templates import CHATML, CHATML_TOKENS, render
         texts = []
@@ -647,11 +669,13 @@ def _prepare_sequences(kind: str, path: Path, tmp: Path, spec, val_fraction, tok
         tok = make_tokenizer(spec, text)
     if conversational:
         tok = chat_tokenizer(tok)
-    splits, rule = _split_rows(rows, held_out, val_fraction, val_path, "rows")
+    numbered = list(zip((f"{path}:{n}" for n in lines), rows))
+    held = list(zip((f"{val_path}:{n}" for n in val_lines), held_out)) if held_out is not None else None
+    splits, rule = _split_rows(numbered, held, val_fraction, val_path, "rows")
     dtype = token_dtype(tok.vocab_size)
     for split, part in splits.items():
-        source = f"{val_path if split == 'val' and val_path else path}: row"
-        tokens, targets, index = sequence_arrays(tok, kind, part, dtype, source, max_len)
+        wheres, part = [w for w, _ in part], [r for _, r in part]
+        tokens, targets, index = sequence_arrays(tok, kind, part, dtype, wheres, max_len)
         tokens.tofile(tmp / f"{split}.bin")
         targets.tofile(tmp / f"{split}.targets.bin")
         np.save(tmp / f"{split}.idx.npy", index)

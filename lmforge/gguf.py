@@ -42,7 +42,8 @@ def write_gguf(model, tokenizer, path: str | Path, type: str = "f32") -> Path:
     return write_gguf_tensors(model.config, tokenizer, lambda name: state[name].detach().cpu(), path, type)
 
 
-def write_gguf_tensors(cfg, tokenizer, tensor, path: str | Path, type: str = "f32", name: str | None = None) -> Path:
+def write_gguf_tensors(cfg, tokenizer, tensor, path: str | Path, type: str = "f32", name: str | None = None,
+                       chat_template: str | None = None) -> Path:
     """Write a model given as its config, tokenizer and tensor(name) (each tensor made when written) as one GGUF
     file, atomically."""
     gguf = _gguf()
@@ -64,7 +65,7 @@ def write_gguf_tensors(cfg, tokenizer, tensor, path: str | Path, type: str = "f3
         w.add_name(name or path.stem)
         w.add_file_type(file_type)
         _add_hyperparameters(w, family, cfg)
-        _add_tokenizer(w, gguf, tokenizer, cfg.vocab_size)
+        _add_tokenizer(w, gguf, tokenizer, cfg.vocab_size, chat_template or tokenizer.chat_template)
         for ours in model_shapes(cfg):
             for gguf_name, t in family.to_family(ours, tensor(ours).float(), cfg, gguf=True):
                 data = t.numpy()  # nn.Linear's (out, in) is ggml's {in, out}
@@ -126,7 +127,7 @@ def _check_tokenizer(tok) -> None:
                         "convert_hf_to_gguf.py")
 
 
-def _add_tokenizer(w, gguf, tok, n_vocab: int) -> None:
+def _add_tokenizer(w, gguf, tok, n_vocab: int, chat_template: str | None = None) -> None:
     """The tokenizer's fields: ids in order, each token's text and type, and for BPE the merges in rank order. A
     model with more rows than the tokenizer has tokens gets unused [PAD<id>] tokens for the rest, as llama.cpp's
     converter writes them (llama.cpp takes the vocabulary's size from the token list)."""
@@ -163,8 +164,8 @@ def _add_tokenizer(w, gguf, tok, n_vocab: int) -> None:
     from .templates import end_of_turn_ids
     if end_of_turn_ids(tok):  # llama.cpp ends a reply at end-of-turn as at end-of-text
         w.add_eot_token_id(end_of_turn_ids(tok)[0])
-    if tok.chat_template:  # the run's template, which llama.cpp's chat (and llama-server --jinja) renders
-        w.add_chat_template(tok.chat_template)
+    if chat_template:  # the run's template, which llama.cpp's chat (and llama-server --jinja) renders
+        w.add_chat_template(chat_template)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
 
@@ -178,5 +179,7 @@ def export_gguf(run: str | Path, out: str | Path, type: str = "f32", checkpoint:
     cfg, tokenizer, tensor = run_weights(run, checkpoint)
     _check_rope(family_of(cfg, str(run)), cfg)  # refused before anything is written
     _check_tokenizer(tokenizer)
-    return write_gguf_tensors(cfg, tokenizer, tensor, out, type, name=run.name)
+    from .templates import stored_template
+    return write_gguf_tensors(cfg, tokenizer, tensor, out, type, name=run.name,
+                              chat_template=stored_template(tokenizer, read_run_config(run)))
 

@@ -25,7 +25,7 @@ from .families import model_shapes
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_settings, apply_lora, load_lora_state
 from .model import GPT
 from .quantize import empty_quantized
-from .tokenizer import load_tokenizer
+from .tokenizer import added_tokens, load_tokenizer
 
 
 def read_run_config(run: Path) -> dict:
@@ -247,6 +247,11 @@ def _load_adapter_run(folder: Path, run: Path, settings: dict | None, device):
                     f"the adapter in {folder}")  # another base's shapes are named here
     if "base_sha256" in settings and sha256_file(weights) != settings["base_sha256"]:
         raise changed
+    own = run / "tokenizer.json"  # the run's own: the base's ids, perhaps with a chat template the base lacks
+    if own.is_file():
+        mine = load_tokenizer(own)
+        if added_tokens(tokenizer, mine) == []:
+            tokenizer = mine
     return model.eval(), tokenizer
 
 

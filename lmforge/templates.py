@@ -189,7 +189,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict], template: str | None = None
 def conversation_ids(tokenizer, messages: list[dict], template: str | None = None, learn_from: int = 0,
                      where: str = "the conversation") -> tuple[list[int], list[int]]:
     """A conversation's ids (the whole rendering tokenized at once, as the server tokenizes a prompt) and its
-    targets: 1 for each token that starts inside an assistant turn's text (turns from message learn_from on), its
+    targets: 1 for each token that overlaps an assistant turn's text (turns from message learn_from on), its
     end-of-turn token included and the whitespace the template puts after it left out. A template that renders an
     earlier turn differently once later turns follow (Qwen3 drops the thinking block of earlier replies) has each
     reply found in the whole rendering instead, in order, with the special token right after it."""
@@ -202,69 +202,82 @@ def conversation_ids(tokenizer, messages: list[dict], template: str | None = Non
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < learn_from:
             continue
-        before, upto = text(messages[:i], True), text(messages[:i + 1], False)
-        if not upto.startswith(before) or not full.startswith(upto):
+        try:  # (a template may index messages[0], which an empty prefix lacks)
+            before, upto = text(messages[:i], True), text(messages[:i + 1], False)
+        except UserError:
+            before, upto = None, ""
+        if before is None or not upto.startswith(before) or not full.startswith(upto):
             stable = False
             break
         spans.append((len(before), len(upto.rstrip())))
     if not stable:
-        spans = _found_replies(tokenizer, full, messages, learn_from, where)
+        spans = _found_replies(tokenizer, full, messages, learn_from, template, where)
     ids, starts = token_starts(tokenizer, full, plain)
-    targets = [int(any(a <= s < b for a, b in spans)) for s in starts]
+    ends = starts[1:] + [len(full)]  # a token is a target when it overlaps a reply (BPE may join a space to it)
+    targets = [int(any(s < b and e > a for a, b in spans)) for s, e in zip(starts, ends)]
     return ids, targets
 
 
-def _found_replies(tokenizer, full: str, messages: list[dict], learn_from: int, where: str) -> list[tuple[int, int]]:
+def _found_replies(tokenizer, full: str, messages: list[dict], learn_from: int, template: str,
+                   where: str) -> list[tuple[int, int]]:
+    """Each reply's place in the whole rendering, from a rendering with every message a placeholder, and the special
+    token right after it (its end of turn)."""
     specials = sorted((t for t in tokenizer.special_tokens if t), key=len, reverse=True)
-    spans, cursor = [], 0
-    for i, m in enumerate(messages):
-        content = m["content"]
-        shown = next((c for c in dict.fromkeys((content, content.strip())) if c and c in full[cursor:]), None)
-        if shown is None:
-            if content.strip():
-                raise UserError(f"{where}: the chat template renders turn {i} differently once later turns follow, "
-                                f"and its text is not in the whole rendering; its tokens cannot be found")
-            continue
-        a = full.index(shown, cursor)
-        b = a + len(shown)
+    replies = {i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= learn_from and m["content"]}
+    text, places = _substituted(tokenizer, messages, False, template, set(range(len(messages))))
+    missing = next((i for i in sorted(replies) if not places.get(i)), None)
+    if text != full or missing is not None:
+        raise UserError(f"{where}: the chat template renders turn {missing if missing is not None else 0} "
+                        f"differently once later turns follow, and changes the messages' text; its tokens cannot "
+                        f"be found")
+    spans = []
+    for i in sorted(replies):
+        a, b = places[i][0]
         b += len(next((t for t in specials if full.startswith(t, b)), ""))  # the end-of-turn token after it
-        if m["role"] == "assistant" and i >= learn_from:
-            spans.append((a, b))
-        cursor = b
+        spans.append((a, b))
     return spans
 
 
 _MARK = "\ue000{}\ue001"  # a private-use placeholder for a message's text while the template renders
 
 
+def _substituted(tokenizer, messages: list[dict], add_generation_prompt: bool, template: str,
+                 marked: set[int]) -> tuple[str, dict[int, list[tuple[int, int]]]]:
+    """The rendering with the marked messages' text rendered as placeholders and then put back, and where each
+    marked message's text is in it (never found by searching for the text)."""
+    if any("\ue000" in m["content"] or "\ue001" in m["content"] for m in messages):
+        raise UserError("a message holds the characters U+E000/U+E001, which the chat template's rendering reserves; "
+                        "remove them")
+    shown = [{**m, "content": _MARK.format(i)} if i in marked else m for i, m in enumerate(messages)]
+    text = render_for(tokenizer, shown, add_generation_prompt, template)
+    out, places, pos, at = [], {}, 0, 0
+    for match in re.finditer("\ue000(\\d+)\ue001", text):
+        i = int(match.group(1))
+        out.append(text[pos:match.start()])
+        at += match.start() - pos
+        content = messages[i]["content"] if i < len(messages) else match.group(0)
+        out.append(content)
+        places.setdefault(i, []).append((at, at + len(content)))
+        at += len(content)
+        pos = match.end()
+    out.append(text[pos:])
+    return "".join(out), places
+
+
 def _rendered(tokenizer, messages: list[dict], add_generation_prompt: bool,
               template: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendering, and the spans of it that are messages' own text holding a special token's text: those are
-    tokenized as plain text, so no message can end a turn or forge one. They are found by rendering placeholders in
-    their place (then the text put back), never by searching for the text."""
+    tokenized as plain text, so no message can end a turn or forge one."""
     specials = [t for t in tokenizer.special_tokens if t]
-    risky = [i for i, m in enumerate(messages) if any(t in m["content"] for t in specials)]
+    risky = {i for i, m in enumerate(messages) if any(t in m["content"] for t in specials)}
     if not risky:
         return render_for(tokenizer, messages, add_generation_prompt, template), []
-    if any("\ue000" in m["content"] or "\ue001" in m["content"] for m in messages):
-        raise UserError("a message holds both a special token's text and the characters U+E000/U+E001; remove one")
-    marked = [{**m, "content": _MARK.format(i)} if i in risky else m for i, m in enumerate(messages)]
-    text = render_for(tokenizer, marked, add_generation_prompt, template)
-    out, spans, pos = [], [], 0
-    for match in re.finditer("\ue000(\\d+)\ue001", text):
-        out.append(text[pos:match.start()])
-        at = sum(len(piece) for piece in out)
-        content = messages[int(match.group(1))]["content"]
-        out.append(content)
-        spans.append((at, at + len(content)))
-        pos = match.end()
-    out.append(text[pos:])
-    found = {int(m) for m in re.findall("\ue000(\\d+)\ue001", text)}
-    missing = next((i for i in risky if i not in found), None)
+    text, places = _substituted(tokenizer, messages, add_generation_prompt, template, risky)
+    missing = next((i for i in sorted(risky) if i not in places), None)
     if missing is not None:
         raise UserError(f"message {missing} holds a special token's text, and the chat template changes the message "
                         f"so it cannot be kept as plain text; remove the token's text")
-    return "".join(out), spans
+    return text, sorted(span for spans in places.values() for span in spans)
 
 
 def token_starts(tokenizer, text: str, plain: list[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:

@@ -196,7 +196,7 @@ def check_fits(cfg: TrainConfig, data: Dataset) -> None:
         raise UserError(f"{data.path} holds preference rows (chosen, rejected): tune on them with --method dpo")
     if cfg.method == "dpo" and data.kind != "preferences":
         raise UserError(f"method=dpo needs preference rows ({{\"prompt\", \"chosen\", \"rejected\"}}); {data.path} "
-                        f"holds {data.kind}")
+                        f"holds {data.meta.get('describe', data.kind)}")
     if data.kind in ("pairs", "preferences"):
         for split in ("train", "val"):
             if len(data.index(split)) == 0:
@@ -223,6 +223,12 @@ def check_resume(run: Path, model_cfg: ModelConfig, data: Dataset) -> Path:
         raise TrainingError(f"cannot resume {run}: the model differs from the saved one in {', '.join(diff)}; "
                             "keep the saved model settings or start a new run")
     return latest_checkpoint(run)
+
+
+@torch.no_grad()
+def _mean_rows(model: GPT, ids: list[int], n_old: int) -> None:
+    for weight in {id(w): w for w in (model.wte.weight, model.lm_head.weight)}.values():
+        weight[ids] = weight[:n_old].mean(0, keepdim=True).expand(len(ids), -1)
 
 
 def _added_to_base(base: Path, data: Dataset) -> list[str] | None:
@@ -300,11 +306,15 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
     data = Dataset(cfg.data)
     check_fits(cfg, data)
     check_sample_prompt(cfg, data)
-    vocab, grows = data.tokenizer.vocab_size, False
+    vocab, added = data.tokenizer.vocab_size, None
     if cfg.init_from:  # a base's rows past its tokenizer (a padded vocabulary) are kept; tokens added to its own
         added = _added_to_base(Path(cfg.init_from), data)  # tokenizer add rows; any other tokenizer fails to load
         if added is not None:
-            vocab, grows = max(vocab, int(cfg.model.get("vocab_size", 0))), bool(added)
+            vocab = max(vocab, int(cfg.model.get("vocab_size", 0)))
+        if added and cfg.lora_rank:
+            raise UserError(f"{data.path}'s tokenizer adds {', '.join(added)} to {cfg.init_from}'s, and LoRA cannot "
+                            f"train new embedding rows; train without LoRA (lora_rank=0) first")
+    grows = bool(added)
     model_cfg = cfg.model_config({"vocab_size": vocab})
     ckpt = check_resume(run, model_cfg, data) if resume else None
     if not resume and complete_checkpoints(run) and not cfg.overwrite:
@@ -323,6 +333,9 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
             raise TrainingError(f"{cfg.init_from} is a LoRA run; fold its adapter in first (lmforge merge) and "
                                 f"start from that")
         load_weights(model, base / "model.safetensors", new_rows=grows)
+        if grows:  # the added tokens' rows start as the mean of the base's (also where a padded vocabulary had rows)
+            _mean_rows(model, [data.tokenizer.special_tokens[t] for t in added],
+                       data.tokenizer.vocab_size - len(added))
     # DPO's reference is the base as loaded, before a resumed checkpoint replaces the weights (LoRA: adapters off)
     reference = copy.deepcopy(model) if cfg.method == "dpo" and not cfg.lora_rank else None
     adapter = None

@@ -106,13 +106,20 @@ def test_family_templates_render_as_autotokenizer_does_token_for_token(tmp_path,
     assert ours.special_tokens[eot] in ours.stop_ids
 
 
-def test_the_mask_equals_transformers_assistant_mask_on_a_template_with_generation_marks(tmp_path):
+SPACED = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'Assistant: ' }}{% generation %}"
+          "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}{{ 'User: ' + m['content'] + '<|im_end|>' }}"
+          "{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}")
+MARKED = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' %}"
+          "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+          "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [MARKED, SPACED], ids=["chatml", "space-before-the-reply"])
+def test_the_mask_equals_transformers_assistant_mask_on_a_template_with_generation_marks(tmp_path, template):
+    """Where a BPE token joins the header's space to the reply's first word, both mark it."""
     transformers = pytest.importorskip("transformers")
-    marked = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' %}"
-              "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
-              "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
-              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    folder = _hf_folder(tmp_path, "marked", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], marked, None,
+    folder = _hf_folder(tmp_path, "marked", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], template, None,
                         "<|endoftext|>")
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
     out = theirs.apply_chat_template(TWO_TURNS, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
@@ -169,7 +176,7 @@ def test_bad_rows_are_one_line_errors_naming_the_row(tmp_path, capsys):
     _write(tmp_path / "long.jsonl", [{"messages": TWO_TURNS}] * 3)
     assert main(["prepare", str(tmp_path / "long.jsonl"), "--tokenizer-from", str(run), "--out",
                  str(tmp_path / "d"), "--force", "--max-len", "20"]) == 2
-    assert "row 1: " in capsys.readouterr().err
+    assert "long.jsonl:1: 97 tokens" in capsys.readouterr().err
     _write(tmp_path / "prefs.jsonl", [{"prompt": "To", "chosen": " be", "rejected": " not"}] * 4)
     assert main(["finetune", str(tmp_path / "nothing"), "--data", str(tmp_path / "prefs.jsonl"), "--out",
                  str(tmp_path / "o"), "--method", "dpo"]) == 2
@@ -367,7 +374,7 @@ def test_a_run_with_the_old_config_form_serves_its_old_rendering(tmp_path):
     from fastapi.testclient import TestClient
 
     from lmforge.serve.app import create_app
-    run = make_run(tmp_path / "old")
+    run = make_run(tmp_path / "old", mlp="swiglu", norm="rmsnorm", bias=False)
     config = json.loads((run / "config.json").read_text())
     config["chat_template"] = {"system": "{content}\n\n", "user": "Q: {content}\n", "assistant": "A: {content}"
                                "<|endoftext|>", "generation": "A:"}
@@ -383,6 +390,14 @@ def test_a_run_with_the_old_config_form_serves_its_old_rendering(tmp_path):
         assert ids == want
         r = http.post("/v1/chat/completions", json={"model": "old", "messages": TWO_TURNS[:2], "max_tokens": 2})
         assert r.status_code == 200
+    import gguf
+    assert main(["export", str(run), "--format", "gguf", "--out", str(tmp_path / "old.gguf")]) == 0
+    field = gguf.GGUFReader(tmp_path / "old.gguf").fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode() == from_legacy(config["chat_template"])
+    _write(tmp_path / "chats.jsonl", [{"messages": TWO_TURNS}] * 4)  # tuned on conversations: the same template
+    data = Dataset(prepare(str(tmp_path / "chats.jsonl"), tmp_path / "d", tokenizer_from=str(run)).path)
+    assert data.tokenizer.chat_template == from_legacy(config["chat_template"])
+    assert data.tokenizer.vocab_size == tok.vocab_size
     config["chat_template"] = {"user": "{content}"}
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="Jinja string"):
@@ -479,3 +494,70 @@ def test_the_reference_stays_in_eval_mode_under_dropout():
     assert torch.equal(objective.reference_logprobs(x, y, attention, mask),
                        objective.reference_logprobs(x, y, attention, mask))
     assert all(not n.startswith("reference") for n, _ in objective.named_parameters())
+
+
+def test_replies_are_located_exactly_when_the_template_re_renders_and_a_reply_may_open(tmp_path):
+    thinking = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' and "
+                "loop.last %}{{ '<think>\n\n</think>\n\n' }}{% endif %}{{ m['content'] + '<|im_end|>\n' }}{% endfor %}")
+    tok = CharTokenizer.train(TEXT + "<>/").with_special_tokens(CHATML_TOKENS, thinking)
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
+             {"role": "user", "content": "so"}, {"role": "assistant", "content": "t"}]
+    ids, targets = conversation_ids(tok, short)
+    assert [p for p in trained(tok, ids, targets).split("\0") if p] == ["a<|im_end|>", "t<|im_end|>"]
+    qwen = CharTokenizer.train(TEXT + "<>/").with_special_tokens(CHATML_TOKENS, QWEN)
+    opening = [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi."},
+               {"role": "assistant", "content": "Bye."}]
+    ids, targets = conversation_ids(qwen, opening)
+    assert [p for p in trained(qwen, ids, targets).split("\0") if p] == ["Hello.<|im_end|>", "Bye.<|im_end|>"]
+    from lmforge.data import sequence_arrays
+    users_only = CharTokenizer.train(TEXT).with_special_tokens(
+        [], "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}")
+    with pytest.raises(UserError, match="chats.jsonl:7: no token of it is learned"):
+        sequence_arrays(users_only, "messages", [[{"role": "user", "content": "x"},
+                                                  {"role": "assistant", "content": "y"}]], wheres=["chats.jsonl:7"])
+
+
+def test_whole_conversation_replies_lose_the_prompt_they_repeat_and_bad_lines_are_named(tmp_path, capsys):
+    run = make_run(tmp_path / "base")
+    prompt = [{"role": "user", "content": "Say kqr."}]
+    rows = [{"prompt": "Say kqr.", "chosen": prompt + [{"role": "assistant", "content": "Gladly: kqr."}],
+             "rejected": prompt + [{"role": "assistant", "content": "Fine, kqr."}]}] * 4
+    _write(tmp_path / "prefs.jsonl", rows)
+    data = Dataset(prepare(str(tmp_path / "prefs.jsonl"), tmp_path / "d", tokenizer_from=str(run)).path)
+    start, _, total = data.index("train")[0]
+    assert data.tokenizer.decode(data.tokens("train")[start:start + total].tolist()).count("Say kqr.") == 1
+    (tmp_path / "chats.jsonl").write_text("\n" + json.dumps({"messages": TWO_TURNS}) + "\n\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "ë"}]}) + "\n")
+    assert main(["prepare", str(tmp_path / "chats.jsonl"), "--tokenizer-from", str(run), "--out",
+                 str(tmp_path / "c")]) == 2
+    assert "chats.jsonl:4: character 'ë'" in capsys.readouterr().err
+
+
+def test_a_lora_run_serves_the_template_its_data_brought_and_train_refuses_lora_on_new_rows(chat_run, tmp_path,
+                                                                                          capsys):
+    run = make_run(tmp_path / "base", mlp="swiglu", norm="rmsnorm", bias=False)
+    tok = load_tokenizer(run).with_special_tokens(CHATML_TOKENS)  # the tokens, but no template (a base model's)
+    config = json.loads((run / "config.json").read_text())
+    model, _ = load(run)
+    grown = GPT(ModelConfig.from_dict({**config["model"], "vocab_size": tok.vocab_size}))
+    grown.load_state_dict({k: v for k, v in model.state_dict().items() if "wte" not in k and "lm_head" not in k},
+                          strict=False)
+    config["model"]["vocab_size"] = tok.vocab_size
+    save_checkpoint(run, weights_for_saving(grown.state_dict(), True), {"step": 1}, config)
+    (run / "config.json").write_text(json.dumps(config))
+    tok.save(run / "tokenizer.json")
+    _write(tmp_path / "chats.jsonl", [{"messages": TWO_TURNS[1:3]}] * 8)
+    assert main(["finetune", str(run), "--data", str(tmp_path / "chats.jsonl"), "--out", str(tmp_path / "lora"),
+                 "--lora-rank", "2", "--max_steps=2", "--eval_interval=2", "--batch_size=2", "--progress=false"]) == 0
+    assert load(tmp_path / "lora")[1].chat_template == CHATML
+    assert main(["merge", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")]) == 0
+    assert load(tmp_path / "merged")[1].chat_template == CHATML
+    capsys.readouterr()
+    assert main(["train", f"--data={chat_run / 'chat' / 'data'}", f"--out={tmp_path / 'x'}",
+                 f"--init_from={chat_run / 'base'}", "--lora_rank=2", "--model.preset=tiny", "--model.mlp=swiglu",
+                 "--model.norm=rmsnorm", "--model.bias=false", "--model.position=rope", "--max_steps=1",
+                 "--progress=false"]) == 2
+    assert "LoRA cannot train new embedding rows" in capsys.readouterr().err
+    from lmforge.chat import Chat
+    model, tok = load(chat_run / "chat")
+    assert Chat(model, tok).settings["max_new_tokens"] == 64  # half of a 128-token context

@@ -104,7 +104,7 @@ class ChatRequest(_Sampling):
 class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None  # a completion prompt, or
-    messages: list[ChatMessage] | None = None  # a conversation, rendered as the chat route renders it
+    messages: list[ChatMessage] | None = Field(None, min_length=1)  # a conversation, rendered as the chat route does
     add_special_tokens: bool = True  # a prompt: the family's begin-of-text first, where its tokenizer adds one
     add_generation_prompt: bool = True  # messages: end with the template's generation prompt, as the chat route
 
