@@ -231,6 +231,14 @@ def _serve_args(p):
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="compile the decode step at startup (auto: on CUDA, and on CPU for models of 20M+ params)")
     p.add_argument("--model-name", help="the model id clients name (default: the run folder's name)")
+    p.add_argument("--drain-seconds", type=float, default=30,
+                   help="on SIGTERM: new requests get 503 while running ones get this long to finish; the rest then "
+                        "end with finish_reason 'shutdown' (default 30)")
+    p.add_argument("--request-timeout", type=float, help="end a request's generations after this many seconds "
+                                                           "(finish_reason 'timeout'; default: no limit)")
+    p.add_argument("--max-connections", type=int, help="requests handled at once past which new ones get 503 "
+                                                       "(default: no limit besides --max-queue)")
+    p.add_argument("--log-prompts", action="store_true", help="put prompts in the per-request log lines")
     p.add_argument("--device", default="cpu")
     _dtype_arg(p)
     p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest; e.g. RUN/best)")

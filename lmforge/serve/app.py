@@ -36,6 +36,7 @@ from ..tokenizer import prompt_ids
 from .loop import Busy, EngineLoop, Job, Metrics
 
 log = logging.getLogger("lmforge.serve")
+requests_log = logging.getLogger("lmforge.serve.requests")  # one JSON line per request
 
 MAX_N = 16  # choices one request may ask for
 MAX_STOP = 16  # stop strings one request may give
@@ -138,7 +139,8 @@ class Server:
                  max_batch: int = 8, max_seq_len: int | None = None, max_tokens_limit: int | None = None,
                  max_queue: int = 64,
                  api_key: str | None = None, compile: str = "auto", model_name: str | None = None,
-                 on_failure: Callable[[BaseException], None] = lambda e: None):
+                 on_failure: Callable[[BaseException], None] = lambda e: None, request_timeout: float | None = None,
+                 log_prompts: bool = False):
         config = read_run_config(Path(run))  # a missing or broken run fails now, before the server starts
         legacy = config.get("chat_template")  # the old dict form in config.json: converted to its Jinja template
         if legacy is not None and not isinstance(legacy, str):
@@ -149,6 +151,10 @@ class Server:
             raise UserError(f"--max-batch={max_batch} must be at least 1 and --max-queue={max_queue} at least 0")
         if max_tokens_limit is not None and max_tokens_limit < 1:
             raise UserError(f"--max-tokens-limit={max_tokens_limit} must be at least 1")
+        if request_timeout is not None and not request_timeout > 0:
+            raise UserError(f"--request-timeout={request_timeout} must be a positive number of seconds")
+        self.request_timeout, self.log_prompts = request_timeout, log_prompts
+        self.draining = False  # set by a SIGTERM: new requests get 503, the running ones finish (drain())
         if compile not in ("auto", "on", "off"):
             raise UserError(f"--compile={compile!r} must be auto, on or off")
         check_dtype(dtype)
@@ -274,13 +280,36 @@ class Server:
                 out.append(request)
         return out
 
-    def submit(self, requests: list[Request]) -> Job:
+    def submit(self, requests: list[Request], http: HTTPRequest | None = None) -> Job:
         job = Job(requests, asyncio.get_running_loop(), asyncio.Queue())
+        if self.request_timeout is not None:
+            job.deadline = job.submitted + self.request_timeout
+        if http is not None:  # what the request's log line reports
+            http.state.job = job
         try:
             self.loop.submit(job)
         except Busy as e:
             raise APIError(429, f"{e}; retry shortly", code="server_busy") from None
         return job
+
+    # --- shutting down
+    def drain(self, seconds: float, done: Callable[[], None], active: Callable[[], int]) -> None:
+        """What SIGTERM starts (on a thread of its own): new requests get 503 from now on; the generations running
+        or queued get up to `seconds` to finish, then the rest end with finish_reason "shutdown"; once the
+        responses in flight (active()) are written, done() lets the HTTP server exit."""
+        self.draining = True
+        log.info("draining: new requests get 503; %d generations in flight get up to %.0f s", self.loop.in_flight,
+                 seconds)
+        deadline = time.monotonic() + seconds
+        while self.loop.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.loop.in_flight > 0:
+            log.info("drain time is up: %d generations end with finish_reason 'shutdown'", self.loop.in_flight)
+            self.loop.abort_all("shutdown")
+        until = time.monotonic() + 10
+        while active() > 0 and time.monotonic() < until:
+            time.sleep(0.05)
+        done()
 
     # --- token text for logprobs
     def token_text(self, token: int) -> str:
@@ -441,8 +470,12 @@ async def _sse_stream(chunks):
 
 # ------------------------------------------------------------------------------------------------------------- app
 
-def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> FastAPI:
-    """The FastAPI app serving a run; options are Server's. The engine loads on its own thread at startup."""
+def create_app(run: str | Path, max_body_bytes: int = 1 << 20, max_connections: int | None = None,
+               **options) -> FastAPI:
+    """The FastAPI app serving a run; options are Server's. The engine loads on its own thread at startup.
+    max_connections: requests handled at once (streams included) past which new ones get 503."""
+    if max_connections is not None and max_connections < 1:
+        raise UserError(f"--max-connections={max_connections} must be at least 1")
     from contextlib import asynccontextmanager
 
     server = Server(run, **options)
@@ -498,6 +531,8 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
             return JSONResponse({"status": "failed", "error": str(server.loop.error)}, status_code=503)
         if not server.loop.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503)
+        if server.draining:  # a load balancer takes this replica out
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -571,8 +606,11 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
         scored = body.echo and body.logprobs is not None
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
         requests = server.requests(prompts, body, max_tokens, body.logprobs, prompt_logprobs=scored)
-        job = server.submit(requests)
+        job = server.submit(requests, http)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        http.state.response_id = rid
+        if server.log_prompts:
+            http.state.prompt = body.prompt
         choices = [_Choice() for _ in requests]
         echoes = [text if isinstance(text, str) else server.engine.tokenizer.decode(ids)
                   for ids, text in zip(prompts, body.prompt if isinstance(body.prompt, list) and not
@@ -635,8 +673,11 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
         prompts = [server.chat_prompt(body.messages)]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         requests = server.requests(prompts, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
-        job = server.submit(requests)
+        job = server.submit(requests, http)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        http.state.response_id = rid
+        if server.log_prompts:
+            http.state.prompt = [m.model_dump() for m in body.messages]
         choices = [_Choice() for _ in requests]
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
@@ -670,7 +711,63 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, **options) -> Fas
                              "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
                 "usage": usage(prompts, choices)}
 
-    return BodyLimit(app, max_body_bytes)
+    return Front(BodyLimit(app, max_body_bytes), server, max_connections)
+
+
+class Front:
+    """ASGI wrapper in front of everything: while the server drains, new requests get 503 with Retry-After (health
+    and metrics still answer); every request ends with one structured log line on the logger lmforge.serve.requests
+    (id, model, tokens in and out, time to first token, total time, finish reasons, status; the prompt only with
+    log_prompts)."""
+
+    def __init__(self, app, server: Server, max_active: int | None = None):
+        self.app, self.server, self.active, self.max_active = app, server, 0, max_active
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.monotonic(), {"code": None}
+        exempt = scope["path"] in ("/health", "/metrics")
+        refused = None
+        if self.server.draining and not exempt:
+            refused = error_body(503, "the server is shutting down; retry on another replica or in a moment",
+                                 code="shutting_down")
+        elif self.max_active is not None and self.active >= self.max_active and not exempt:
+            refused = error_body(503, f"the server is handling {self.active} requests, its limit "
+                                      f"(--max-connections); retry in a moment", code="too_many_connections")
+        if refused is not None:
+            refused.headers["Retry-After"] = "5" if self.server.draining else "1"
+            status["code"] = 503
+            await refused(scope, receive, send)
+            return self._log(scope, status["code"], start)
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+        self.active += 1
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.active -= 1
+            self._log(scope, status["code"], start)
+
+    def _log(self, scope, code, start: float) -> None:
+        if not requests_log.isEnabledFor(logging.INFO):
+            return
+        state = scope.get("state") or {}
+        job = state.get("job")
+        record = {"id": state.get("response_id"), "method": scope["method"], "path": scope["path"], "status": code,
+                  "seconds": round(time.monotonic() - start, 4)}
+        if job is not None:
+            record.update(model=self.server.name, prompt_tokens=sum(len(r.prompt) for r in job.requests),
+                          completion_tokens=job.tokens_out,
+                          ttft=None if job.first_token is None else round(job.first_token - job.submitted, 4),
+                          finish_reasons=job.finish_reasons)
+            if self.server.log_prompts:
+                record["prompt"] = state.get("prompt")
+        requests_log.info(json.dumps(record, ensure_ascii=False))
 
 
 class BodyLimit:

@@ -35,6 +35,10 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     ids: list[int] = field(default_factory=list)  # engine request ids, set by the engine thread
     cancelled: bool = False
+    deadline: float | None = None  # monotonic time past which its generations end with finish_reason "timeout"
+    first_token: float | None = None  # when its first token came (set by the engine thread)
+    tokens_out: int = 0  # tokens generated for it so far
+    finish_reasons: list = field(default_factory=list)  # each generation's, as they end
 
 
 class Metrics:
@@ -101,6 +105,11 @@ class EngineLoop:
         """Drop whatever of the job is still running or queued (the client went away)."""
         self.inbox.put(("cancel", job))
 
+    def abort_all(self, reason: str = "shutdown"):
+        """End every generation running or queued, now and from now on, each with this finish_reason: what a
+        shutdown does to the generations its drain did not see finish."""
+        self.inbox.put(("abort", reason))
+
     # --- the thread
     def _run(self):
         try:
@@ -114,6 +123,7 @@ class EngineLoop:
         owners: dict[int, tuple[Job, int]] = {}  # engine id -> (job, choice)
         last_token: dict[int, float] = {}  # engine id -> when its last token came
         engine = self.engine
+        self._aborting: str | None = None
         while True:
             messages = [self.inbox.get()] if not engine.has_work() else []
             while True:
@@ -126,6 +136,12 @@ class EngineLoop:
                     return
                 if kind == "add":
                     self._add(job, owners)
+                    if self._aborting:
+                        self._end({rid: owners[rid] for rid in job.ids if rid in owners}, owners, last_token,
+                                  self._aborting)
+                elif kind == "abort":
+                    self._aborting = job
+                    self._end(dict(owners), owners, last_token, job)
                 elif kind == "cancel":
                     job.cancelled = True
                     for rid in job.ids:
@@ -133,6 +149,10 @@ class EngineLoop:
                             owners.pop(rid, None)
                             last_token.pop(rid, None)
                             self._release(1)
+            now = time.monotonic()
+            late = {rid: o for rid, o in owners.items() if o[0].deadline is not None and now > o[0].deadline}
+            if late:
+                self._end(late, owners, last_token, "timeout")
             self._gauges()
             if not engine.has_work():
                 continue
@@ -150,6 +170,17 @@ class EngineLoop:
             self.metrics.steps.inc()
             self._account(events, owners, last_token)
             self._gauges()
+
+    def _end(self, ending: dict, owners: dict, last_token: dict, reason: str):
+        """End these generations now: each leaves the engine and its job gets a last event with this reason."""
+        for rid, (job, choice) in ending.items():
+            self.engine.cancel(rid)
+            owners.pop(rid, None)
+            last_token.pop(rid, None)
+            self.metrics.finished.labels(reason).inc()
+            self._release(1)
+            job.finish_reasons.append(reason)
+            self._deliver(job, choice, Event(rid, None, finished=True, finish_reason=reason))
 
     def _gauges(self):
         self.metrics.running.set(self.engine.num_running)
@@ -182,6 +213,9 @@ class EngineLoop:
             if event.token is not None:
                 self.metrics.generation_tokens.inc()
                 previous = last_token.get(event.request_id)
+                job.tokens_out += 1
+                if job.first_token is None:
+                    job.first_token = now
                 if previous is None:
                     self.metrics.time_to_first_token.observe(now - job.submitted)
                 else:
@@ -191,6 +225,7 @@ class EngineLoop:
                 owners.pop(event.request_id)
                 last_token.pop(event.request_id, None)
                 self.metrics.finished.labels(event.finish_reason).inc()
+                job.finish_reasons.append(event.finish_reason)
                 self._release(1)
             self._deliver(job, choice, event)
 
