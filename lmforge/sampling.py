@@ -26,6 +26,7 @@ def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_probs, _ = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     kept = mass_before < p
+    kept[..., 0] = True  # the most likely token always (a p that float32 rounds to 0 would keep none)
     threshold = sorted_probs.masked_fill(~kept, float("inf")).min(dim=-1, keepdim=True).values
     return probs >= threshold
 

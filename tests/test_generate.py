@@ -83,6 +83,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p_and_boundary_ties():
     assert top_p_mask(logits, 1.0).all()
     shuffled = logits[:, [2, 0, 3, 1]]
     assert top_p_mask(shuffled, 0.75).tolist() == [[False, True, False, True]]
+    assert top_p_mask(shuffled, 5e-324).tolist() == [[False, True, False, False]]  # float32 rounds p to 0: one kept
 
 
 def test_sampled_tokens_stay_inside_the_kept_set():

@@ -50,8 +50,9 @@ class _Body(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _null_is_default(cls, data):  # clients send "temperature": null to mean "the default"
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+    def _null_is_default(cls, data):  # clients send "temperature": null to mean "the default"; unknown fields stay
+        return ({k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+                if isinstance(data, dict) else data)
 
 
 class StreamOptions(_Body):
@@ -265,7 +266,11 @@ class Server:
         for ids in prompts:
             room = self.max_seq_len - len(ids)
             wanted = min(room, self.max_tokens_limit) if max_tokens is None else max_tokens
-            if room < 0 or wanted > room or (max_tokens is None and wanted < 1):
+            if max_tokens is None and wanted < 1:
+                raise APIError(400, f"the prompt ({len(ids)} tokens) leaves no room for a reply in this model's "
+                                    f"{self.max_seq_len} positions; shorten the prompt", param="prompt",
+                               code="context_length_exceeded")
+            if room < 0 or wanted > room:
                 raise APIError(400, f"the prompt ({len(ids)} tokens) and max_tokens={wanted} need {len(ids) + wanted}"
                                     f" positions, but this model takes {self.max_seq_len}; shorten the prompt or ask "
                                     f"for fewer tokens", param="prompt", code="context_length_exceeded")
@@ -604,7 +609,8 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, max_connections: 
         server.check_model(body.model)
         prompts = server.prompts(body.prompt)
         scored = body.echo and body.logprobs is not None
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
+        # OpenAI's default for completions (16), within this server's limit
+        max_tokens = min(16, server.max_tokens_limit) if body.max_tokens is None else body.max_tokens
         requests = server.requests(prompts, body, max_tokens, body.logprobs, prompt_logprobs=scored)
         job = server.submit(requests, http)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -711,6 +717,8 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, max_connections: 
                              "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
                 "usage": usage(prompts, choices)}
 
+    from .openapi import describe
+    describe(app)
     return Front(BodyLimit(app, max_body_bytes), server, max_connections)
 
 
