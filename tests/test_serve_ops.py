@@ -88,6 +88,15 @@ def _port_free(port: int) -> bool:
 @pytest.mark.parametrize("drain", ["30", "0"])
 def test_sigterm_drains_then_exits_cleanly(slow_run, drain):
     server = ServerProcess(slow_run, "--max-batch", "2", "--drain-seconds", drain)
+    try:
+        _drain(server, drain)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        server.log.close()
+
+
+def _drain(server: ServerProcess, drain: str):
     results, threads = _in_flight(server, 4)
     server.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 5
@@ -97,7 +106,8 @@ def test_sigterm_drains_then_exits_cleanly(slow_run, drain):
             break
         time.sleep(0.01)
     assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "shutting_down"
-    assert httpx.get(server.url + "/health").json()["status"] == "draining"
+    if drain == "30":  # (with no drain time the port may already be closed)
+        assert httpx.get(server.url + "/health").json()["status"] == "draining"
     for t in threads:
         t.join(60)
     assert server.proc.wait(60) == 0, server.output()
@@ -107,15 +117,14 @@ def test_sigterm_drains_then_exits_cleanly(slow_run, drain):
     else:
         assert set(reasons) == {"shutdown"}, results  # ended at once, each saying why
     assert _port_free(server.port)
-    server.log.close()
 
 
 def test_a_request_past_its_time_limit_ends_with_timeout(slow_run):
-    server = ServerProcess(slow_run, "--request-timeout", "0.3", "--max-batch", "1", "--log-level", "info")
+    server = ServerProcess(slow_run, "--request-timeout", "0.1", "--max-batch", "1", "--log-level", "info")
     try:
         results = []
         _stream(server.url, results, max_tokens=250)
-        assert results[0][0] == "timeout" and 1 < results[0][1] < 250, results
+        assert results[0][0] == "timeout" and results[0][1] < 250, results  # (250 tokens take ~0.5 s here)
         r = httpx.post(server.url + "/v1/completions", json={"model": "slow", "prompt": "To", "max_tokens": 3})
         assert r.json()["choices"][0]["finish_reason"] == "length"
         assert server.metric("lmforge_requests_running") == 0

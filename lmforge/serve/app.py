@@ -306,11 +306,11 @@ class Server:
         log.info("draining: new requests get 503; %d generations in flight get up to %.0f s", self.loop.in_flight,
                  seconds)
         deadline = time.monotonic() + seconds
-        while self.loop.in_flight > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.loop.in_flight > 0:
+        while (self.loop.in_flight > 0 or active() > 0) and time.monotonic() < deadline:  # (a body still arriving
+            time.sleep(0.05)                                                             # is active, not in flight)
+        if self.loop.in_flight > 0 or active() > 0:
             log.info("drain time is up: %d generations end with finish_reason 'shutdown'", self.loop.in_flight)
-            self.loop.abort_all("shutdown")
+        self.loop.abort_all("shutdown")  # also whatever is submitted from now on
         until = time.monotonic() + 10
         while active() > 0 and time.monotonic() < until:
             time.sleep(0.05)
