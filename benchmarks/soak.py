@@ -10,7 +10,7 @@ requests, p95 time to first token and aggregate tokens/s, so drift shows.
 
     lmforge serve runs/shakespeare-char --max-batch 16 &
     python benchmarks/soak.py --url http://127.0.0.1:8000 --pid $! [--clients 32] [--minutes 10]
-    python benchmarks/soak.py --run runs/shakespeare-char [--clients 32] [--minutes 10]   # starts the server itself
+    python benchmarks/soak.py --run runs/shakespeare-char [--clients 32] [--minutes 10]   # serves it (--max-batch 16)
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import asyncio
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -218,26 +217,19 @@ def main():
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--window", type=float, default=60, help="seconds per row of the table")
     args = p.parse_args()
-    proc = None
+    server = None
     if args.url is None:
         if args.run is None:
             p.error("give --url of a running server, or --run to serve")
-        proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", args.run, "--port", "8765",
-                                 "--max-batch", "16", "--log-level", "warning"])
-        args.url, args.pid = "http://127.0.0.1:8765", proc.pid
-        for _ in range(600):
-            try:
-                if httpx.get(args.url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from test_serve import ServerProcess  # the suite's: a real `lmforge serve` process, waited for until healthy
+        server = ServerProcess(Path(args.run), "--max-batch", "16")
+        args.url, args.pid = server.url, server.proc.pid
     try:
         summary = soak(args.url, args.pid, args.clients, args.minutes * 60, args.window)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+        if server is not None:
+            server.stop()
     print_summary(summary)
     print(json.dumps(summary))
 

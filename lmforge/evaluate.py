@@ -179,10 +179,12 @@ class LmforgeLM(TemplateLM):
         return self._template()
 
     def _template(self) -> str:
-        from .runs import read_run_config
-        from .templates import template_of
-        config = {} if self.onnx else read_run_config(self.run)
-        return template_of(self.tok, config)
+        """The run's template, read once (every conversation of a task renders through it)."""
+        if getattr(self, "_chat_template", None) is None:
+            from .runs import read_run_config
+            from .templates import template_of
+            self._chat_template = template_of(self.tok, {} if self.onnx else read_run_config(self.run))
+        return self._chat_template
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as the text the server's chat route renders (tok_encode reads its special tokens)."""

@@ -1,7 +1,9 @@
-"""Fine-tuning a run on prompt->completion pairs, fully or with LoRA, through the training loop (train.py); merging
-an adapter back into its base (pair_eval.py scores a run on held-out pairs by exact match).
+"""Fine-tuning a run on prompt->completion pairs or conversations, or on preference rows with DPO (dpo.py), fully or
+with LoRA, through the training loop (train.py); merging an adapter back into its base (pair_eval.py scores a run on
+held-out pairs by exact match).
 
     lmforge finetune runs/base --data pairs.jsonl --out runs/tuned [--lora-rank 8] [--lr=1e-3 ...]
+    lmforge finetune runs/tuned --data prefs.jsonl --out runs/dpo --method dpo [--beta 0.1]
     lmforge merge runs/tuned --out runs/merged
     lmforge eval runs/tuned --pairs test.jsonl                                          (pair_eval.py)
 
@@ -104,10 +106,7 @@ def _finetune(base: Path, data: str, out: Path, val, overrides, config_file, lor
         raise UserError(f"the tokenizer of {dataset.path} differs from {base}'s; prepare the data with "
                         f"--tokenizer-from {base}")
     cfg = finetune_config(base, str(prepared), str(out), overrides, config_file, lora, method, beta)
-    if added and cfg.lora_rank:
-        raise UserError(f"the chat template's tokens {', '.join(added)} are new to {base}, and LoRA cannot train "
-                        f"new embedding rows; fine-tune on the conversations without LoRA (lora_rank) first")
-    if added:
+    if added and not cfg.lora_rank:  # (with LoRA, train() refuses new rows)
         print(f"added {', '.join(added)} to the tokenizer and the model's embedding (the chat template's tokens)")
     if dataset.kind in ("pairs", "preferences"):
         long = int((dataset.index("train")[:, 2] > cfg.block_size + 1).sum())
