@@ -17,6 +17,7 @@ continuous batching (its default); its greedy text for one prompt is checked aga
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import socket
@@ -157,8 +158,11 @@ def main():
               f"streamed, {args.requests} requests per client")
         ours_text = greedy_text(url, check, 32)
         ours = measure(url, args)
-        metric = {line.split()[0]: float(line.split()[1]) for line in httpx.get(url + "/metrics").text.splitlines()
-                  if line and not line.startswith("#") and "{" not in line}
+        from prometheus_client.parser import text_string_to_metric_families
+        metric = collections.Counter()
+        for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+            for sample in family.samples:
+                metric[sample.name] += sample.value
     finally:
         server.terminate()
         server.wait(30)

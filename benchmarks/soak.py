@@ -177,8 +177,10 @@ def soak(base: str, pid: int | None, clients: int = 32, seconds: float = 600, wi
     time.sleep(1.0)  # dropped streams are cancelled within a step or two
     metrics = httpx.get(base + "/metrics").text
 
-    def metric(name):
-        return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.split(" ")[0] == name)
+    def metric(name):  # summed over the model label
+        from prometheus_client.parser import text_string_to_metric_families
+        return sum(sample.value for family in text_string_to_metric_families(metrics) for sample in family.samples
+                   if sample.name == name)
     rows = []
     for w in range(int(seconds // window + (seconds % window > 0))):
         lo, hi = report.started + w * window, report.started + min((w + 1) * window, seconds)

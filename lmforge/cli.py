@@ -217,20 +217,23 @@ def _dtype_arg(p):  # the names of runs.INFERENCE_DTYPES (this module imports no
 @verb("serve", "serve:serve_cli", "Serve a run over an OpenAI-compatible HTTP API, with a playground page at /.",
       "lmforge serve runs/shakespeare-char --port 8000 --max-batch 16")
 def _serve_args(p):
-    p.add_argument("run", help="run directory")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run directory; give several to serve each as its own model id, routed by 'model'")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set LMFORGE_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (engine slots; default 8)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together (engine slots, shared by every run served; default 8)")
     p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for a slot before new ones get 429 (default 64)")
+                   help="requests waiting for a slot before new ones get 429 (over every run served; default 64)")
     p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for "
                                                         "(default: the model's context)")
     p.add_argument("--max-seq-len", type=int, help="positions per slot: prompt plus new tokens (default: block_size)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="compile the decode step at startup (auto: on CUDA, and on CPU for models of 20M+ params)")
-    p.add_argument("--model-name", help="the model id clients name (default: the run folder's name)")
+    p.add_argument("--model-name", action="append",
+                   help="the model id clients name (default: the run folder's name); once per run, in order")
     p.add_argument("--drain-seconds", type=float, default=30,
                    help="on SIGTERM: new requests get 503 while running ones get this long to finish; the rest then "
                         "end with finish_reason 'shutdown' (default 30)")
@@ -238,6 +241,9 @@ def _serve_args(p):
                                                            "(finish_reason 'timeout'; default: no limit)")
     p.add_argument("--max-connections", type=int, help="requests handled at once past which new ones get 503 "
                                                        "(default: no limit besides --max-queue)")
+    p.add_argument("--client-timeout", type=float, default=60,
+                   help="drop a client that takes longer than this to send its body (408) or to take the next part "
+                        "of its answer (default 60 s)")
     p.add_argument("--log-prompts", action="store_true", help="put prompts in the per-request log lines")
     p.add_argument("--device", default="cpu")
     _dtype_arg(p)

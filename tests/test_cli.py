@@ -34,9 +34,10 @@ SURFACE = {
                  "--repetition-penalty", "--seed", "--stop", "--temperature", "--top-k", "--top-p", "run"],
     "chat": ["--checkpoint", "--device", "--dtype", "--max-new-tokens", "--seed", "--system", "--temperature",
              "--top-k", "--top-p", "run"],
-    "serve": ["--api-key", "--checkpoint", "--compile", "--device", "--drain-seconds", "--dtype", "--host",
-              "--log-level", "--log-prompts", "--max-batch", "--max-body-bytes", "--max-connections", "--max-queue",
-              "--max-seq-len", "--max-tokens-limit", "--model-name", "--port", "--request-timeout", "run"],
+    "serve": ["--api-key", "--checkpoint", "--client-timeout", "--compile", "--device", "--drain-seconds", "--dtype",
+              "--host", "--log-level", "--log-prompts", "--max-batch", "--max-body-bytes", "--max-connections",
+              "--max-queue", "--max-seq-len", "--max-tokens-limit", "--model-name", "--port", "--request-timeout",
+              "runs"],
 }
 
 

@@ -44,6 +44,13 @@ def make_run(path: Path, seed: int = 0, **model) -> Path:
     return path
 
 
+def metric_of(text: str, name: str, model: str | None = None) -> float:
+    """A sample's value in Prometheus text, summed over its labels (or one model's)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and model in (None, sample.labels.get("model")))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,12 +58,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, run: Path, *args: str):
+    def __init__(self, run: Path, *args: str, more_runs: tuple = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.log = open(run.parent / f"server-{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(run), "--port", str(self.port),
+        self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(run), *map(str, more_runs),
+                                      "--port", str(self.port),
                                       "--log-level", "warning", *args], stdout=self.log, stderr=subprocess.STDOUT,
                                      env=env)
         deadline = time.monotonic() + 90
@@ -74,9 +82,9 @@ class ServerProcess:
         self.log.seek(0)
         return self.log.read()
 
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name)
+    def metric(self, name: str, model: str | None = None) -> float:
+        """A sample's value in /metrics, summed over its labels (or one model's)."""
+        return metric_of(httpx.get(self.url + "/metrics").text, name, model)
 
     def stop(self):
         self.proc.terminate()

@@ -71,3 +71,106 @@ def test_each_run_kind_serves_what_it_generates_in_process(runs, kind):
                                                            temperature=0.0)
     finally:
         server.stop()
+
+
+def test_several_runs_from_one_process_each_its_own_model(runs):
+    """`lmforge serve A B C`: each run is its own id in /v1/models, a request goes to the model it names (its text
+    is what that run generates alone), an unknown id is a 404 in OpenAI's shape, and /metrics counts per model."""
+    kinds = ["plain", "lora", "imported"]
+    prompts = {"plain": "apple -> ", "lora": "apple -> ", "imported": "the cat"}
+    want = {}
+    for kind in kinds:
+        model, tok = lmforge.load(runs / kind)
+        want[kind] = lmforge.generate(model, tok, prompts[kind], max_new_tokens=8, temperature=0.0)
+    assert want["plain"] != want["lora"]  # the routing shows
+    server = ServerProcess(runs / kinds[0], "--max-batch", "2", more_runs=[runs / k for k in kinds[1:]])
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list()] == kinds
+        assert client.models.retrieve("lora").id == "lora"
+        from concurrent.futures import ThreadPoolExecutor
+        order = kinds * 3  # interleaved across models, more at once than the 2 shared slots
+
+        def ask(kind):
+            return client.completions.create(model=kind, prompt=prompts[kind], max_tokens=8, temperature=0)
+        with ThreadPoolExecutor(len(order)) as pool:
+            answers = list(pool.map(ask, order))
+        for kind, answer in zip(order, answers):
+            assert answer.model == kind and answer.choices[0].text == want[kind]
+        chat = client.chat.completions.create(model="imported", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4, temperature=0)
+        assert chat.model == "imported" and chat.usage.completion_tokens >= 1
+        with pytest.raises(openai.NotFoundError) as e:
+            client.completions.create(model="nope", prompt="x", max_tokens=2)
+        assert e.value.body["code"] == "model_not_found" and "'plain', 'lora', 'imported'" in e.value.body["message"]
+        for kind in kinds:
+            tokens = sum(a.usage.completion_tokens for k, a in zip(order, answers) if k == kind)
+            assert server.metric("lmforge_generation_tokens_total", kind) == tokens + 4 * (kind == "imported")
+        assert server.metric("lmforge_slots") == 2
+        assert server.metric("lmforge_requests_running") == 0
+    finally:
+        server.stop()
+
+
+def test_the_slots_are_one_bound_over_every_model(runs):
+    """Two models served with --max-batch 2: however many requests arrive for both, at most 2 generations decode
+    at once in total (each engine alone has 2 slots, so without the shared bound 4 would); with no queue, a third
+    request for either model while 2 run is a 429."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import create_app
+    app = create_app([runs / "plain", runs / "merged"], max_batch=2, max_queue=16)
+    served = app.state.served
+    with TestClient(app) as http:
+        while http.get("/health").status_code != 200:
+            pass
+        engines = [loop.engine for loop in served.loops]
+        most = [0]
+        for engine in engines:
+            def watched(step=engine.step):
+                most[0] = max(most[0], sum(e.num_running for e in engines))
+                events = step()
+                most[0] = max(most[0], sum(e.num_running for e in engines))
+                return events
+            engine.step = watched
+
+        def ask(i):
+            r = http.post("/v1/completions", json={"model": ["plain", "merged"][i % 2], "prompt": "apple -> ",
+                                                   "max_tokens": 20, "temperature": 1.0, "seed": i})
+            return r.status_code, r.json()["usage"]["completion_tokens"]
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(ask, range(12)))
+        assert all(code == 200 for code, _ in answers)
+        assert most[0] == 2  # both slots used, never more, across the two engines
+        assert served.slots.reserved == served.slots.granted == 0
+
+    app = create_app([runs / "plain", runs / "merged"], max_batch=2, max_queue=0)
+    with TestClient(app) as http:
+        while http.get("/health").status_code != 200:
+            pass
+        gate = __import__("threading").Event()
+        for loop in app.state.served.loops:  # the engines wait, so two requests hold both slots
+            loop.engine.step = lambda step=loop.engine.step: (gate.wait(30), step())[1]
+        with ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(http.post, "/v1/completions", json={"model": m, "prompt": "apple", "max_tokens": 3})
+                    for m in ("plain", "plain")]
+            while app.state.served.slots.reserved < 2:
+                pass
+            refused = http.post("/v1/completions", json={"model": "merged", "prompt": "apple", "max_tokens": 3})
+            gate.set()
+            assert all(f.result().status_code == 200 for f in held)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "server_busy"
+
+
+def test_serving_several_runs_refuses_what_is_ambiguous(runs, tmp_path):
+    from lmforge.serve.app import create_app
+    with pytest.raises(lmforge.UserError, match="both be served as 'plain'"):
+        create_app([runs / "plain", runs / "plain"])
+    with pytest.raises(lmforge.UserError, match="1 --model-name for 2 runs"):
+        create_app([runs / "plain", runs / "merged"], model_names=["a"])
+    with pytest.raises(lmforge.UserError, match="--checkpoint names a folder of one run"):
+        create_app([runs / "plain", runs / "merged"], checkpoint="best")
+    app = create_app([runs / "plain", runs / "merged"], model_names=["a", "b"])
+    assert list(app.state.served.servers) == ["a", "b"]

@@ -135,8 +135,106 @@ def test_a_request_past_its_time_limit_ends_with_timeout(slow_run):
         assert generated[1]["completion_tokens"] == 3 and generated[1]["prompt_tokens"] == 2
         assert generated[1]["status"] == 200 and generated[1]["id"].startswith("cmpl-") and generated[1]["ttft"] > 0
         assert all("prompt" not in g for g in generated)  # no prompt text unless --log-prompts
+        # a choice still queued when the time is up ends too, and its echoed prompt keeps a logprob per token
+        r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "model": "slow", "prompt": "To be", "max_tokens": 250, "n": 2, "echo": True, "logprobs": 0})
+        choices = r.json()["choices"]
+        assert [c["finish_reason"] for c in choices] == ["timeout", "timeout"]
+        assert choices[1]["text"] == "To be" and choices[1]["logprobs"]["tokens"] == list("To be")
+        assert choices[1]["logprobs"]["token_logprobs"] == [None] * 5
+        assert server.metric("lmforge_requests_running") + server.metric("lmforge_requests_waiting") == 0
     finally:
         server.stop()
+
+
+def _log_lines(server) -> list[dict]:
+    return [json.loads(line.split("lmforge.serve.requests: ", 1)[1]) for line in server.output().splitlines()
+            if "lmforge.serve.requests: " in line]
+
+
+def test_the_request_log_counts_each_prompt_once_and_marks_clients_that_left(slow_run):
+    server = ServerProcess(slow_run, "--max-batch", "1", "--max-queue", "2", "--log-level", "info")
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={"model": "slow", "prompt": "To be", "max_tokens": 2,
+                                                             "n": 3})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 5
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
+                "model": "slow", "prompt": "To", "max_tokens": 250, "temperature": 0, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            next(lines)  # one event, then a request that finds every slot taken, then the client goes away
+            busy = httpx.post(server.url + "/v1/completions", json={"model": "slow", "prompt": "To be",
+                                                                    "max_tokens": 2, "n": 3})  # 1 + 3 > 1 + 2
+        assert busy.status_code == 429
+        deadline = time.monotonic() + 10
+        def logged():
+            return [line for line in _log_lines(server) if line["path"] == "/v1/completions"]
+        while len(logged()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done, refused, dropped = logged()  # (the dropped stream's line is written when it ends)
+        assert done["prompt_tokens"] == 5 and done["completion_tokens"] == 6 and "client_gone" not in done
+        assert dropped["client_gone"] is True and dropped["completion_tokens"] < 250
+        assert refused["status"] == 429 and refused["model"] == "slow" and refused["prompt_tokens"] == 5
+        assert "completion_tokens" not in refused  # it never reached the engine
+    finally:
+        server.stop()
+
+
+def test_a_client_that_stalls_is_dropped_and_frees_its_connection(slow_run):
+    server = ServerProcess(slow_run, "--max-connections", "1", "--client-timeout", "1")
+    try:
+        stalled = socket.create_connection(("127.0.0.1", server.port))
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n{\"model\": ")  # and the rest never comes
+        time.sleep(0.3)
+        r = httpx.post(server.url + "/v1/completions", json={"model": "slow", "prompt": "To", "max_tokens": 2})
+        assert r.status_code == 503  # the stalled request holds the one connection
+        stalled.settimeout(10)
+        answer = b""
+        while chunk := stalled.recv(65536):  # until the server closes the connection
+            answer += chunk
+        answer = answer.decode()
+        assert answer.startswith("HTTP/1.1 408") and "--client-timeout" in answer
+        stalled.close()
+        r = httpx.post(server.url + "/v1/completions", json={"model": "slow", "prompt": "To", "max_tokens": 2})
+        assert r.status_code == 200
+        wrong = httpx.get(server.url + "/v1/completions")  # a wrong method says which is right
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST" and "error" in wrong.json()
+    finally:
+        server.stop()
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_timeout(slow_run):
+    """The answer's next part waits at most client_timeout for the client to take it (here an ASGI send that
+    never returns, as a socket whose buffers are full): the request ends, its connection count is given back."""
+    import asyncio
+
+    from lmforge.serve.app import Front
+    from lmforge.serve.app import create_app
+    front = create_app(slow_run, client_timeout=0.2)
+    assert isinstance(front, Front)
+    app = front.app
+
+    async def scenario():
+        async def endless_app(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            while True:
+                await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": True})
+        front.app = endless_app
+        sent = []
+
+        async def full_socket(message):
+            sent.append(message)
+            if len(sent) > 3:
+                await asyncio.Event().wait()  # never drains
+        scope = {"type": "http", "method": "GET", "path": "/v1/models", "headers": [], "state": {}}
+        started = time.monotonic()
+        await asyncio.wait_for(front(scope, None, full_socket), 5)
+        return time.monotonic() - started
+    try:
+        took = asyncio.run(scenario())
+    finally:
+        front.app = app
+    assert 0.2 <= took < 2 and front.active == 0
 
 
 def test_requests_past_the_connection_cap_get_503_in_openais_shape(slow_run):

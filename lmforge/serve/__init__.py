@@ -45,18 +45,18 @@ def serve_cli(args) -> int:
     holder = {}
 
     def failed(error: BaseException):  # the engine could not be built: say why and stop the server
-        logging.getLogger("lmforge.serve").error("loading %s failed: %s", args.run, error)
+        logging.getLogger("lmforge.serve").error("loading a run failed: %s", error)
         if "server" in holder:
             holder["server"].should_exit = True
 
     if args.drain_seconds < 0:
         raise UserError(f"--drain-seconds={args.drain_seconds} must not be negative")
-    app = create_app(args.run, max_body_bytes=args.max_body_bytes, device=args.device, dtype=args.dtype,
+    app = create_app(args.runs, max_body_bytes=args.max_body_bytes, device=args.device, dtype=args.dtype,
                      checkpoint=args.checkpoint,
                      max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_tokens_limit=args.max_tokens_limit,
-                     max_queue=args.max_queue, api_key=api_key, compile=args.compile, model_name=args.model_name,
+                     max_queue=args.max_queue, api_key=api_key, compile=args.compile, model_names=args.model_name,
                      on_failure=failed, request_timeout=args.request_timeout, log_prompts=args.log_prompts,
-                     max_connections=args.max_connections)
+                     max_connections=args.max_connections, client_timeout=args.client_timeout)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         logging.getLogger("lmforge.serve").warning(
             "serving on %s without an API key: anyone who can reach this port can use the model", args.host)
@@ -72,12 +72,12 @@ def serve_cli(args) -> int:
 
             def done():
                 self.should_exit = True
-            threading.Thread(target=app.state.server.drain, args=(args.drain_seconds, done, lambda: app.active),
+            threading.Thread(target=app.state.served.drain, args=(args.drain_seconds, done, lambda: app.active),
                              name="lmforge-drain", daemon=True).start()
 
     server = holder["server"] = Draining(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
         access_log=False))  # the request log (lmforge.serve.requests) says more, one JSON line each
     server.run()
-    error = app.state.server.loop.error
+    error = app.state.served.error
     return 1 if error is not None else 0

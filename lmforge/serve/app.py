@@ -33,7 +33,7 @@ from ..engine import MAX_LOGPROBS, Engine, Logprob, Request
 from ..errors import UserError
 from ..templates import chat_ids, chat_prompt_ids, from_legacy, template_of
 from ..tokenizer import prompt_ids
-from .loop import Busy, EngineLoop, Job, Metrics
+from .loop import Busy, EngineLoop, Job, Metrics, Slots
 
 log = logging.getLogger("lmforge.serve")
 requests_log = logging.getLogger("lmforge.serve.requests")  # one JSON line per request
@@ -141,7 +141,7 @@ class Server:
                  max_queue: int = 64,
                  api_key: str | None = None, compile: str = "auto", model_name: str | None = None,
                  on_failure: Callable[[BaseException], None] = lambda e: None, request_timeout: float | None = None,
-                 log_prompts: bool = False):
+                 log_prompts: bool = False, slots: Slots | None = None, metrics: Metrics | None = None):
         config = read_run_config(Path(run))  # a missing or broken run fails now, before the server starts
         legacy = config.get("chat_template")  # the old dict form in config.json: converted to its Jinja template
         if legacy is not None and not isinstance(legacy, str):
@@ -155,7 +155,6 @@ class Server:
         if request_timeout is not None and not request_timeout > 0:
             raise UserError(f"--request-timeout={request_timeout} must be a positive number of seconds")
         self.request_timeout, self.log_prompts = request_timeout, log_prompts
-        self.draining = False  # set by a SIGTERM: new requests get 503, the running ones finish (drain())
         if compile not in ("auto", "on", "off"):
             raise UserError(f"--compile={compile!r} must be auto, on or off")
         check_dtype(dtype)
@@ -168,7 +167,7 @@ class Server:
         self.run_config, self.api_key = config, api_key
         self.name = model_name or Path(run).resolve().name
         self.created = int(time.time())
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
 
         def build() -> Engine:
             from ..runs import load
@@ -182,7 +181,8 @@ class Server:
                      self.max_seq_len, engine._step is not None)
             return engine
 
-        self.loop = EngineLoop(build, capacity=max_batch + max_queue, metrics=self.metrics, on_failure=on_failure)
+        self.loop = EngineLoop(build, capacity=max_batch, metrics=self.metrics.of(self.name), on_failure=on_failure,
+                               slots=slots or Slots(max_batch, max_queue))
 
     @property
     def engine(self) -> Engine:
@@ -193,11 +193,6 @@ class Server:
         return self.loop.engine
 
     # --- turning bodies into engine requests
-    def check_model(self, model: str):
-        if model != self.name:
-            raise APIError(404, f"model {model!r} is not served here; this server serves {self.name!r} "
-                                f"(GET /v1/models)", param="model", code="model_not_found")
-
     def prompts(self, prompt) -> list[list[int]]:
         """A completion prompt (a string, a list of strings, token ids, or a list of token-id lists) as id lists."""
         tokenizer = self.engine.tokenizer
@@ -285,36 +280,20 @@ class Server:
                 out.append(request)
         return out
 
-    def submit(self, requests: list[Request], http: HTTPRequest | None = None) -> Job:
+    def submit(self, requests: list[Request], prompts: list[list[int]], http: HTTPRequest | None = None) -> Job:
+        """Hand the generations to the engine's thread (429 when the slots and the queue are full)."""
         job = Job(requests, asyncio.get_running_loop(), asyncio.Queue())
         if self.request_timeout is not None:
             job.deadline = job.submitted + self.request_timeout
         if http is not None:  # what the request's log line reports
-            http.state.job = job
+            http.state.model, http.state.prompt_tokens = self.name, sum(map(len, prompts))
         try:
             self.loop.submit(job)
         except Busy as e:
             raise APIError(429, f"{e}; retry shortly", code="server_busy") from None
+        if http is not None:
+            http.state.job = job
         return job
-
-    # --- shutting down
-    def drain(self, seconds: float, done: Callable[[], None], active: Callable[[], int]) -> None:
-        """What SIGTERM starts (on a thread of its own): new requests get 503 from now on; the generations running
-        or queued get up to `seconds` to finish, then the rest end with finish_reason "shutdown"; once the
-        responses in flight (active()) are written, done() lets the HTTP server exit."""
-        self.draining = True
-        log.info("draining: new requests get 503; %d generations in flight get up to %.0f s", self.loop.in_flight,
-                 seconds)
-        deadline = time.monotonic() + seconds
-        while (self.loop.in_flight > 0 or active() > 0) and time.monotonic() < deadline:  # (a body still arriving
-            time.sleep(0.05)                                                             # is active, not in flight)
-        if self.loop.in_flight > 0 or active() > 0:
-            log.info("drain time is up: %d generations end with finish_reason 'shutdown'", self.loop.in_flight)
-        self.loop.abort_all("shutdown")  # also whatever is submitted from now on
-        until = time.monotonic() + 10
-        while active() > 0 and time.monotonic() < until:
-            time.sleep(0.05)
-        done()
 
     # --- token text for logprobs
     def token_text(self, token: int) -> str:
@@ -322,6 +301,78 @@ class Server:
 
     def token_bytes(self, token: int) -> list[int]:
         return list(self.engine.tokenizer.decode_bytes([token]))
+
+
+class Served:
+    """The runs one process serves, by model id, and what they share: the engine slots (max_batch decoding at once,
+    max_queue more waiting, across every model), the metrics registry, the API key and the drain."""
+
+    def __init__(self, runs: list, model_names: list[str] | None = None, max_batch: int = 8, max_queue: int = 64,
+                 checkpoint: str | None = None, **options):
+        runs = [Path(r) for r in runs]
+        if not runs:
+            raise UserError("give at least one run directory to serve")
+        if model_names and len(model_names) != len(runs):
+            raise UserError(f"{len(model_names)} --model-name for {len(runs)} runs: give one per run, in order, or "
+                            f"none (each model id is then its run folder's name)")
+        if checkpoint is not None and len(runs) > 1:
+            raise UserError("--checkpoint names a folder of one run; serve one run with it, or several without it")
+        names = list(model_names or [r.resolve().name for r in runs])
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise UserError(f"two runs would both be served as {twice[0]!r}: give each a --model-name (in the order "
+                            f"of the runs)")
+        if max_batch < 1 or max_queue < 0:
+            raise UserError(f"--max-batch={max_batch} must be at least 1 and --max-queue={max_queue} at least 0")
+        self.slots, self.metrics = Slots(max_batch, max_queue), Metrics()
+        self.metrics.slots.set(max_batch)
+        self.servers: dict[str, Server] = {}
+        for run, name in zip(runs, names):
+            self.servers[name] = Server(run, max_batch=max_batch, max_queue=max_queue, checkpoint=checkpoint,
+                                        model_name=name, slots=self.slots, metrics=self.metrics, **options)
+        self.first = next(iter(self.servers.values()))
+        self.api_key, self.log_prompts = self.first.api_key, self.first.log_prompts
+        self.draining = False  # set by a SIGTERM: new requests get 503, the running ones finish (drain())
+
+    def pick(self, model: str | None) -> Server:
+        """The server of this model id (None: the first run's); 404 in OpenAI's shape for one not served here."""
+        if model is None:
+            return self.first
+        server = self.servers.get(model)
+        if server is None:
+            names = ", ".join(map(repr, self.servers))
+            raise APIError(404, f"model {model!r} is not served here; this server serves {names} (GET /v1/models)",
+                           param="model", code="model_not_found")
+        return server
+
+    @property
+    def loops(self) -> list[EngineLoop]:
+        return [s.loop for s in self.servers.values()]
+
+    @property
+    def error(self) -> BaseException | None:
+        return next((loop.error for loop in self.loops if loop.error is not None), None)
+
+    def drain(self, seconds: float, done: Callable[[], None], active: Callable[[], int]) -> None:
+        """What SIGTERM starts (on a thread of its own): new requests get 503 from now on; the generations running
+        or queued get up to `seconds` to finish, then the rest end with finish_reason "shutdown"; once the
+        responses in flight (active()) are written, done() lets the HTTP server exit."""
+        self.draining = True
+
+        def in_flight() -> int:
+            return sum(loop.in_flight for loop in self.loops)
+        log.info("draining: new requests get 503; %d generations in flight get up to %.0f s", in_flight(), seconds)
+        deadline = time.monotonic() + seconds
+        while (in_flight() > 0 or active() > 0) and time.monotonic() < deadline:  # (a body still arriving is
+            time.sleep(0.05)                                                      # active, not in flight)
+        if in_flight() > 0 or active() > 0:
+            log.info("drain time is up: %d generations end with finish_reason 'shutdown'", in_flight())
+        for loop in self.loops:
+            loop.abort_all("shutdown")  # also whatever is submitted from now on
+        until = time.monotonic() + 10
+        while active() > 0 and time.monotonic() < until:
+            time.sleep(0.05)
+        done()
 
 
 def _check_text(text: str, param: str):
@@ -475,24 +526,30 @@ async def _sse_stream(chunks):
 
 # ------------------------------------------------------------------------------------------------------------- app
 
-def create_app(run: str | Path, max_body_bytes: int = 1 << 20, max_connections: int | None = None,
-               **options) -> FastAPI:
-    """The FastAPI app serving a run; options are Server's. The engine loads on its own thread at startup.
-    max_connections: requests handled at once (streams included) past which new ones get 503."""
+def create_app(runs: str | Path | list, max_body_bytes: int = 1 << 20, max_connections: int | None = None,
+               client_timeout: float = 60.0, **options) -> FastAPI:
+    """The FastAPI app serving one run or several (each its own model id, all sharing the slots); options are
+    Served's and Server's. Each engine loads on its own thread at startup. max_connections: requests handled at
+    once (streams included) past which new ones get 503; client_timeout: seconds a client may take to send its
+    body or to take the next part of its answer before it is dropped."""
     if max_connections is not None and max_connections < 1:
         raise UserError(f"--max-connections={max_connections} must be at least 1")
+    if not client_timeout > 0:
+        raise UserError(f"--client-timeout={client_timeout} must be a positive number of seconds")
     from contextlib import asynccontextmanager
 
-    server = Server(run, **options)
+    served = Served(runs if isinstance(runs, (list, tuple)) else [runs], **options)
 
     @asynccontextmanager
     async def lifespan(app):
-        server.loop.start()
+        for loop in served.loops:
+            loop.start()
         yield
-        await asyncio.to_thread(server.loop.stop, 2.0)  # a warm-up in progress is not waited for (daemon thread)
+        for loop in served.loops:  # a warm-up in progress is not waited for (daemon thread)
+            await asyncio.to_thread(loop.stop, 2.0)
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.server = server
+    app.state.served, app.state.server = served, served.first
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -510,7 +567,9 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, max_connections: 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
-        return error_body(e.status_code, str(e.detail))
+        response = error_body(e.status_code, str(e.detail))
+        response.headers.update(e.headers or {})  # a 405's Allow
+        return response
 
     @app.exception_handler(ClientGone)
     async def _gone(request, e: ClientGone):
@@ -522,51 +581,49 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, max_connections: 
         return error_body(500, f"internal error ({type(e).__name__}); see the server's log")
 
     async def authorized(request: HTTPRequest):
-        if server.api_key is None:
+        if served.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), served.api_key.encode()):
             raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 
     @app.get("/health")
     async def health():
-        if server.loop.error is not None:
-            return JSONResponse({"status": "failed", "error": str(server.loop.error)}, status_code=503)
-        if not server.loop.ready.is_set():
+        if served.error is not None:
+            return JSONResponse({"status": "failed", "error": str(served.error)}, status_code=503)
+        if not all(loop.ready.is_set() for loop in served.loops):
             return JSONResponse({"status": "loading"}, status_code=503)
-        if server.draining:  # a load balancer takes this replica out
+        if served.draining:  # a load balancer takes this replica out
             return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(served.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     async def playground():
         return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
-    def card() -> dict:
+    def card(server: Server) -> dict:
         return {"id": server.name, "object": "model", "created": server.created, "owned_by": "lmforge",
                 "max_model_len": server.max_seq_len}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
-        return {"object": "list", "data": [card()]}
+        return {"object": "list", "data": [card(server) for server in served.servers.values()]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
     async def model(model_id: str):
-        server.check_model(model_id)
-        return card()
+        return card(served.pick(model_id))
 
     # vLLM's tokenizer routes, which lm-eval's local-completions finds and uses instead of a local tokenizer; open
     # like vLLM's (its key guards /v1 only): they tell the tokenizer, never run the model
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        if body.model is not None:
-            server.check_model(body.model)
+        server = served.pick(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt (text) or messages (a conversation)", param="prompt")
         if body.messages is not None:
@@ -584,15 +641,15 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, max_connections: 
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        if body.model is not None:
-            server.check_model(body.model)
+        server = served.pick(body.model)
         try:
             return {"prompt": server.engine.tokenizer.decode(body.tokens)}
         except UserError as e:
             raise APIError(400, f"tokens: {e}", param="tokens") from None
 
     @app.get("/tokenizer_info")
-    async def tokenizer_info():
+    async def tokenizer_info(model: str | None = None):
+        server = served.pick(model)
         tokenizer = server.engine.tokenizer
         specials = {i: s for s, i in tokenizer.special_tokens.items()}
         eos = specials.get(tokenizer.eot_id) or tokenizer.decode([tokenizer.eot_id])
@@ -606,16 +663,16 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, max_connections: 
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, http: HTTPRequest):
-        server.check_model(body.model)
+        server = served.pick(body.model)
         prompts = server.prompts(body.prompt)
         scored = body.echo and body.logprobs is not None
         # OpenAI's default for completions (16), within this server's limit
         max_tokens = min(16, server.max_tokens_limit) if body.max_tokens is None else body.max_tokens
         requests = server.requests(prompts, body, max_tokens, body.logprobs, prompt_logprobs=scored)
-        job = server.submit(requests, http)
+        job = server.submit(requests, prompts, http)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         http.state.response_id = rid
-        if server.log_prompts:
+        if served.log_prompts:
             http.state.prompt = body.prompt
         choices = [_Choice() for _ in requests]
         echoes = [text if isinstance(text, str) else server.engine.tokenizer.decode(ids)
@@ -629,8 +686,10 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, max_connections: 
             if body.echo and not echoed[i]:
                 echoed[i] = True
                 text = echoes[i // body.n] + text
-                if scored:
-                    records, tokens = [None] + list(event.prompt_logprobs or []), list(prompts[i // body.n])
+                if scored:  # (a choice that ended before its prefill, in the queue, has no scores to give)
+                    tokens = list(prompts[i // body.n])
+                    scores = list(event.prompt_logprobs or [None] * (len(tokens) - 1))
+                    records = [None] + scores
             if event.logprob is not None:
                 records.append(event.logprob)
                 tokens.append(event.token)
@@ -673,16 +732,16 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, max_connections: 
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatRequest, http: HTTPRequest):
-        server.check_model(body.model)
+        server = served.pick(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         prompts = [server.chat_prompt(body.messages)]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         requests = server.requests(prompts, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
-        job = server.submit(requests, http)
+        job = server.submit(requests, prompts, http)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         http.state.response_id = rid
-        if server.log_prompts:
+        if served.log_prompts:
             http.state.prompt = [m.model_dump() for m in body.messages]
         choices = [_Choice() for _ in requests]
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
@@ -719,71 +778,87 @@ def create_app(run: str | Path, max_body_bytes: int = 1 << 20, max_connections: 
 
     from .openapi import describe
     describe(app)
-    return Front(BodyLimit(app, max_body_bytes), server, max_connections)
+    return Front(BodyLimit(app, max_body_bytes, client_timeout), served, max_connections, client_timeout)
+
+
+class ClientStalled(Exception):
+    """A client took longer than the client timeout to take the next part of its answer."""
 
 
 class Front:
     """ASGI wrapper in front of everything: while the server drains, new requests get 503 with Retry-After (health
-    and metrics still answer); every request ends with one structured log line on the logger lmforge.serve.requests
-    (id, model, tokens in and out, time to first token, total time, finish reasons, status; the prompt only with
-    log_prompts)."""
+    and metrics still answer), as do requests past max_active handled at once; a client that does not take the
+    next part of its answer within client_timeout is dropped; every request ends with one structured log line on
+    the logger lmforge.serve.requests (id, model, tokens in and out, time to first token, total time, finish
+    reasons, status; the prompt only with log_prompts)."""
 
-    def __init__(self, app, server: Server, max_active: int | None = None):
-        self.app, self.server, self.active, self.max_active = app, server, 0, max_active
+    def __init__(self, app, served: Served, max_active: int | None = None, client_timeout: float = 60.0):
+        self.app, self.served, self.active, self.max_active = app, served, 0, max_active
+        self.client_timeout = client_timeout
         self.state = app.state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.monotonic(), {"code": None}
+        start, status = time.monotonic(), {"code": None, "stalled": False}
         exempt = scope["path"] in ("/health", "/metrics")
         refused = None
-        if self.server.draining and not exempt:
+        if self.served.draining and not exempt:
             refused = error_body(503, "the server is shutting down; retry on another replica or in a moment",
                                  code="shutting_down")
         elif self.max_active is not None and self.active >= self.max_active and not exempt:
             refused = error_body(503, f"the server is handling {self.active} requests, its limit "
                                       f"(--max-connections); retry in a moment", code="too_many_connections")
         if refused is not None:
-            refused.headers["Retry-After"] = "5" if self.server.draining else "1"
+            refused.headers["Retry-After"] = "5" if self.served.draining else "1"
             status["code"] = 503
             await refused(scope, receive, send)
-            return self._log(scope, status["code"], start)
+            return self._log(scope, status, start)
 
         async def sending(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-            await send(message)
+            try:
+                await asyncio.wait_for(send(message), self.client_timeout)
+            except TimeoutError:  # the client stopped reading: its connection is closed, its job cancelled
+                status["stalled"] = True
+                raise ClientStalled() from None
         self.active += 1
         try:
             await self.app(scope, receive, sending)
+        except ClientStalled:
+            pass
         finally:
             self.active -= 1
-            self._log(scope, status["code"], start)
+            self._log(scope, status, start)
 
-    def _log(self, scope, code, start: float) -> None:
+    def _log(self, scope, status: dict, start: float) -> None:
         if not requests_log.isEnabledFor(logging.INFO):
             return
         state = scope.get("state") or {}
         job = state.get("job")
-        record = {"id": state.get("response_id"), "method": scope["method"], "path": scope["path"], "status": code,
-                  "seconds": round(time.monotonic() - start, 4)}
+        record = {"id": state.get("response_id"), "method": scope["method"], "path": scope["path"],
+                  "status": status["code"], "seconds": round(time.monotonic() - start, 4)}
+        if "model" in state:
+            record.update(model=state["model"], prompt_tokens=state.get("prompt_tokens"))
         if job is not None:
-            record.update(model=self.server.name, prompt_tokens=sum(len(r.prompt) for r in job.requests),
-                          completion_tokens=job.tokens_out,
+            record.update(completion_tokens=job.tokens_out,
                           ttft=None if job.first_token is None else round(job.first_token - job.submitted, 4),
                           finish_reasons=job.finish_reasons)
-            if self.server.log_prompts:
-                record["prompt"] = state.get("prompt")
+        if status["stalled"] or status["code"] == 499 or (  # the client left before every choice had ended
+                job is not None and status["code"] == 200 and len(job.finish_reasons) < len(job.requests)):
+            record["client_gone"] = True
+        if self.served.log_prompts and "prompt" in state:
+            record["prompt"] = state["prompt"]
         requests_log.info(json.dumps(record, ensure_ascii=False))
 
 
 class BodyLimit:
     """ASGI wrapper: a request body over the limit gets 413 before the app sees it (the body is read whole first,
-    which the limit keeps small)."""
+    which the limit keeps small), and one that does not arrive within the client timeout gets 408."""
 
-    def __init__(self, app: FastAPI, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: FastAPI, limit: int, timeout: float = 60.0):
+        self.app, self.limit, self.timeout = app, limit, timeout
         self.state = app.state  # the app's state, reachable from the wrapper
 
     async def __call__(self, scope, receive, send):
@@ -793,9 +868,15 @@ class BodyLimit:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await too_big(scope, receive, send)
-        body, more = [], True
+        body, more, until = [], True, time.monotonic() + self.timeout
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(until - time.monotonic(), 0.001))
+            except TimeoutError:
+                response = error_body(408, f"the request body did not arrive within {self.timeout:g} s "
+                                           f"(--client-timeout); send it whole", code="request_timeout")
+                response.headers["Connection"] = "close"
+                return await response(scope, receive, send)
             if message["type"] != "http.request":  # the client left while sending
                 return
             body.append(message.get("body", b""))

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,48 +43,130 @@ class Job:
 
 
 class Metrics:
-    """Prometheus metrics of one server (a registry of its own, so servers and tests never share counters)."""
+    """Prometheus metrics of one server process (a registry of its own, so servers and tests never share counters),
+    each labelled with the model id it counts for; of(model) is one model's view."""
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         r = self.registry = CollectorRegistry()
-        self.running = Gauge("lmforge_requests_running", "Generations holding a slot of the engine", registry=r)
-        self.waiting = Gauge("lmforge_requests_waiting", "Generations queued for a slot", registry=r)
+        m = ["model"]
+        self.running = Gauge("lmforge_requests_running", "Generations holding a slot of the engine", m, registry=r)
+        self.waiting = Gauge("lmforge_requests_waiting", "Generations queued for a slot", m, registry=r)
         self.finished = Counter("lmforge_requests_finished", "Generations ended, by finish reason",
-                                ["finish_reason"], registry=r)
+                                ["model", "finish_reason"], registry=r)
         self.rejected = Counter("lmforge_requests_rejected", "Requests refused because slots and queue were full",
-                                registry=r)
-        self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens prefilled", registry=r)
-        self.generation_tokens = Counter("lmforge_generation_tokens", "Tokens generated", registry=r)
+                                m, registry=r)
+        self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens prefilled", m, registry=r)
+        self.generation_tokens = Counter("lmforge_generation_tokens", "Tokens generated", m, registry=r)
         self.steps = Counter("lmforge_engine_steps", "Engine steps: each decodes one token for every running "
-                             "generation (tokens / steps is the mean batch)", registry=r)
+                             "generation (tokens / steps is the mean batch)", m, registry=r)
         self.time_to_first_token = Histogram(
-            "lmforge_time_to_first_token_seconds", "From a request's arrival to its first generated token",
+            "lmforge_time_to_first_token_seconds", "From a request's arrival to its first generated token", m,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32), registry=r)
         self.time_per_token = Histogram(
-            "lmforge_time_per_output_token_seconds", "Between two generated tokens of one generation",
+            "lmforge_time_per_output_token_seconds", "Between two generated tokens of one generation", m,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.slots = Gauge("lmforge_slots", "Engine slots shared by every model served (generations decoding at "
+                           "once)", registry=r)
+
+    def of(self, model: str) -> "ModelMetrics":
+        return ModelMetrics(self, model)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
         return generate_latest(self.registry)
 
 
-class EngineLoop:
-    """Owns the engine on its own thread. build() makes the engine there (loading and warming up can take a while:
-    `ready` is set when it is done, `error` holds why it failed); capacity bounds the generations running plus
-    waiting, so a flood of requests gets Busy instead of an unbounded queue."""
+class ModelMetrics:
+    """One model's series of a Metrics registry (what its engine's thread counts)."""
 
-    def __init__(self, build: Callable[[], Engine], capacity: int, metrics: Metrics,
-                 on_failure: Callable[[BaseException], None] = lambda e: None):
-        self.build, self.capacity, self.metrics, self.on_failure = build, capacity, metrics, on_failure
+    def __init__(self, metrics: Metrics, model: str):
+        self.model, self._finished = model, metrics.finished
+        for name in ("running", "waiting", "rejected", "prompt_tokens", "generation_tokens", "steps",
+                     "time_to_first_token", "time_per_token"):
+            setattr(self, name, getattr(metrics, name).labels(model))
+
+    def finished(self, reason: str):
+        return self._finished.labels(self.model, reason)
+
+
+class Slots:
+    """The engine slots that every model of one server shares: `size` generations decode at once, whichever models
+    they are for, and `capacity` (size plus the queue) bounds those decoding plus those waiting (Busy past it).
+    Waiting generations get a slot in the order they arrived across models: a busy model cannot starve another.
+    A granted slot reaches its model's engine thread as an ("admit", (job, choice)) message."""
+
+    def __init__(self, size: int, queue: int):
+        self.size, self.capacity = size, size + queue
+        self.reserved = 0  # generations decoding or waiting
+        self.granted = 0  # generations holding a slot
+        self._waiting: deque = deque()  # (EngineLoop, Job, choice), oldest first
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int):
+        with self._lock:
+            if self.reserved + n > self.capacity:
+                raise Busy(f"the server is at capacity ({self.capacity} generations running or queued)")
+            self.reserved += n
+
+    def queue(self, loop: "EngineLoop", job: Job):
+        """Queue a reserved job's generations for slots."""
+        with self._lock:
+            self._waiting.extend((loop, job, choice) for choice in range(len(job.requests)))
+            self._grant()
+
+    def take(self, which: Callable[["EngineLoop", Job], bool]) -> list[tuple[Job, int]]:
+        """Remove the waiting generations for which which(loop, job) holds, giving back their reservations."""
+        with self._lock:
+            taken = [w for w in self._waiting if which(w[0], w[1])]
+            if taken:
+                self._waiting = deque(w for w in self._waiting if not which(w[0], w[1]))
+                self.reserved -= len(taken)
+            return [(job, choice) for _, job, choice in taken]
+
+    def unreserve(self, n: int):
+        """Give back reservations of generations that were never queued."""
+        with self._lock:
+            self.reserved -= n
+
+    def waiting(self, loop: "EngineLoop") -> int:
+        with self._lock:
+            return sum(w[0] is loop for w in self._waiting)
+
+    def free(self, n: int = 1):
+        """n generations holding slots ended: the slots go to the oldest waiting ones."""
+        with self._lock:
+            self.granted -= n
+            self.reserved -= n
+            self._grant()
+
+    def _grant(self):
+        while self.granted < self.size and self._waiting:
+            loop, job, choice = self._waiting.popleft()
+            self.granted += 1
+            loop.inbox.put(("admit", (job, choice)))
+
+
+class EngineLoop:
+    """Owns one model's engine on its own thread. build() makes the engine there (loading and warming up can take a
+    while: `ready` is set when it is done, `error` holds why it failed). Its generations take slots from `slots`,
+    which may be shared with other models' loops; without one the loop has its own (capacity slots, no queue)."""
+
+    def __init__(self, build: Callable[[], Engine], capacity: int, metrics: ModelMetrics,
+                 on_failure: Callable[[BaseException], None] = lambda e: None, slots: Slots | None = None):
+        self.build, self.metrics, self.on_failure = build, metrics, on_failure
+        self.slots = slots or Slots(capacity, 0)
         self.engine: Engine | None = None
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.in_flight = 0  # generations submitted and not yet ended (guarded by _lock)
+        self.in_flight = 0  # this model's generations submitted and not yet ended (guarded by _lock)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+
+    @property
+    def capacity(self) -> int:
+        return self.slots.capacity
 
     def start(self):
         self._thread.start()
@@ -94,10 +177,12 @@ class EngineLoop:
 
     def submit(self, job: Job):
         """Queue a job's generations, or raise Busy when they do not fit."""
+        try:
+            self.slots.reserve(len(job.requests))
+        except Busy:
+            self.metrics.rejected.inc()
+            raise
         with self._lock:
-            if self.in_flight + len(job.requests) > self.capacity:
-                self.metrics.rejected.inc()
-                raise Busy(f"the server is at capacity ({self.capacity} generations running or queued)")
             self.in_flight += len(job.requests)
         self.inbox.put(("add", job))
 
@@ -123,7 +208,7 @@ class EngineLoop:
         owners: dict[int, tuple[Job, int]] = {}  # engine id -> (job, choice)
         last_token: dict[int, float] = {}  # engine id -> when its last token came
         engine = self.engine
-        self._aborting: str | None = None
+        aborting: str | None = None
         while True:
             messages = [self.inbox.get()] if not engine.has_work() else []
             while True:
@@ -131,28 +216,41 @@ class EngineLoop:
                     messages.append(self.inbox.get_nowait())
                 except queue.Empty:
                     break
-            for kind, job in messages:
+            for kind, item in messages:
                 if kind == "stop":
                     return
                 if kind == "add":
-                    self._add(job, owners)
-                    if self._aborting:
-                        self._end({rid: owners[rid] for rid in job.ids if rid in owners}, owners, last_token,
-                                  self._aborting)
+                    if aborting:  # never queued: it ends at once
+                        self.slots.unreserve(len(item.requests))
+                        self._leave_queue([(item, choice) for choice in range(len(item.requests))], aborting)
+                    else:
+                        self.slots.queue(self, item)
+                elif kind == "admit":
+                    job, choice = item
+                    if job.cancelled or aborting:
+                        self._free(1)
+                        if not job.cancelled:
+                            self._tell_end(job, choice, -1, aborting)
+                    else:
+                        self._admit(job, choice, owners)
                 elif kind == "abort":
-                    self._aborting = job
-                    self._end(dict(owners), owners, last_token, job)
+                    aborting = item
+                    self._leave_queue(self.slots.take(lambda loop, job: loop is self), item)
+                    self._end(dict(owners), owners, last_token, item)
                 elif kind == "cancel":
-                    job.cancelled = True
-                    for rid in job.ids:
+                    item.cancelled = True
+                    self._leave_queue(self.slots.take(lambda loop, job: job is item), None)
+                    for rid in item.ids:
                         if engine.cancel(rid):
                             owners.pop(rid, None)
                             last_token.pop(rid, None)
-                            self._release(1)
+                            self._free(1)
             now = time.monotonic()
             late = {rid: o for rid, o in owners.items() if o[0].deadline is not None and now > o[0].deadline}
             if late:
                 self._end(late, owners, last_token, "timeout")
+            self._leave_queue(self.slots.take(lambda loop, job: loop is self and job.deadline is not None
+                                            and now > job.deadline), "timeout")
             self._gauges()
             if not engine.has_work():
                 continue
@@ -163,7 +261,7 @@ class EngineLoop:
                 for rid, (job, _) in list(owners.items()):
                     engine.cancel(rid)
                     self._deliver(job, None, e)
-                self._release(len(owners))
+                self._free(len(owners))
                 owners.clear()
                 last_token.clear()
                 continue
@@ -171,40 +269,47 @@ class EngineLoop:
             self._account(events, owners, last_token)
             self._gauges()
 
+    def _tell_end(self, job: Job, choice: int, rid: int, reason: str):
+        self.metrics.finished(reason).inc()
+        job.finish_reasons.append(reason)
+        self._deliver(job, choice, Event(rid, None, finished=True, finish_reason=reason))
+
     def _end(self, ending: dict, owners: dict, last_token: dict, reason: str):
-        """End these generations now: each leaves the engine and its job gets a last event with this reason."""
+        """End these running generations now: each leaves the engine and its job gets a last event with this
+        reason."""
         for rid, (job, choice) in ending.items():
             self.engine.cancel(rid)
             owners.pop(rid, None)
             last_token.pop(rid, None)
-            self.metrics.finished.labels(reason).inc()
-            self._release(1)
-            job.finish_reasons.append(reason)
-            self._deliver(job, choice, Event(rid, None, finished=True, finish_reason=reason))
+            self._free(1)
+            self._tell_end(job, choice, rid, reason)
+
+    def _leave_queue(self, taken: list[tuple[Job, int]], reason: str | None):
+        """Generations that never got a slot leave (taken from the queue, their reservation given back); with a
+        reason, each job hears that it ended."""
+        with self._lock:
+            self.in_flight -= len(taken)
+        for job, choice in taken:
+            if reason is not None:
+                self._tell_end(job, choice, -1, reason)
 
     def _gauges(self):
         self.metrics.running.set(self.engine.num_running)
-        self.metrics.waiting.set(self.engine.num_waiting)
+        self.metrics.waiting.set(self.engine.num_waiting + self.slots.waiting(self))
 
-    def _add(self, job: Job, owners: dict):
-        if job.cancelled:  # cancelled before it reached the engine
-            self._release(len(job.requests))
+    def _admit(self, job: Job, choice: int, owners: dict):
+        request = job.requests[choice]
+        try:
+            rid = self.engine.add(request)
+        except Exception as e:  # the handler checked it already; this is a bug, but it stays this job's
+            log.exception("engine.add failed")
+            self._free(1)
+            self.cancel(job)
+            self._deliver(job, None, e)
             return
-        for choice, request in enumerate(job.requests):
-            try:
-                rid = self.engine.add(request)
-            except Exception as e:  # the handler checked it already; this is a bug, but it stays this job's
-                log.exception("engine.add failed")
-                self._release(len(job.requests) - choice)
-                for rid in job.ids:
-                    if self.engine.cancel(rid):
-                        owners.pop(rid, None)
-                        self._release(1)
-                self._deliver(job, None, e)
-                return
-            job.ids.append(rid)
-            owners[rid] = (job, choice)
-            self.metrics.prompt_tokens.inc(len(request.prompt))
+        job.ids.append(rid)
+        owners[rid] = (job, choice)
+        self.metrics.prompt_tokens.inc(len(request.prompt))
 
     def _account(self, events: list[Event], owners: dict, last_token: dict):
         now = time.monotonic()
@@ -224,14 +329,17 @@ class EngineLoop:
             if event.finished:
                 owners.pop(event.request_id)
                 last_token.pop(event.request_id, None)
-                self.metrics.finished.labels(event.finish_reason).inc()
+                self.metrics.finished(event.finish_reason).inc()
                 job.finish_reasons.append(event.finish_reason)
-                self._release(1)
+                self._free(1)
             self._deliver(job, choice, event)
 
-    def _release(self, n: int):
-        with self._lock:
-            self.in_flight -= n
+    def _free(self, n: int):
+        """n of this model's generations holding slots ended."""
+        if n:
+            with self._lock:
+                self.in_flight -= n
+            self.slots.free(n)
 
     @staticmethod
     def _deliver(job: Job, choice: int | None, item):
