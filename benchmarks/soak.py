@@ -11,6 +11,13 @@ requests, p95 time to first token and aggregate tokens/s, so drift shows.
     lmforge serve runs/shakespeare-char --max-batch 16 &
     python benchmarks/soak.py --url http://127.0.0.1:8000 --pid $! [--clients 32] [--minutes 10]
     python benchmarks/soak.py --run runs/shakespeare-char [--clients 32] [--minutes 10]   # serves it (--max-batch 16)
+    python benchmarks/soak.py --run runs/shakespeare-char --llama-server PATH   # then the same against llama.cpp's
+
+With --llama-server (a llama-server binary built from llama.cpp's sources), the run is also exported to an f32 GGUF
+and served by llama-server with as many parallel slots (-np 16, continuous batching), each server alone, one after
+the other, under the same load; its /metrics (llamacpp:requests_processing, llamacpp:requests_deferred) stand for
+ours. --fresh-connections opens a connection per request (some llama-server builds close a kept-alive connection
+after a stream without saying so); the paired run uses it on both sides.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ class Report:
         self.counts[what] = self.counts.get(what, 0) + 1
 
     def problem(self, text: str):
+        kind = text.split(" ")[0].rstrip(":")
+        self.counts["problem: " + kind] = self.counts.get("problem: " + kind, 0) + 1
         if len(self.problems) < 50:
             self.problems.append(text)
 
@@ -143,9 +152,10 @@ def _answered(report: Report, rid, route, prompt, seed, max_tokens, text, finish
     report.count("answered")
 
 
-async def _client(base: str, model: str, seed: int, deadline: float, report: Report):
+async def _client(base: str, model: str, seed: int, deadline: float, report: Report, fresh: bool = False):
     rng = random.Random(seed)
-    async with httpx.AsyncClient(base_url=base, timeout=120) as http:
+    limits = httpx.Limits(max_keepalive_connections=0) if fresh else httpx.Limits()
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
         while time.monotonic() < deadline:
             try:
                 await _one(http, model, rng, report)
@@ -162,17 +172,21 @@ async def _watch_rss(pid: int | None, deadline: float, report: Report):
         await asyncio.sleep(1.0)
 
 
+OURS = {"running": "lmforge_requests_running", "waiting": "lmforge_requests_waiting"}
+LLAMA_CPP = {"running": "llamacpp:requests_processing", "waiting": "llamacpp:requests_deferred"}
+
+
 def soak(base: str, pid: int | None, clients: int = 32, seconds: float = 600, window: float = 60,
-         warmup: float = 0.2, seed: int = 0) -> dict:
-    """Run the soak against a server at base (its process pid, for memory); returns the summary and prints the
-    per-window table."""
+         warmup: float = 0.2, seed: int = 0, names: dict = OURS, fresh: bool = False) -> dict:
+    """Run the soak against a server at base (its process pid, for memory; names: its /metrics names for running
+    and waiting generations); returns the summary for print_summary."""
     model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
     report = Report()
     deadline = report.started + seconds
 
     async def main():
         await asyncio.gather(_watch_rss(pid, deadline, report),
-                             *(_client(base, model, seed * 1000 + i, deadline, report) for i in range(clients)))
+                             *(_client(base, model, seed * 1000 + i, deadline, report, fresh) for i in range(clients)))
     asyncio.run(main())
     time.sleep(1.0)  # dropped streams are cancelled within a step or two
     metrics = httpx.get(base + "/metrics").text
@@ -193,8 +207,8 @@ def soak(base: str, pid: int | None, clients: int = 32, seconds: float = 600, wi
     quarter = max(1, len(after) // 4)  # mean against its first quarter's
     growth = statistics.mean(after[-quarter:]) / statistics.mean(after[:quarter]) - 1 if len(after) >= 4 else None
     return {"clients": clients, "seconds": seconds, "windows": rows, "counts": report.counts,
-            "problems": report.problems, "running": metric("lmforge_requests_running"),
-            "waiting": metric("lmforge_requests_waiting"), "rss_mb_start": after[0] if after else None,
+            "problems": report.problems, "running": metric(names["running"]),
+            "waiting": metric(names["waiting"]), "rss_mb_start": after[0] if after else None,
             "rss_mb_end": after[-1] if after else None, "rss_growth": growth}
 
 
@@ -210,6 +224,34 @@ def print_summary(s: dict) -> None:
         print("  ", p)
 
 
+
+def _llama_server(binary: str, run: Path, work: Path, slots: int = 16):
+    """llama-server over an f32 GGUF export of the run, as many slots as ours; returns (process, url)."""
+    import subprocess
+
+    from lmforge.gguf import export_gguf
+    from lmforge.runs import load, model_config_of, model_folder, read_run_config
+    from lmforge.templates import template_of
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serve import free_port, wait_healthy
+    gguf = work / "soak-f32.gguf"
+    export_gguf(run, gguf, "f32")
+    # chats rendered by the template lmforge serve uses: a run never tuned on conversations exports none, and
+    # llama-server's ChatML default holds characters a character vocabulary lacks ("unordered_map::at", a 400)
+    template = work / "chat_template.jinja"
+    template.write_text(template_of(load(run)[1], read_run_config(run)))
+    block = model_config_of(model_folder(run, None), read_run_config(run), run).block_size
+    port = free_port()
+    log = open(work / "llama-server.log", "w+")
+    proc = subprocess.Popen([binary, "-m", str(gguf), "--port", str(port), "-np", str(slots), "-c",
+                             str(slots * block), "-t", "2", "-tb", "2", "--no-webui", "--metrics",
+                             "--jinja", "--chat-template-file", str(template)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url, log)
+    return proc, url
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="a running server (else --run starts one)")
@@ -218,7 +260,11 @@ def main():
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--window", type=float, default=60, help="seconds per row of the table")
+    p.add_argument("--llama-server", help="a llama-server binary: then soak it the same way on the run's GGUF")
+    p.add_argument("--fresh-connections", action="store_true", help="a new connection for every request")
     args = p.parse_args()
+    if args.llama_server and not args.run:
+        p.error("--llama-server needs --run (the run it serves as a GGUF)")
     server = None
     if args.url is None:
         if args.run is None:
@@ -228,12 +274,27 @@ def main():
         server = ServerProcess(Path(args.run), "--max-batch", "16")
         args.url, args.pid = server.url, server.proc.pid
     try:
-        summary = soak(args.url, args.pid, args.clients, args.minutes * 60, args.window)
+        summary = soak(args.url, args.pid, args.clients, args.minutes * 60, args.window,
+                       fresh=args.fresh_connections)
     finally:
         if server is not None:
             server.stop()
+    print("lmforge serve")
     print_summary(summary)
     print(json.dumps(summary))
+    if not args.llama_server:
+        return
+    import tempfile
+    proc, url = _llama_server(args.llama_server, Path(args.run), Path(tempfile.mkdtemp()))
+    try:
+        theirs = soak(url, proc.pid, args.clients, args.minutes * 60, args.window, names=LLAMA_CPP,
+                      fresh=args.fresh_connections)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print("\nllama.cpp llama-server")
+    print_summary(theirs)
+    print(json.dumps(theirs))
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def test_the_request_log_counts_each_prompt_once_and_marks_clients_that_left(slo
 
 
 def test_a_client_that_stalls_is_dropped_and_frees_its_connection(slow_run):
-    server = ServerProcess(slow_run, "--max-connections", "1", "--client-timeout", "1")
+    server = ServerProcess(slow_run, "--max-connections", "1", "--client-timeout", "4")
     try:
         stalled = socket.create_connection(("127.0.0.1", server.port))
         stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -199,6 +199,37 @@ def test_a_client_that_stalls_is_dropped_and_frees_its_connection(slow_run):
         assert r.status_code == 200
         wrong = httpx.get(server.url + "/v1/completions")  # a wrong method says which is right
         assert wrong.status_code == 405 and wrong.headers["allow"] == "POST" and "error" in wrong.json()
+    finally:
+        server.stop()
+
+
+def test_a_client_that_never_reads_its_stream_is_cut_off(slow_run):
+    """A streamed answer larger than the socket's buffers, to a client that reads nothing: after --client-timeout
+    the server cuts the connection (a reset, not a close waiting on the client), cancels the generations, logs the
+    request as the client's doing (no server error), and the connection's place goes to the next request."""
+    server = ServerProcess(slow_run, "--max-connections", "1", "--client-timeout", "2", "--max-batch", "16",
+                           "--log-level", "info")
+    try:
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", server.port))
+        body = json.dumps({"model": "slow", "prompt": "To be", "max_tokens": 250, "n": 16, "stream": True,
+                           "temperature": 1.0, "logprobs": 20, "echo": True}).encode()
+        reader.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 60
+        while "client_gone" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        r = httpx.post(server.url + "/v1/completions", json={"model": "slow", "prompt": "To", "max_tokens": 2})
+        assert r.status_code == 200  # the place is free again
+        assert server.metric("lmforge_requests_running") == 0
+        reader.settimeout(10)
+        with pytest.raises(ConnectionResetError):  # the buffered part can be read, then the reset shows
+            while reader.recv(1 << 16):
+                pass
+        reader.close()
+        out = server.output()
+        assert "ERROR" not in out and "Traceback" not in out, out[-2000:]
     finally:
         server.stop()
 

@@ -44,8 +44,7 @@ def serve_cli(args) -> int:
         keep_freed_memory()
     holder = {}
 
-    def failed(error: BaseException):  # the engine could not be built: say why and stop the server
-        logging.getLogger("lmforge.serve").error("loading a run failed: %s", error)
+    def failed(error: BaseException):  # an engine could not be built (its Server logged why): stop
         if "server" in holder:
             holder["server"].should_exit = True
 

@@ -14,8 +14,11 @@ import asyncio
 import hmac
 import os
 import shutil
+import socket
+import struct
 import json
 import logging
+import threading
 import time
 import uuid
 from importlib import resources
@@ -141,7 +144,8 @@ class Server:
                  max_queue: int = 64,
                  api_key: str | None = None, compile: str = "auto", model_name: str | None = None,
                  on_failure: Callable[[BaseException], None] = lambda e: None, request_timeout: float | None = None,
-                 log_prompts: bool = False, slots: Slots | None = None, metrics: Metrics | None = None):
+                 log_prompts: bool = False, slots: Slots | None = None, metrics: Metrics | None = None,
+                 build_lock: threading.Lock | None = None, all_ready: Callable[[], bool] = lambda: True):
         config = read_run_config(Path(run))  # a missing or broken run fails now, before the server starts
         legacy = config.get("chat_template")  # the old dict form in config.json: converted to its Jinja template
         if legacy is not None and not isinstance(legacy, str):
@@ -170,6 +174,10 @@ class Server:
         self.metrics = metrics or Metrics()
 
         def build() -> Engine:
+            with build_lock or threading.Lock():
+                return built()
+
+        def built() -> Engine:
             from ..runs import load
             model, tokenizer = load(run, device=device, checkpoint=checkpoint, dtype=dtype)
             engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=self.max_seq_len,
@@ -181,14 +189,18 @@ class Server:
                      self.max_seq_len, engine._step is not None)
             return engine
 
-        self.loop = EngineLoop(build, capacity=max_batch, metrics=self.metrics.of(self.name), on_failure=on_failure,
+        def failed(e: BaseException):
+            log.error("loading %s (model %r) failed: %s", run, self.name, e)
+            on_failure(e)
+        self.all_ready = all_ready
+        self.loop = EngineLoop(build, capacity=max_batch, metrics=self.metrics.of(self.name), on_failure=failed,
                                slots=slots or Slots(max_batch, max_queue))
 
     @property
     def engine(self) -> Engine:
         if self.loop.error is not None:
             raise APIError(503, f"the model failed to load: {self.loop.error}", code="model_failed")
-        if not self.loop.ready.is_set():
+        if not self.loop.ready.is_set() or not self.all_ready():  # (no model steps while another compiles)
             raise APIError(503, "the model is still loading; retry when GET /health answers 200", code="loading")
         return self.loop.engine
 
@@ -308,8 +320,10 @@ class Served:
     max_queue more waiting, across every model), the metrics registry, the API key and the drain."""
 
     def __init__(self, runs: list, model_names: list[str] | None = None, max_batch: int = 8, max_queue: int = 64,
-                 checkpoint: str | None = None, **options):
+                 checkpoint: str | None = None, model_name: str | None = None, **options):
         runs = [Path(r) for r in runs]
+        if model_name is not None:  # the one-run spelling
+            model_names = [model_name]
         if not runs:
             raise UserError("give at least one run directory to serve")
         if model_names and len(model_names) != len(runs):
@@ -327,12 +341,19 @@ class Served:
         self.slots, self.metrics = Slots(max_batch, max_queue), Metrics()
         self.metrics.slots.set(max_batch)
         self.servers: dict[str, Server] = {}
+        # one engine is built (and warmed, compiled) at a time, and none serves before all are ready: torch's
+        # compile settings are the process's, so a step of one engine must never run beside another's compile
+        lock = threading.Lock()
         for run, name in zip(runs, names):
             self.servers[name] = Server(run, max_batch=max_batch, max_queue=max_queue, checkpoint=checkpoint,
-                                        model_name=name, slots=self.slots, metrics=self.metrics, **options)
+                                        model_name=name, slots=self.slots, metrics=self.metrics, build_lock=lock,
+                                        all_ready=self.ready, **options)
         self.first = next(iter(self.servers.values()))
         self.api_key, self.log_prompts = self.first.api_key, self.first.log_prompts
         self.draining = False  # set by a SIGTERM: new requests get 503, the running ones finish (drain())
+
+    def ready(self) -> bool:
+        return all(loop.ready.is_set() for loop in self.loops)
 
     def pick(self, model: str | None) -> Server:
         """The server of this model id (None: the first run's); 404 in OpenAI's shape for one not served here."""
@@ -577,6 +598,8 @@ def create_app(runs: str | Path | list, max_body_bytes: int = 1 << 20, max_conne
 
     @app.exception_handler(Exception)
     async def _bug(request, e: Exception):
+        if isinstance(e, ClientStalled):  # not a failure of ours: Front ends the request
+            return Response(status_code=499)
         log.exception("request failed")
         return error_body(500, f"internal error ({type(e).__name__}); see the server's log")
 
@@ -593,7 +616,7 @@ def create_app(runs: str | Path | list, max_body_bytes: int = 1 << 20, max_conne
     async def health():
         if served.error is not None:
             return JSONResponse({"status": "failed", "error": str(served.error)}, status_code=503)
-        if not all(loop.ready.is_set() for loop in served.loops):
+        if not served.ready():
             return JSONResponse({"status": "loading"}, status_code=503)
         if served.draining:  # a load balancer takes this replica out
             return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
@@ -785,6 +808,22 @@ class ClientStalled(Exception):
     """A client took longer than the client timeout to take the next part of its answer."""
 
 
+def _abort(send) -> None:
+    """Cut the connection under an ASGI send at once, its unsent bytes dropped (ASGI has no way to say so; uvicorn's
+    send is a method of its request cycle, which holds the transport). A closed one would wait for a client that
+    reads nothing."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None or not hasattr(transport, "abort"):
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:  # a reset: the kernel drops what the client never took instead of holding it
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
+
+
 class Front:
     """ASGI wrapper in front of everything: while the server drains, new requests get 503 with Retry-After (health
     and metrics still answer), as do requests past max_active handled at once; a client that does not take the
@@ -819,9 +858,11 @@ class Front:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             try:
-                await asyncio.wait_for(send(message), self.client_timeout)
-            except TimeoutError:  # the client stopped reading: its connection is closed, its job cancelled
+                async with asyncio.timeout(self.client_timeout):  # (no task per message, as wait_for makes)
+                    await send(message)
+            except TimeoutError:  # the client stopped reading: its connection is cut, its job cancelled
                 status["stalled"] = True
+                _abort(send)
                 raise ClientStalled() from None
         self.active += 1
         try:

@@ -103,15 +103,12 @@ class Slots:
         self._waiting: deque = deque()  # (EngineLoop, Job, choice), oldest first
         self._lock = threading.Lock()
 
-    def reserve(self, n: int):
+    def enter(self, loop: "EngineLoop", job: Job):
+        """Queue a job's generations for slots as it arrives, or raise Busy when they do not fit."""
         with self._lock:
-            if self.reserved + n > self.capacity:
+            if self.reserved + len(job.requests) > self.capacity:
                 raise Busy(f"the server is at capacity ({self.capacity} generations running or queued)")
-            self.reserved += n
-
-    def queue(self, loop: "EngineLoop", job: Job):
-        """Queue a reserved job's generations for slots."""
-        with self._lock:
+            self.reserved += len(job.requests)
             self._waiting.extend((loop, job, choice) for choice in range(len(job.requests)))
             self._grant()
 
@@ -123,11 +120,6 @@ class Slots:
                 self._waiting = deque(w for w in self._waiting if not which(w[0], w[1]))
                 self.reserved -= len(taken)
             return [(job, choice) for _, job, choice in taken]
-
-    def unreserve(self, n: int):
-        """Give back reservations of generations that were never queued."""
-        with self._lock:
-            self.reserved -= n
 
     def waiting(self, loop: "EngineLoop") -> int:
         with self._lock:
@@ -162,7 +154,8 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.in_flight = 0  # this model's generations submitted and not yet ended (guarded by _lock)
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"lmforge-engine-{metrics.model}",
+                                        daemon=True)
 
     @property
     def capacity(self) -> int:
@@ -176,15 +169,17 @@ class EngineLoop:
         self._thread.join(timeout)
 
     def submit(self, job: Job):
-        """Queue a job's generations, or raise Busy when they do not fit."""
-        try:
-            self.slots.reserve(len(job.requests))
-        except Busy:
-            self.metrics.rejected.inc()
-            raise
+        """Queue a job's generations for slots (the engine's thread hears of each as it is granted), or raise Busy
+        when they do not fit."""
         with self._lock:
             self.in_flight += len(job.requests)
-        self.inbox.put(("add", job))
+        try:
+            self.slots.enter(self, job)
+        except Busy:
+            with self._lock:
+                self.in_flight -= len(job.requests)
+            self.metrics.rejected.inc()
+            raise
 
     def cancel(self, job: Job):
         """Drop whatever of the job is still running or queued (the client went away)."""
@@ -210,7 +205,12 @@ class EngineLoop:
         engine = self.engine
         aborting: str | None = None
         while True:
-            messages = [self.inbox.get()] if not engine.has_work() else []
+            messages = []
+            if not engine.has_work():  # idle: wait for a message, waking to time out what waits in the queue
+                try:
+                    messages.append(self.inbox.get(timeout=0.1))
+                except queue.Empty:
+                    pass
             while True:
                 try:
                     messages.append(self.inbox.get_nowait())
@@ -219,13 +219,7 @@ class EngineLoop:
             for kind, item in messages:
                 if kind == "stop":
                     return
-                if kind == "add":
-                    if aborting:  # never queued: it ends at once
-                        self.slots.unreserve(len(item.requests))
-                        self._leave_queue([(item, choice) for choice in range(len(item.requests))], aborting)
-                    else:
-                        self.slots.queue(self, item)
-                elif kind == "admit":
+                if kind == "admit":
                     job, choice = item
                     if job.cancelled or aborting:
                         self._free(1)
@@ -245,19 +239,19 @@ class EngineLoop:
                             owners.pop(rid, None)
                             last_token.pop(rid, None)
                             self._free(1)
-            now = time.monotonic()
+            now = time.monotonic()  # the queue's late ones first: a slot freed below goes to one still in time
+            self._leave_queue(self.slots.take(lambda loop, job: loop is self and job.deadline is not None
+                                            and now > job.deadline), "timeout")
             late = {rid: o for rid, o in owners.items() if o[0].deadline is not None and now > o[0].deadline}
             if late:
                 self._end(late, owners, last_token, "timeout")
-            self._leave_queue(self.slots.take(lambda loop, job: loop is self and job.deadline is not None
-                                            and now > job.deadline), "timeout")
             self._gauges()
             if not engine.has_work():
                 continue
             try:
                 events = engine.step()
             except Exception as e:  # a bug: fail the requests in flight, keep serving the next ones
-                log.exception("engine step failed")
+                log.exception("%s: engine step failed", self.metrics.model)
                 for rid, (job, _) in list(owners.items()):
                     engine.cancel(rid)
                     self._deliver(job, None, e)
@@ -302,7 +296,7 @@ class EngineLoop:
         try:
             rid = self.engine.add(request)
         except Exception as e:  # the handler checked it already; this is a bug, but it stays this job's
-            log.exception("engine.add failed")
+            log.exception("%s: engine.add failed", self.metrics.model)
             self._free(1)
             self.cancel(job)
             self._deliver(job, None, e)

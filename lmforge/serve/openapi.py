@@ -130,14 +130,15 @@ SUCCESS = {  # (method, path) -> the 200 body's model, or a content type and its
     ("post", "/v1/completions"): Completion, ("post", "/v1/chat/completions"): ChatCompletion,
 }
 REFUSALS = {  # (method, path) -> the statuses it may refuse with, besides 503 (draining, too many requests)
-    ("get", "/health"): [], ("get", "/metrics"): [], ("get", "/"): [], ("get", "/tokenizer_info"): [],
+    ("get", "/health"): [], ("get", "/metrics"): [], ("get", "/"): [], ("get", "/tokenizer_info"): [404],
     ("get", "/v1/models"): [401], ("get", "/v1/models/{model_id}"): [401, 404],
-    ("post", "/tokenize"): [400, 404, 413], ("post", "/detokenize"): [400, 404, 413],
-    ("post", "/v1/completions"): [400, 401, 404, 413, 429], ("post", "/v1/chat/completions"): [400, 401, 404, 413, 429],
+    ("post", "/tokenize"): [400, 404, 408, 413], ("post", "/detokenize"): [400, 404, 408, 413],
+    ("post", "/v1/completions"): [400, 401, 404, 408, 413, 429],
+    ("post", "/v1/chat/completions"): [400, 401, 404, 408, 413, 429],
 }
 STREAMED = {("post", "/v1/completions"), ("post", "/v1/chat/completions")}
 WHY = {400: "the body or a value in it cannot be served (the message names it)", 401: "missing or wrong API key",
-       404: "no such model or route", 413: "the body is over the server's limit", 429: "slots and queue are full",
+       404: "no such model or route", 408: "the body did not arrive within --client-timeout", 413: "the body is over the server's limit", 429: "slots and queue are full",
        503: "loading, draining for shutdown, or at --max-connections (Retry-After says when to come back)"}
 
 
