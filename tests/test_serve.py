@@ -426,6 +426,31 @@ def test_health_is_503_until_the_engine_is_warm(run):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
+def test_a_failing_step_fails_its_requests_frees_their_slots_and_serving_goes_on(run):
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import create_app
+    app = create_app(run, max_batch=2, max_queue=0)
+    loop = app.state.server.loop
+    account, failures = loop._account, []
+
+    def once(*args):  # the bookkeeping after a step breaks, once
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("broken bookkeeping")
+        return account(*args)
+    loop._account = once
+    with TestClient(app) as http:
+        deadline = time.monotonic() + 30
+        while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "To", "max_tokens": 4, "n": 2})
+        assert r.status_code == 500 and "broken bookkeeping" in r.json()["error"]["message"]
+        assert loop.slots.reserved == loop.slots.granted == 0 and loop.in_flight == 0
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "To", "max_tokens": 4, "n": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8  # both slots are free again
+
+
 def test_a_bfloat16_server_serves_the_bfloat16_model(run):
     from fastapi.testclient import TestClient
 

@@ -250,7 +250,10 @@ class EngineLoop:
                 continue
             try:
                 events = engine.step()
-            except Exception as e:  # a bug: fail the requests in flight, keep serving the next ones
+                self.metrics.steps.inc()
+                self._account(events, owners, last_token)
+                self._gauges()
+            except Exception as e:  # a bug: fail the requests in flight (their slots freed), keep serving the next
                 log.exception("%s: engine step failed", self.metrics.model)
                 for rid, (job, _) in list(owners.items()):
                     engine.cancel(rid)
@@ -258,10 +261,6 @@ class EngineLoop:
                 self._free(len(owners))
                 owners.clear()
                 last_token.clear()
-                continue
-            self.metrics.steps.inc()
-            self._account(events, owners, last_token)
-            self._gauges()
 
     def _tell_end(self, job: Job, choice: int, rid: int, reason: str):
         self.metrics.finished(reason).inc()
