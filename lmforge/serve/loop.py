@@ -255,12 +255,14 @@ class EngineLoop:
                 self._gauges()
             except Exception as e:  # a bug: fail the requests in flight (their slots freed), keep serving the next
                 log.exception("%s: engine step failed", self.metrics.model)
-                for rid, (job, _) in list(owners.items()):
+                failed = list(owners.items())
+                for rid, _ in failed:
                     engine.cancel(rid)
-                    self._deliver(job, None, e)
-                self._free(len(owners))
+                self._free(len(failed))  # before the jobs hear of it: their slots are free when they answer
                 owners.clear()
                 last_token.clear()
+                for _, (job, _) in failed:
+                    self._deliver(job, None, e)
 
     def _tell_end(self, job: Job, choice: int, rid: int, reason: str):
         self.metrics.finished(reason).inc()
