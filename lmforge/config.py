@@ -264,7 +264,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
 OPTIMIZERS = ("adamw", "muon")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -285,12 +285,15 @@ class TrainConfig(_ConfigMixin):
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # learning rate at the end of the decay
     warmup_steps: int = 100  # linear warmup from 0 to lr
-    schedule: str = "cosine"  # decay after warmup: cosine | linear | constant
+    warmup_fraction: float = 0.0  # > 0: warm up over this fraction of the run instead (of max_steps or max_seconds)
+    schedule: str = "cosine"  # decay after warmup: cosine | linear | wsd (stable, then linear) | constant
+    decay_fraction: float = 0.4  # wsd: the last fraction of the run, decaying linearly to min_lr
     weight_decay: float = 0.1  # AdamW decay, on matrices only (never on norms or biases)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    muon_lr: float = 0.0  # Muon's peak learning rate, scheduled like lr; 0 = lr
     eval_interval: int = 250  # evaluate (and save) every N steps, and at the end
     eval_steps: int = 20  # validation batches per evaluation (fixed across evaluations)
     log_interval: int = 10  # write a metrics line every N steps
@@ -336,6 +339,11 @@ class TrainConfig(_ConfigMixin):
         _check_choice("dtype", self.dtype, DTYPES)
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0 <= self.warmup_fraction < 1 or not 0 < self.decay_fraction <= 1:
+            raise UserError(f"need 0 <= warmup_fraction < 1 and 0 < decay_fraction <= 1, got {self.warmup_fraction} "
+                            f"and {self.decay_fraction}")
+        if self.muon_lr < 0:
+            raise UserError(f"muon_lr={self.muon_lr} must not be negative (0: the same as lr)")
         if self.max_seconds < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise UserError("max_seconds, grad_clip and weight_decay must not be negative")
         if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:

@@ -37,27 +37,49 @@ class TrainingError(UserError):
 
 # --------------------------------------------------------------------------------------------------- small helpers
 
+def progress(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """How far through its run step is, from 0 to 1: of max_steps, or of max_seconds when a time budget runs out
+    first (a budgeted run still ends annealed, and depends on the machine's speed; a step-bounded one does not)."""
+    done = step / max(1, cfg.max_steps)
+    if cfg.max_seconds > 0:
+        done = max(done, seconds / cfg.max_seconds)
+    return min(1.0, done)
+
+
 def lr_at(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
-    """Linear warmup to cfg.lr, then cosine / linear decay to cfg.min_lr at max_steps (or constant). With a time
-    budget (max_seconds) the decay follows whichever runs out first, steps or time, so a budgeted run still ends
-    annealed; such a run depends on the machine's speed, a step-bounded one does not."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    """The learning rate of step (0-based), seconds of training into the run. Linear warmup to cfg.lr over
+    warmup_steps, or over the first warmup_fraction of the run; then cosine / linear decay to min_lr over the rest,
+    wsd (warmup-stable-decay: lr until the last decay_fraction of the run, then linear to min_lr), or constant.
+    Fractions of the run fit any budget: the same config warms up and anneals in 30 s as in 3 minutes."""
+    if cfg.warmup_fraction > 0:
+        done = progress(step + 1, cfg, seconds)  # (of the step being taken: the first one has a learning rate)
+        if done < cfg.warmup_fraction:
+            return cfg.lr * done / cfg.warmup_fraction
+        decayed = (done - cfg.warmup_fraction) / (1 - cfg.warmup_fraction)
+    else:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        decayed = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.max_seconds > 0:
+            decayed = max(decayed, seconds / cfg.max_seconds)
+        decayed = min(1.0, decayed)
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    if cfg.max_seconds > 0:
-        progress = max(progress, min(1.0, seconds / cfg.max_seconds))
     if cfg.schedule == "linear":
-        return cfg.lr - (cfg.lr - cfg.min_lr) * progress
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+        return cfg.lr - (cfg.lr - cfg.min_lr) * decayed
+    if cfg.schedule == "wsd":
+        done = progress(step, cfg, seconds) if cfg.warmup_fraction == 0 else done
+        start = 1 - cfg.decay_fraction
+        return cfg.lr - (cfg.lr - cfg.min_lr) * max(0.0, done - start) / cfg.decay_fraction
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * decayed)) * (cfg.lr - cfg.min_lr)
 
 
 class Muon(torch.optim.Muon):
     """torch.optim.Muon with its Newton-Schulz iteration in float32 on a CPU, and in bfloat16 elsewhere, as torch has
-    it. CPUs without bfloat16 instructions emulate bfloat16 matrix products: on an AVX2 EPYC (Zen 3), the iteration
-    ran 28x (128 x 128) to 100x (768 x 3072) slower in bfloat16 than in float32, and took 0.69 s of the demo's 0.93 s
-    step. The rest is torch's step: Nesterov momentum, decoupled weight decay, the learning rate scaled by shape."""
+    it, run once for all matrices of a shape (batched products: one call where torch makes one per matrix). CPUs
+    without bfloat16 instructions emulate bfloat16 matrix products: on an AVX2 EPYC (Zen 3), the iteration ran 28x
+    (128 x 128) to 100x (768 x 3072) slower in bfloat16 than in float32. The rest is torch's step: Nesterov momentum,
+    decoupled weight decay, the learning rate scaled by shape."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -67,6 +89,7 @@ class Muon(torch.optim.Muon):
                 loss = closure()
         for group in self.param_groups:
             lr, momentum = float(group["lr"]), group["momentum"]
+            by_shape: dict[tuple, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -76,24 +99,32 @@ class Muon(torch.optim.Muon):
                 buffer = state["momentum_buffer"]
                 buffer.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * _muon_lr_scale(group["adjust_lr_fn"], p.shape))
+                by_shape.setdefault((tuple(p.shape), p.device, p.dtype), []).append((p, update))
+            for (shape, _, _), pairs in by_shape.items():
+                updates = newton_schulz(torch.stack([u for _, u in pairs]), group["ns_coefficients"],
+                                        group["ns_steps"], group["eps"])
+                scale = -lr * _muon_lr_scale(group["adjust_lr_fn"], torch.Size(shape))
+                for (p, _), update in zip(pairs, updates):
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(update, alpha=scale)
         return loss
 
 
 def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
-    """Muon's quintic Newton-Schulz iteration towards the orthogonal factor of g (rows, cols), as torch's, in float32
-    on a CPU and bfloat16 elsewhere."""
+    """Muon's quintic Newton-Schulz iteration towards the orthogonal factor of each matrix of g (..., rows, cols), as
+    torch's, in float32 on a CPU and bfloat16 elsewhere."""
     a, b, c = coefficients
     x = g.to(torch.float32 if g.device.type == "cpu" else torch.bfloat16)
-    if g.size(0) > g.size(1):
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm at most 1
+    flat = x.reshape(-1, *x.shape[-2:])  # (n, rows, cols): batched products
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if g.size(0) > g.size(1) else x
+        gram = flat @ flat.mT
+        flat = torch.baddbmm(flat, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), flat, beta=a)
+    x = flat.reshape(x.shape)
+    return x.mT if tall else x
 
 
 def _muon_lr_scale(rule: str | None, shape: torch.Size) -> float:
@@ -106,8 +137,8 @@ def _muon_lr_scale(rule: str | None, shape: torch.Size) -> float:
 
 def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """AdamW with weight decay on matrices only (the fused kernel on CUDA and CPU: on CPU it steps a 124M model
-    ~7x faster than the default). With optimizer="muon", Muon takes the hidden matrices (inside blocks) and AdamW
-    the embeddings, output layer, norms and biases."""
+    ~7x faster than the default). With optimizer="muon", Muon takes the hidden matrices (inside blocks), at muon_lr,
+    and AdamW the embeddings, output layer, norms and biases, at lr."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if p.dim() == 2 and n.startswith("blocks.")] if cfg.optimizer == "muon" else []
     hidden_ids = {id(p) for p in hidden}
@@ -117,7 +148,9 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)]
     if hidden:
-        optimizers.append(Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"))
+        muon_lr = cfg.muon_lr or cfg.lr  # the schedule scales it with lr: each group keeps its ratio to lr
+        optimizers.append(Muon([{"params": hidden, "lr_ratio": muon_lr / cfg.lr}], lr=muon_lr,
+                               weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"))
     return optimizers
 
 
@@ -302,6 +335,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> dict:
+    entered = time.perf_counter()
     run = Path(cfg.out)
     data = Dataset(cfg.data)
     check_fits(cfg, data)
@@ -359,7 +393,9 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
             load_weights(model, ckpt / "model.safetensors")
         state = load_trainer_state(ckpt / "trainer_state.pt")
     model.activation_checkpointing = cfg.activation_checkpointing
-    model.sparse_embedding_grad &= not (cfg.fsdp and info.world > 1)
+    # a sparse gradient of the tied embedding: not with FSDP's sharding, and not through torch.compile (inductor
+    # cannot take sparse tensors)
+    model.sparse_embedding_grad &= not (cfg.fsdp and info.world > 1) and not cfg.compile
     wrapped = _wrap(model, cfg, info, device)
     if cfg.method == "dpo":  # the loop calls the objective where it calls the model; the reference is fixed now
         from .dpo import DPOObjective
@@ -427,6 +463,18 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
             dist.barrier()
 
     bar = _progress_bar(cfg, step, info.main)
+    # where this invocation's time goes: setting up (data, model, optimizers, a resumed checkpoint), the training
+    # steps, evaluating, sampling, saving, drawing the curves
+    seconds = {"setup": time.perf_counter() - entered, "train": 0.0, "eval": 0.0, "sample": 0.0, "save": 0.0,
+               "curves": 0.0}
+
+    @contextlib.contextmanager
+    def timing(phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[phase] += time.perf_counter() - start
     wrapped.train()
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * info.world
     last_val, val_stats, sample_text, stop_reason = None, {}, "", "max_steps"
@@ -437,7 +485,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
             lr = lr_at(step, cfg, train_seconds)
             for opt in optimizers:
                 for group in opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_ratio", 1.0)
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 (x, y), extra = batch("train", step, info.rank * cfg.grad_accum + micro, cfg.seed)
@@ -464,7 +512,9 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
                 kept = complete_checkpoints(run)
                 where = f"the last good checkpoint ({kept[-1].name}) is kept" if kept else "no checkpoint was written"
                 raise TrainingError(f"loss became {train_loss} at step {step}; {where}; lower lr, or set grad_clip")
-            train_seconds += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            train_seconds += took
+            seconds["train"] += took
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             out_of_time = cfg.max_seconds > 0 and train_seconds >= cfg.max_seconds
@@ -490,17 +540,21 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
             should_save = last_step or (step % cfg.save_interval == 0 if cfg.save_interval else should_eval)
             is_best = False
             if should_eval:
-                last_val, val_stats = evaluate()
+                with timing("eval"):
+                    last_val, val_stats = evaluate()
                 is_best = last_val < best_val
                 best_val = min(best_val, last_val)
                 if info.main:
                     _append_metrics(run, {"step": step, "val_loss": round(last_val, 6),
                                           "val_ppl": round(math.exp(min(last_val, 50)), 4), **val_stats})
                     if not cfg.fsdp:  # sampling runs on rank 0 alone, which sharded weights do not allow
-                        sample_text = _write_sample(run, model, data, cfg, step, last_val)
-                    plot_curves(run)
+                        with timing("sample"):
+                            sample_text = _write_sample(run, model, data, cfg, step, last_val)
+                    with timing("curves"):
+                        plot_curves(run)
             if should_save:
-                save(is_best)
+                with timing("save"):
+                    save(is_best)
             if last_step:
                 break
     except KeyboardInterrupt:
@@ -513,6 +567,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
     return {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None,
             "best_val": best_val, "train_seconds": train_seconds, "tokens": tokens_seen, "stop_reason": stop_reason,
             "run": str(run), "curves": str(run / "curves.png"), "sample": sample_text,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
             **({"val_" + k: v for k, v in val_stats.items()} if last_val is not None else {})}
 
 
@@ -725,6 +780,9 @@ def print_summary(s: dict) -> None:
               f"{s['val_reward_rejected']:.3f})")
     if s["sample"]:
         print("\n--- sample ---\n" + s["sample"].strip() + "\n--------------")
+    print("time:   " + ", ".join(f"{name} {s['seconds'][key]:.1f} s" for key, name in (
+        ("setup", "setting up"), ("train", "training"), ("eval", "evaluating"), ("sample", "sampling"),
+        ("save", "saving"), ("curves", "curves")) if key in s.get("seconds", {})))
     print(f"curves: {s['curves']}\nrun:    {s['run']}")
 
 

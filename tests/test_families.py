@@ -118,10 +118,11 @@ def make_run(path, tok, seed=0, **model):
     return path
 
 
-DEMO = dict(position="rope", mlp="swiglu", norm="rmsnorm", bias=False)  # configs/shakespeare-char.toml's block
+DEMO = dict(position="rope", mlp="swiglu", norm="rmsnorm", bias=False)  # the Llama block
 RUNS = {
     "llama": (DEMO, "char"),
     "qwen3": (dict(preset="modern-tiny"), "bpe"),
+    "qwen3-demo": ({**DEMO, "qk_norm": True}, "char"),  # configs/shakespeare-char.toml's block: Llama's with QK-norm
     "qwen2": ({**DEMO, "attn_bias": True, "n_kv_head": 2, "tie_embeddings": False}, "bpe"),
     "llama-scaled": ({**DEMO, "rope_scaling": {"type": "linear", "factor": 2.0}}, "char"),
 }

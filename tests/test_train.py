@@ -153,6 +153,60 @@ def test_lr_schedules():
     assert lr_at(100, cfg.with_overrides({"schedule": "constant"})) == 1.0
 
 
+def test_schedules_as_fractions_of_the_run_fit_any_budget():
+    """warmup_fraction and wsd follow the run's progress: of max_steps, or of max_seconds when time runs out first,
+    so the same config warms up and anneals in a 30 s budget as in a 3-minute one."""
+    cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_fraction=0.1, schedule="wsd", decay_fraction=0.4, max_steps=100)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(4, cfg) == pytest.approx(0.5)  # 1/100, 5/100 of 10%
+    assert lr_at(9, cfg) == pytest.approx(1.0) and lr_at(59, cfg) == pytest.approx(1.0)  # stable to 60%
+    assert lr_at(79, cfg) == pytest.approx(0.5) and lr_at(99, cfg) == pytest.approx(0.0)  # linear to min_lr
+    timed = cfg.with_overrides({"max_steps": 10**6, "max_seconds": 30.0})  # the clock, not the steps, decides
+    assert lr_at(0, timed, 1.5) == pytest.approx(0.5) and lr_at(500, timed, 12.0) == pytest.approx(1.0)
+    assert lr_at(900, timed, 24.0) == pytest.approx(0.5) and lr_at(950, timed, 31.0) == pytest.approx(0.0)
+    steps = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10, schedule="wsd", decay_fraction=0.5, max_steps=100)
+    assert lr_at(5, steps) == pytest.approx(0.6) and lr_at(50, steps) == 1.0 and lr_at(75, steps) == pytest.approx(0.5)
+    for bad in ({"warmup_fraction": 1.0}, {"decay_fraction": 0.0}, {"muon_lr": -1.0}):
+        with pytest.raises(lmforge.UserError):
+            TrainConfig(**bad)
+
+
+def test_muon_lr_keeps_its_ratio_to_lr_through_the_schedule(data_dir, tmp_path):
+    from lmforge.train import make_optimizers
+    from lmforge.model import GPT
+    cfg = config(data_dir, tmp_path / "run", optimizer="muon", lr=1e-3, muon_lr=2e-2)
+    adamw, muon = make_optimizers(GPT(cfg.model_config({"vocab_size": 80})), cfg, torch.device("cpu"))
+    assert muon.param_groups[0]["lr"] == 2e-2 and muon.param_groups[0]["lr_ratio"] == pytest.approx(20.0)
+    assert all("lr_ratio" not in g for g in adamw.param_groups)  # (the loop sets lr * ratio, 1 when absent)
+
+
+class _SteppingClock:
+    """A clock that moves 1/64 s at every reading (exact in binary): every step then takes 1/64 s, in every run."""
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1 / 64
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_time_budgeted_resume_is_exact(data_dir, tmp_path, monkeypatch):
+    """A run with max_seconds, a warmup fraction and wsd (its learning rate a function of the seconds trained,
+    which the checkpoint keeps), stopped and resumed, equals the run left alone: same losses, same weights."""
+    import importlib
+    train_module = importlib.import_module("lmforge.train")
+    kw = dict(optimizer="muon", max_steps=10**4, max_seconds=20 / 64, warmup_fraction=0.2, schedule="wsd", min_lr=0.0)
+    for run, stops in (("full", [0]), ("part", [7, 0])):
+        for i, stop in enumerate(stops):
+            monkeypatch.setattr(train_module, "time", _SteppingClock())
+            train(config(data_dir, tmp_path / run, stop_at=stop, **kw), resume=i > 0)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full") and losses(tmp_path / "full")[-1][0] == 20
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_training_learns_and_writes_its_outputs(data_dir, tmp_path):
     run = tmp_path / "run"
     summary = train(config(data_dir, run, max_steps=60, eval_interval=20, sample_tokens=30,
@@ -336,3 +390,22 @@ def test_muon_on_cpu_is_torch_muon_with_the_iteration_in_float32(shape, rule):
     moved = (want - start.double()).abs().max()
     assert (theirs.detach().double() - want).abs().max() < 0.05 * moved  # bfloat16's iteration, close to ours
     assert (ours.detach().double() - want).abs().max() < 1e-3 * moved  # ours, far closer
+
+
+def test_muon_steps_matrices_of_one_shape_together_as_each_alone():
+    """The Newton-Schulz iteration runs batched over every matrix of a shape: each matrix ends where the float64
+    reference takes it alone (wide, tall and square ones in one optimizer)."""
+    from lmforge.train import Muon
+    torch.manual_seed(1)
+    shapes = [(24, 40), (24, 40), (40, 24), (32, 32), (24, 40)]
+    starts = [torch.randn(*s) for s in shapes]
+    grads = [[torch.randn(*s) for s in shapes] for _ in range(3)]
+    params = [w.clone().requires_grad_() for w in starts]
+    opt = Muon(params, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    for i, p in enumerate(params):
+        want = _reference_muon_steps(starts[i], [step[i] for step in grads], 0.02, 0.1, "match_rms_adamw")
+        torch.testing.assert_close(p.detach().double(), want, atol=2e-5, rtol=1e-5)

