@@ -34,7 +34,7 @@ demo: $(VENV)/.installed
 	$(PY) -m lmforge train --config $(DEMO_CONFIG) --overwrite=true
 
 bench: $(VENV)/.installed-bench
-	$(PY) benchmarks/quality_per_time.py
+	$(PY) benchmarks/speedrun.py
 	$(PY) benchmarks/tokenizer.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/generate.py

@@ -13,7 +13,8 @@ recipe, in wall time from process start to exit (everything included), on the sa
 3. lmforge's default recipe (configs/shakespeare-char.toml, the demo's) then runs in a fresh process at each
    --max_seconds budget of the ladder, shortest first, until one reaches nanoGPT's final validation loss.
 4. Each loop's tokens per second on nanoGPT's model shape: nanoGPT's median iteration, lmforge's training loop
-   (configs/nanogpt-cpu.toml) in a process of its own.
+   (configs/nanogpt-cpu.toml) in a process of its own, as it is and compiled (--compile=true), each also as a
+   fraction of this machine's float32 matrix-product ceiling (model FLOPs: 6 N + 12 L T d a token).
 Prints a table of every run and the ratio of wall times; --json FILE writes them too. With --profile, instead:
 where the time of one default run at --profile budget goes (start-up, forward, backward, each optimizer,
 evaluation, samples, saving, curves), as shares of its wall time.
@@ -165,7 +166,7 @@ def profile(config: Path, data: Path, work: Path, budget: float) -> None:
                        f"--out={work / 'profile'}", "--overwrite=true", "--progress=false", f"--max_seconds={budget}"],
                       cwd=ROOT)
     line = next(line for line in out.splitlines() if line.startswith("time:"))
-    seconds = {name: float(v) for name, v in re.findall(r"([a-z ]+?) ([\d.]+) s", line[len("time:"):])}
+    seconds = {name.strip(): float(v) for name, v in re.findall(r"([a-z ]+) ([\d.]+) s", line[len("time:"):])}
     split = step_split(config, data)
     per_step = sum(split.values())
     shares = [("interpreter start and exit", bare), ("imports (torch, lmforge)", imports - bare),
@@ -179,11 +180,29 @@ def profile(config: Path, data: Path, work: Path, budget: float) -> None:
         print(f"| {name} | {t:.2f} | {t / wall:.1%} |")
 
 
+def matmul_ceiling() -> float:
+    """FLOP/s of a large float32 matrix product on this machine, best of several (all of torch's threads)."""
+    import torch
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = float("inf")
+    for _ in range(8):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048 ** 3 / best
+
+
+def flops_per_token(n_layer: int = 4, n_embd: int = 128, context: int = 64, vocab: int = 85) -> float:
+    """Training FLOPs a token of nanoGPT's CPU shape: 6 N (N: the block matrices and the output layer) plus
+    attention's 12 L T d (forward and backward, square scores)."""
+    return 6 * (12 * n_layer * n_embd ** 2 + n_embd * vocab) + 12 * n_layer * context * n_embd
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--text", default="shakespeare", help="shakespeare | gutenberg | a text file")
     ap.add_argument("--nanogpt", help="a checkout of karpathy/nanoGPT: run its own train.py as the baseline")
-    ap.add_argument("--budgets", default="10,15,20,25,30,40,50,65,90", help="--max_seconds ladder, in seconds")
+    ap.add_argument("--budgets", default="15,18,21,24,27,30,35,40,50,65,90", help="--max_seconds ladder, in seconds")
     ap.add_argument("--config", default=str(DEMO), help="lmforge's recipe (default: the demo's)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "speedrun"))
     ap.add_argument("--json", help="also write the results here")
@@ -224,6 +243,9 @@ def main() -> int:
     # each training loop alone on nanoGPT's model shape (with the real nanoGPT; else the reproduced recipe's run)
     shape = lmforge_run(NANOGPT_RECIPE, data, work / "lmforge-nanogpt-shape", "--max_steps=400",
                         "--eval_interval=100000", "--sample_tokens=0") if args.nanogpt else base
+    compiled = lmforge_run(NANOGPT_RECIPE, data, work / "lmforge-nanogpt-shape-compiled", "--max_steps=600",
+                           "--eval_interval=100000", "--sample_tokens=0", "--compile=true")
+    ceiling, per_token = matmul_ceiling(), flops_per_token(vocab=meta["vocab_size"])
 
     print(f"\n| run | wall s | steps | training s | tokens | final val |\n|---|---|---|---|---|---|")
     for r in rows:
@@ -234,11 +256,15 @@ def main() -> int:
               f"{base['wall']:.1f} s: {reached['wall'] / base['wall']:.2f}x its wall time")
     else:
         print(f"\nno budget on the ladder reached nanoGPT's final val {base['val']:.4f}")
-    if args.nanogpt:
-        print(f"tokens/s on nanoGPT's model shape: lmforge's loop {shape['tokens_per_s']:,.0f}, nanoGPT's "
-              f"{base['tokens_per_s']:,.0f} ({shape['tokens_per_s'] / base['tokens_per_s']:.2f}x)")
+    print(f"tokens/s on nanoGPT's model shape (float32 matrix-product ceiling {ceiling / 1e9:.0f} GFLOP/s):")
+    loops = [("lmforge's loop", shape), ("lmforge's loop, compiled", compiled)]
+    for name, r in loops + ([("nanoGPT's loop", base)] if args.nanogpt else []):
+        ratio = f", {r['tokens_per_s'] / base['tokens_per_s']:.2f}x nanoGPT's" if args.nanogpt and r is not base else ""
+        print(f"  {name}: {r['tokens_per_s']:,.0f} ({r['tokens_per_s'] * per_token / ceiling:.0%} of the "
+              f"ceiling{ratio})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"text": args.text, "runs": rows, "shape": shape,
+        Path(args.json).write_text(json.dumps({"text": args.text, "runs": rows, "shape": shape, "compiled": compiled,
+                                               "ceiling": ceiling,
                                                "ratio": reached and reached["wall"] / base["wall"]}, indent=2))
     return 0
 
