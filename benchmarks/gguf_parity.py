@@ -1,4 +1,4 @@
-"""llama.cpp runs what lmforge exports: GGUF files of the demo's block (RoPE, SwiGLU, RMSNorm, no biases: llama.cpp's
+"""llama.cpp runs what lmforge exports: GGUF files of the Llama block (RoPE, SwiGLU, RMSNorm, no biases: llama.cpp's
 `llama`, with the character vocabulary as SentencePiece pieces) and of a `modern` run (QK-norm: `qwen3`, a BPE
 vocabulary), loaded by llama.cpp through llama-cpp-python; its greedy ids equal ours for 64 tokens, and its
 tokenizer splits text as ours does. With --run, a trained run of yours instead (e.g. the demo's runs/shakespeare-char).

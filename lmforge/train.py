@@ -135,6 +135,12 @@ def _muon_lr_scale(rule: str | None, shape: torch.Size) -> float:
     return math.sqrt(max(1, rows / cols))  # "original" (torch's default)
 
 
+def lr_ratio(opt: torch.optim.Optimizer, cfg: TrainConfig) -> float:
+    """What the schedule's learning rate is multiplied by for this optimizer: muon_lr / lr for Muon, else 1. From
+    the config, never from a checkpoint, so a resumed run follows the muon_lr it is given."""
+    return (cfg.muon_lr or cfg.lr) / cfg.lr if isinstance(opt, Muon) else 1.0
+
+
 def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """AdamW with weight decay on matrices only (the fused kernel on CUDA and CPU: on CPU it steps a 124M model
     ~7x faster than the default). With optimizer="muon", Muon takes the hidden matrices (inside blocks), at muon_lr,
@@ -148,9 +154,8 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)]
     if hidden:
-        muon_lr = cfg.muon_lr or cfg.lr  # the schedule scales it with lr: each group keeps its ratio to lr
-        optimizers.append(Muon([{"params": hidden, "lr_ratio": muon_lr / cfg.lr}], lr=muon_lr,
-                               weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(Muon(hidden, lr=cfg.muon_lr or cfg.lr, weight_decay=cfg.weight_decay,
+                               adjust_lr_fn="match_rms_adamw"))
     return optimizers
 
 
@@ -485,7 +490,7 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
             lr = lr_at(step, cfg, train_seconds)
             for opt in optimizers:
                 for group in opt.param_groups:
-                    group["lr"] = lr * group.get("lr_ratio", 1.0)
+                    group["lr"] = lr * lr_ratio(opt, cfg)
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 (x, y), extra = batch("train", step, info.rank * cfg.grad_accum + micro, cfg.seed)

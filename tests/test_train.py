@@ -171,12 +171,12 @@ def test_schedules_as_fractions_of_the_run_fit_any_budget():
 
 
 def test_muon_lr_keeps_its_ratio_to_lr_through_the_schedule(data_dir, tmp_path):
-    from lmforge.train import make_optimizers
+    from lmforge.train import lr_ratio, make_optimizers
     from lmforge.model import GPT
     cfg = config(data_dir, tmp_path / "run", optimizer="muon", lr=1e-3, muon_lr=2e-2)
     adamw, muon = make_optimizers(GPT(cfg.model_config({"vocab_size": 80})), cfg, torch.device("cpu"))
-    assert muon.param_groups[0]["lr"] == 2e-2 and muon.param_groups[0]["lr_ratio"] == pytest.approx(20.0)
-    assert all("lr_ratio" not in g for g in adamw.param_groups)  # (the loop sets lr * ratio, 1 when absent)
+    assert muon.param_groups[0]["lr"] == 2e-2 and lr_ratio(muon, cfg) == pytest.approx(20.0)
+    assert lr_ratio(adamw, cfg) == 1.0 and lr_ratio(muon, cfg.with_overrides({"muon_lr": 0.0})) == 1.0
 
 
 class _SteppingClock:
