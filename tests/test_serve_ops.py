@@ -30,8 +30,8 @@ def slow_run(tmp_path_factory):
     end-of-text row is zero, so greedy decoding never picks it)."""
     path = tmp_path_factory.mktemp("ops") / "slow"
     tok = CharTokenizer.train(TEXT)
-    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, position="rope", block_size=256, n_layer=4, n_embd=256,
-                             n_head=4)
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, position="rope", block_size=256, n_layer=6, n_embd=384,
+                             n_head=6)
     path.mkdir()
     write_json_atomic(path / "config.json", run_config(cfg))
     tok.save(path / "tokenizer.json")
@@ -71,7 +71,7 @@ def _in_flight(server: ServerProcess, n: int, **extra) -> tuple[list, list]:
         t.start()
     deadline = time.monotonic() + 30
     while server.metric("lmforge_requests_running") + server.metric("lmforge_requests_waiting") < n:
-        assert time.monotonic() < deadline, server.output()
+        assert time.monotonic() < deadline and not results, (results, server.output())
         time.sleep(0.02)
     return results, threads
 
@@ -269,15 +269,27 @@ def test_a_client_that_stops_reading_is_dropped_after_the_timeout(slow_run):
 
 
 def test_requests_past_the_connection_cap_get_503_in_openais_shape(slow_run):
+    """The held request is one whose body is still arriving: it counts against the cap from its headers on, and
+    stays held for as long as the test keeps its last byte back, however fast the machine generates."""
     server = ServerProcess(slow_run, "--max-connections", "1", "--max-batch", "1")
+    body = json.dumps({"model": "slow", "prompt": "To", "max_tokens": 2}).encode()
     try:
-        results, threads = _in_flight(server, 1)
-        r = httpx.post(server.url + "/v1/completions", json={"model": "slow", "prompt": "To", "max_tokens": 2})
+        held = socket.create_connection(("127.0.0.1", server.port))
+        held.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:-1])
+        deadline = time.monotonic() + 30
+        while True:  # (until the server has read the held request's headers)
+            r = httpx.post(server.url + "/v1/completions", json={"model": "slow", "prompt": "To", "max_tokens": 2})
+            if r.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_connections"
         assert r.headers["retry-after"] == "1"
         assert httpx.get(server.url + "/health").status_code == 200  # health is never refused
-        for t in threads:
-            t.join(60)
+        held.sendall(body[-1:])
+        held.settimeout(60)
+        assert held.recv(64).startswith(b"HTTP/1.1 200")
+        held.close()
         r = httpx.post(server.url + "/v1/completions", json={"model": "slow", "prompt": "To", "max_tokens": 2})
         assert r.status_code == 200
     finally:
