@@ -11,7 +11,9 @@ recipe, in wall time from process start to exit (everything included), on the sa
    with --nanogpt DIR (a checkout of github.com/karpathy/nanoGPT) its own train.py on the same token files, else
    the recipe reproduced in lmforge (configs/nanogpt-cpu.toml).
 3. lmforge's default recipe (configs/shakespeare-char.toml, the demo's) then runs in a fresh process at each
-   --max_seconds budget of the ladder, shortest first, until one reaches nanoGPT's final validation loss.
+   --max_seconds budget of the ladder, shortest first, until one reaches nanoGPT's final validation loss. Both
+   sides' final models are scored by one judge (judge_val: the whole validation split in windows of nanoGPT's
+   context, 64), since each loop's own evaluation differs (its context, its 20 random batches).
 4. Each loop's tokens per second on nanoGPT's model shape: nanoGPT's median iteration, lmforge's training loop
    (configs/nanogpt-cpu.toml) in a process of its own, as it is and compiled (--compile=true), each also as a
    fraction of this machine's float32 matrix-product ceiling (model FLOPs: 6 N + 12 L T d a token).
@@ -113,6 +115,54 @@ def nanogpt_run(checkout: Path, data: Path, work: Path) -> dict:
     return {"wall": wall, "steps": int(vals[-1][0]), "val": float(vals[-1][1]), "train_seconds": sum(iters) / 1000,
             "tokens": int(vals[-1][0]) * NANOGPT_TOKENS_PER_ITER,
             "tokens_per_s": NANOGPT_TOKENS_PER_ITER / (statistics.median(iters) / 1000)}
+
+
+JUDGE_CONTEXT = 64  # nanoGPT's CPU context: every model is scored on the same windows, whatever context it trained at
+
+
+def judge_val(data: Path, logits_of, batch: int = 256) -> float:
+    """The common judge: mean cross-entropy over the whole validation split, cut into consecutive windows of
+    JUDGE_CONTEXT + 1 tokens (each predicts its last JUDGE_CONTEXT from the ones before, with nanoGPT's batches'
+    shape), so that both sides' final numbers come from one evaluator, on all of the same tokens. logits_of:
+    (B, T) token ids -> (B, T, V) logits."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    meta = json.loads((data / "meta.json").read_text())
+    val = np.concatenate([np.fromfile(data / shard["file"], dtype=meta["dtype"]) for shard in meta["shards"]["val"]])
+    n = (len(val) - 1) // JUDGE_CONTEXT
+    windows = torch.from_numpy(val[:n * JUDGE_CONTEXT + 1].astype(np.int64))
+    x = windows[:-1].view(n, JUDGE_CONTEXT)
+    y = windows[1:].view(n, JUDGE_CONTEXT)
+    total = 0.0
+    with torch.inference_mode():
+        for i in range(0, n, batch):
+            logits = logits_of(x[i:i + batch]).float()
+            total += F.cross_entropy(logits.flatten(0, 1), y[i:i + batch].flatten(), reduction="sum").item()
+    return total / (n * JUDGE_CONTEXT)
+
+
+def judge_lmforge(run: Path, data: Path) -> float:
+    sys.path.insert(0, str(ROOT))
+    from lmforge.runs import load
+    model, _ = load(run)
+    return judge_val(data, lambda x: model(x)[0])
+
+
+def judge_nanogpt(checkout: Path, out_dir: Path, data: Path) -> float:
+    """nanoGPT's saved checkpoint (its best val, which with these settings is its last evaluation) in its own
+    model.py."""
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location("nanogpt_model", checkout / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=False)
+    model = module.GPT(module.GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    model.eval()
+    dummy = torch.zeros(1, dtype=torch.long)
+    return judge_val(data, lambda x: model(x, dummy.expand_as(x))[0])
 
 
 PHASES = (("setting up", "setup"), ("training", "train"), ("evaluating", "eval"), ("sampling", "sample"),
@@ -224,19 +274,25 @@ def main() -> int:
     if args.nanogpt:
         base = nanogpt_run(Path(args.nanogpt).resolve(), data, work)
         base["name"] = "nanoGPT's train.py, its CPU recipe"
+        base["judged"] = judge_nanogpt(Path(args.nanogpt).resolve(), work / "nanogpt-out", data)
     else:
         base = lmforge_run(NANOGPT_RECIPE, data, work / "nanogpt-recipe")
         base["name"] = "nanoGPT's CPU recipe, reproduced in lmforge"
+        base["judged"] = judge_lmforge(work / "nanogpt-recipe", data)
     rows.append(base)
-    print(f"{base['name']}: val {base['val']:.4f} after {base['wall']:.1f} s", flush=True)
+    print(f"{base['name']}: val {base['val']:.4f} (judged {base['judged']:.4f}) after {base['wall']:.1f} s",
+          flush=True)
 
     reached = None
     for budget in [float(b) for b in args.budgets.split(",")]:
-        run = lmforge_run(Path(args.config), data, work / f"lmforge-{budget:g}s", f"--max_seconds={budget}")
+        out = work / f"lmforge-{budget:g}s".replace(".", "_")
+        run = lmforge_run(Path(args.config), data, out, f"--max_seconds={budget}")
         run["name"] = f"lmforge, --max_seconds={budget:g}"
+        run["judged"] = judge_lmforge(out, data)
         rows.append(run)
-        print(f"{run['name']}: val {run['val']:.4f} after {run['wall']:.1f} s", flush=True)
-        if run["val"] <= base["val"]:
+        print(f"{run['name']}: val {run['val']:.4f} (judged {run['judged']:.4f}) after {run['wall']:.1f} s",
+              flush=True)
+        if run["judged"] <= base["judged"]:
             reached = run
             break
 
@@ -247,15 +303,17 @@ def main() -> int:
                            "--eval_interval=100000", "--sample_tokens=0", "--compile=true")
     ceiling, per_token = matmul_ceiling(), flops_per_token(vocab=meta["vocab_size"])
 
-    print(f"\n| run | wall s | steps | training s | tokens | final val |\n|---|---|---|---|---|---|")
+    print(f"\n| run | wall s | steps | training s | tokens | its own final val | judged val |\n"
+          f"|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['wall']:.1f} | {r['steps']:,} | {r['train_seconds']:.1f} | {r['tokens']:,} "
-              f"| {r['val']:.4f} |")
+              f"| {r['val']:.4f} | {r['judged']:.4f} |")
+    print(f"(judged: one evaluator for both, the whole validation split in windows of {JUDGE_CONTEXT} tokens)")
     if reached:
-        print(f"\nlmforge reaches nanoGPT's final val {base['val']:.4f} in {reached['wall']:.1f} s against "
+        print(f"\nlmforge reaches nanoGPT's judged val {base['judged']:.4f} in {reached['wall']:.1f} s against "
               f"{base['wall']:.1f} s: {reached['wall'] / base['wall']:.2f}x its wall time")
     else:
-        print(f"\nno budget on the ladder reached nanoGPT's final val {base['val']:.4f}")
+        print(f"\nno budget on the ladder reached nanoGPT's judged val {base['judged']:.4f}")
     print(f"tokens/s on nanoGPT's model shape (float32 matrix-product ceiling {ceiling / 1e9:.0f} GFLOP/s):")
     loops = [("lmforge's loop", shape), ("lmforge's loop, compiled", compiled)]
     for name, r in loops + ([("nanoGPT's loop", base)] if args.nanogpt else []):

@@ -331,6 +331,10 @@ class TrainConfig(_ConfigMixin):
                 raise UserError(f"{name}={getattr(self, name)} must be at least 1")
         if self.keep_last < 1:
             raise UserError(f"keep_last={self.keep_last} must be at least 1 (the latest checkpoint is what resumes)")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{field.name}={value} must be a finite number")
         for name in ("warmup_steps", "save_interval", "sample_tokens", "stop_at"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}={getattr(self, name)} must not be negative")
@@ -342,6 +346,9 @@ class TrainConfig(_ConfigMixin):
         if not 0 <= self.warmup_fraction < 1 or not 0 < self.decay_fraction <= 1:
             raise UserError(f"need 0 <= warmup_fraction < 1 and 0 < decay_fraction <= 1, got {self.warmup_fraction} "
                             f"and {self.decay_fraction}")
+        if self.schedule == "wsd" and self.warmup_fraction + self.decay_fraction > 1:
+            raise UserError(f"warmup_fraction={self.warmup_fraction} and decay_fraction={self.decay_fraction} overlap: "
+                            f"wsd decays after the warmup, so their sum must be at most 1")
         if self.muon_lr < 0:
             raise UserError(f"muon_lr={self.muon_lr} must not be negative (0: the same as lr)")
         if self.max_seconds < 0 or self.grad_clip < 0 or self.weight_decay < 0:

@@ -472,6 +472,9 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
     # steps, evaluating, sampling, saving, drawing the curves
     seconds = {"setup": time.perf_counter() - entered, "train": 0.0, "eval": 0.0, "sample": 0.0, "save": 0.0,
                "curves": 0.0}
+    # under compile, a process's first step is mostly compiling: it is timed as setup, not as training, so that a
+    # time budget's warmup and decay fall on training steps (max_seconds counts training, as without compile)
+    compiling = cfg.compile
 
     @contextlib.contextmanager
     def timing(phase: str):
@@ -483,9 +486,12 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
     wrapped.train()
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * info.world
     last_val, val_stats, sample_text, stop_reason = None, {}, "", "max_steps"
+    out_of_time = 0 < cfg.max_seconds <= train_seconds  # (a resumed run that had spent its budget: no step to take)
+    if out_of_time:
+        stop_reason = "max_seconds"
     window_start, window_tokens = time.perf_counter(), 0
     try:
-        while step < cfg.max_steps:
+        while step < cfg.max_steps and not out_of_time:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg, train_seconds)
             for opt in optimizers:
@@ -518,8 +524,16 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
                 where = f"the last good checkpoint ({kept[-1].name}) is kept" if kept else "no checkpoint was written"
                 raise TrainingError(f"loss became {train_loss} at step {step}; {where}; lower lr, or set grad_clip")
             took = time.perf_counter() - t0
-            train_seconds += took
-            seconds["train"] += took
+            if info.world > 1 and cfg.max_seconds > 0:  # every rank keeps the same clock: one schedule, one stop
+                took_t = torch.tensor(took, dtype=torch.float64, device=device)
+                dist.all_reduce(took_t, op=dist.ReduceOp.MAX)
+                took = took_t.item()
+            if compiling:
+                seconds["setup"] += took
+                compiling = False
+            else:
+                train_seconds += took
+                seconds["train"] += took
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             out_of_time = cfg.max_seconds > 0 and train_seconds >= cfg.max_seconds
@@ -565,7 +579,8 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
     except KeyboardInterrupt:
         if info.main:
             print(f"\ninterrupted at step {step}; saving a checkpoint to resume from")
-        save(False)
+        with timing("save"):
+            save(False)
         stop_reason = "interrupted"
     finally:
         bar.close()
@@ -777,6 +792,9 @@ def train_cli(args) -> int:
 def print_summary(s: dict) -> None:
     print(f"\nstopped at step {s['step']} ({s['stop_reason']}) after {s['train_seconds']:.0f} s of training, "
           f"{s['tokens']:,} tokens")
+    if s["val_loss"] is None and s["stop_reason"] in ("max_steps", "max_seconds"):
+        print(f"nothing to train: the run had already reached its {s['stop_reason']}; give a larger --max_steps or "
+              f"--max_seconds (0: no time limit) to continue it")
     if s["val_loss"] is not None:
         print(f"final val loss {s['val_loss']:.4f}, perplexity {s['val_ppl']:.2f} (best {s['best_val']:.4f})")
     if "val_reward_accuracy" in s:

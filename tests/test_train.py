@@ -165,7 +165,8 @@ def test_schedules_as_fractions_of_the_run_fit_any_budget():
     assert lr_at(900, timed, 24.0) == pytest.approx(0.5) and lr_at(950, timed, 31.0) == pytest.approx(0.0)
     steps = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10, schedule="wsd", decay_fraction=0.5, max_steps=100)
     assert lr_at(5, steps) == pytest.approx(0.6) and lr_at(50, steps) == 1.0 and lr_at(75, steps) == pytest.approx(0.5)
-    for bad in ({"warmup_fraction": 1.0}, {"decay_fraction": 0.0}, {"muon_lr": -1.0}):
+    for bad in ({"warmup_fraction": 1.0}, {"decay_fraction": 0.0}, {"muon_lr": -1.0}, {"muon_lr": float("nan")},
+                {"lr": float("inf")}, {"schedule": "wsd", "warmup_fraction": 0.5, "decay_fraction": 0.6}):
         with pytest.raises(lmforge.UserError):
             TrainConfig(**bad)
 
@@ -205,6 +206,11 @@ def test_time_budgeted_resume_is_exact(data_dir, tmp_path, monkeypatch):
     assert losses(tmp_path / "part") == losses(tmp_path / "full") and losses(tmp_path / "full")[-1][0] == 20
     a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # resuming a run that has spent its budget takes no step (and says so), and changes nothing
+    again = train(config(data_dir, tmp_path / "full", **kw), resume=True)
+    assert again["step"] == 20 and again["stop_reason"] == "max_seconds" and again["val_loss"] is None
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    assert all(torch.equal(a[k], v) for k, v in weights(tmp_path / "full").items())
 
 
 def test_training_learns_and_writes_its_outputs(data_dir, tmp_path):
@@ -297,6 +303,8 @@ def test_compile_trains_like_eager(data_dir, tmp_path):
     eager = train(config(data_dir, tmp_path / "eager", max_steps=4, model={"preset": "tiny"}))
     compiled = train(config(data_dir, tmp_path / "compiled", max_steps=4, model={"preset": "tiny"}, compile=True))
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-4)
+    # the compiling first step is setting up, not training: a time budget's schedule falls on training steps
+    assert compiled["seconds"]["setup"] > 5 * compiled["train_seconds"]
 
 
 # --------------------------------------------------------------------------------------------- multi-process
@@ -324,6 +332,19 @@ def test_two_processes_equal_one_process_with_two_accumulation_steps(data_dir, t
     wa, wb = weights(tmp_path / "two"), weights(tmp_path / "one")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
+def test_processes_share_one_clock_under_a_time_budget(data_dir, tmp_path):
+    """Each rank times its steps, and they differ: the ranks take the slowest one's time, so that they follow one
+    learning rate and stop at the same step (a rank that stopped alone would leave the others waiting)."""
+    _torchrun(2, ["--data", data_dir, "--model=tiny", "--max_steps=1000000", "--max_seconds=3", "--eval_interval=50",
+                  "--eval_steps=2", "--batch_size=4", "--block_size=32", "--sample_tokens=0", "--progress=false",
+                  "--log_interval=1", "--warmup_fraction=0.1", "--schedule=wsd", "--min_lr=0", "--device=cpu",
+                  "--out", str(tmp_path / "two")])
+    rows = read_metrics(tmp_path / "two")
+    assert rows[-1]["val_loss"] and rows[-2]["train_seconds"] >= 3
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[-1] < 0.05 * max(lrs)  # annealed to min_lr (0) at the budget's end
 
 
 def test_resume_survives_a_metrics_line_cut_short(data_dir, tmp_path):
