@@ -22,7 +22,9 @@ It owns, and builds explicitly:
   its slot at once.
 
 Each request carries its own sampling settings, stop conditions and seeded generator, and each row is sampled on
-its own, so a seeded request gives the same tokens alone or batched. Packed weights are derived when the engine is
+its own, so a seeded request gives the same tokens alone or batched. A request may hold its output to a JSON
+schema, a regular expression, a grammar or a choice of strings (Request.constraint, structured.py): every
+constrained row's mask of allowed tokens is computed in one call per step and applied to its logits. Packed weights are derived when the engine is
 built: after the weights change, call refresh() or build a new engine. The engine knows token ids; given a
 tokenizer it also yields text pieces (never splitting a character) and checks stop strings. It changes nothing
 process-wide, and it is thread-confined: one thread steps it, others talk to it through a queue.
@@ -36,6 +38,7 @@ import operator
 import os
 import re
 import shutil
+import threading
 import types
 import warnings
 from collections import deque
@@ -65,6 +68,7 @@ class _Sequence:
     generated: int = 0
     pending: int | None = None  # the last sampled token: not in the cache yet
     sliding: bool = False  # a learned/sinusoidal model past block_size: recompute the last window every step
+    matcher: object = None  # the request's constraint, following its tokens (structured.py)
 
 
 def _token_id(t) -> int:
@@ -204,6 +208,8 @@ class Engine:
         self.slots: list[_Sequence | None] = [None] * max_batch
         self.waiting: deque[_Sequence] = deque()
         self._ids = itertools.count()
+        self._grammars = None  # compiles requests' constraints, when one first comes (structured.py)
+        self._grammars_lock = threading.Lock()
         self._step = None  # the compiled decode step, when asked for: graphs for one row and for each bucket
         if compile:  # on CPU the code that calls the step's kernels is C++ too (cpp_wrapper: ~7% faster at GPT-2's
             # size, where Python spent ~1 ms a token calling ~100 kernels)
@@ -225,6 +231,8 @@ class Engine:
         generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         stream = TextStream(stop) if self.tokenizer is not None else None
         seq = _Sequence(next(self._ids), request, generator, prompt, stream)
+        if request.constraint is not None:
+            seq.matcher = self.grammars.matcher(request.constraint)
         self.waiting.append(seq)
         return seq.id
 
@@ -253,6 +261,11 @@ class Engine:
         stop = check_stop(r.stop)
         if stop and self.tokenizer is None:
             raise UserError("stop strings need text: give the Engine a tokenizer")
+        if r.constraint is not None:
+            matcher = self.grammars.matcher(r.constraint)  # (compiled once: add() copies it)
+            if not bool(self.grammars.allowed([matcher])[0].any()) or matcher.is_error():
+                raise UserError(f"the {r.constraint.kind.replace('_', ' ')} cannot begin with any token of this "
+                                f"model's vocabulary")
         cfg = self.config
         slides = not cfg.extrapolates and self.max_seq_len == cfg.block_size  # a full window slides on
         needed = (min(len(prompt), cfg.block_size) if slides else len(prompt)) + max(r.max_new_tokens - 1, 0)
@@ -264,6 +277,17 @@ class Engine:
                             f"{needed} positions, but the engine holds {self.max_seq_len} per request; shorten them "
                             f"or build the Engine with a larger max_seq_len")
         return prompt, stop
+
+    @property
+    def grammars(self):
+        """What compiles constraints for this engine's tokenizer and vocabulary (built at the first one)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise UserError("a constraint needs the tokens' text: give the Engine a tokenizer")
+                from .structured import Grammars
+                self._grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids)
+            return self._grammars
 
     def cancel(self, request_id: int) -> bool:
         """Drop a request, waiting or running; its slot is free for the next step. False if it is not here."""
@@ -370,7 +394,10 @@ class Engine:
             if s.sliding:  # every position shifts: recompute the last block_size tokens without the cache
                 window = torch.tensor([s.ids[-self.config.block_size:]], device=self.device)
                 logits[s.id] = self.model(window, last_only=True)[0][0, -1]
-        return [self._advance(s, logits[s.id]) for s in running]
+        held = [s for s in running if s.matcher is not None]  # every constrained row's mask, computed at once
+        allowed = dict(zip((s.id for s in held), self.grammars.allowed([s.matcher for s in held], self.device))) \
+            if held else {}
+        return [self._advance(s, logits[s.id], allowed.get(s.id)) for s in running]
 
     def _forward(self, cache, tokens, positions, kv_len: int) -> torch.Tensor:
         """Logits (B, V) of one token per row of this cache: the compiled step (static: it reads every slot), or
@@ -436,13 +463,21 @@ class Engine:
     def _weight_addresses(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for t in self._weights)  # (~150 tensors for GPT-2: some 20 us)
 
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Event:
-        """Sample the request's next token from its logits (V,) and report it; end the request if it is done."""
+    def _advance(self, seq: _Sequence, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> Event:
+        """Sample the request's next token from its logits (V,) and report it; end the request if it is done.
+        A constrained request samples among the tokens its matcher allows (allowed: (V,) bool, when computed with
+        the batch's), and ends at an end token or where its shape admits nothing more."""
         r = seq.request
         raw, logits = logits, logits[None]
         if r.repetition_penalty != 1.0:
             context = torch.tensor([seq.ids], device=self.device)
             logits = apply_repetition_penalty(logits, context, r.repetition_penalty)
+        if seq.matcher is not None:
+            if allowed is None:
+                allowed = self.grammars.allowed([seq.matcher], self.device)[0]
+            if not bool(allowed.any()):  # the shape needs a token this vocabulary lacks: it ends here
+                return self._finish(seq, Event(seq.id, None), "stop")
+            logits = logits.masked_fill(~allowed, float("-inf"))
         token = int(sample_next_token(logits, r.temperature, r.top_k, r.top_p, seq.generator)[0])
         event = Event(seq.id, token)
         if r.logprobs is not None:  # the model's distribution, before the repetition penalty and sampling settings
@@ -450,12 +485,17 @@ class Engine:
         seq.ids.append(token)
         seq.pending = token
         seq.generated += 1
-        if r.stop_at_eos and token in self.eos_ids:
+        if (r.stop_at_eos or seq.matcher is not None) and token in self.eos_ids:
             return self._finish(seq, event, "stop")
+        if seq.matcher is not None:
+            from .structured import consume
+            consume(seq.matcher, token)
         if seq.stream is not None:
             event.text = seq.stream.feed(self.tokenizer.decode_bytes([token]))
             if seq.stream.stopped:
                 return self._finish(seq, event, "stop")
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the shape is complete: nothing may follow
+            return self._finish(seq, event, "stop")
         if seq.generated >= r.max_new_tokens:
             return self._finish(seq, event, "length")
         return event

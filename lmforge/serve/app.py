@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..runs import check_dtype, model_config_of, model_folder, read_run_config
 from ..engine import MAX_LOGPROBS, Engine, Logprob, Request
 from ..errors import UserError
+from ..structured import Constraint
 from ..templates import chat_ids, chat_prompt_ids, from_legacy, template_of
 from ..tokenizer import prompt_ids
 from .loop import Busy, EngineLoop, Job, Metrics, Slots
@@ -62,6 +63,18 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict | bool | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # (the output always follows the schema)
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class _Sampling(_Body):
     model: str
     max_tokens: int | None = Field(None, ge=0)
@@ -78,6 +91,12 @@ class _Sampling(_Body):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # the client's own tag; not used
+    # structured output: OpenAI's response_format, or one of vLLM's guided_* fields (at most one of them)
+    response_format: ResponseFormat | None = None
+    guided_json: dict | None = None  # a JSON schema
+    guided_regex: str | None = None  # a regular expression the whole output matches
+    guided_choice: list[str] | None = Field(None, min_length=1)  # the output is one of these strings
+    guided_grammar: str | None = None  # a Lark or GBNF grammar
 
 
 class CompletionRequest(_Sampling):
@@ -269,6 +288,12 @@ class Server:
         if max_tokens is not None and max_tokens > self.max_tokens_limit:
             raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {self.max_tokens_limit}",
                            param="max_tokens")
+        constraint = constraint_of(body)
+        if constraint is not None:
+            try:
+                self.engine.grammars.matcher(constraint)  # compiled now, once for every choice
+            except UserError as e:
+                raise APIError(400, str(e), param=_constraint_param(body)) from None
         out = []
         for ids in prompts:
             room = self.max_seq_len - len(ids)
@@ -284,7 +309,7 @@ class Server:
             for j in range(body.n):
                 request = Request(ids, wanted, body.temperature, body.top_k, body.top_p if body.top_p < 1 else None,
                                   body.repetition_penalty, stop, None if body.seed is None else body.seed + j,
-                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs, constraint=constraint)
                 try:
                     self.engine.check(request)
                 except UserError as e:
@@ -414,6 +439,41 @@ def _should_compile(choice: str, model) -> bool:
     if device.type == "cuda":
         return True
     return shutil.which(os.environ.get("CXX", "g++")) is not None and model.num_params() >= 20_000_000
+
+
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def constraint_of(body: _Sampling):
+    """The request's structured-output constraint (structured.Constraint), or None."""
+    fmt = body.response_format if body.response_format is not None and body.response_format.type != "text" else None
+    given = [name for name in GUIDED if getattr(body, name) is not None] + (["response_format"] if fmt else [])
+    if len(given) > 1:
+        raise APIError(400, f"{' and '.join(given)} each constrain the output; give one", param=given[1])
+    if fmt is not None:
+        if fmt.type == "json_object":
+            if fmt.json_schema is not None:
+                raise APIError(400, "response_format of type json_object takes no json_schema; use type json_schema",
+                               param="response_format")
+            return Constraint.json_object()
+        if fmt.json_schema is None:
+            raise APIError(400, "response_format of type json_schema needs json_schema: {name, schema}",
+                           param="response_format")
+        schema = fmt.json_schema.schema_
+        return Constraint.json_object() if schema is None else Constraint.json_schema(schema)
+    if body.guided_json is not None:
+        return Constraint.json_schema(body.guided_json)
+    if body.guided_regex is not None:
+        return Constraint.regex(body.guided_regex)
+    if body.guided_choice is not None:
+        return Constraint.choice(body.guided_choice)
+    if body.guided_grammar is not None:
+        return Constraint.grammar(body.guided_grammar)
+    return None
+
+
+def _constraint_param(body: _Sampling) -> str:
+    return next((name for name in GUIDED if getattr(body, name) is not None), "response_format")
 
 
 def _refuse_unsupported(body: _Sampling):
