@@ -3,9 +3,10 @@ unconstrained, on GPT-2's tokenizer (50,257 tokens, the vocabulary the mask cove
 
     python benchmarks/structured.py [--preset gpt2] [--batches 1,8] [--tokens 96]
 
-For each batch size, the same seeded requests (temperature 1) run unconstrained, then under the schema: seconds
-a generated token, the mask's share of it (Grammars.allowed, timed where the engine calls it: every constrained
-row's mask in one call a step), and whether every constrained output validated. The model's weights are random:
+For each batch size, seeded requests (temperature 1) run under the schema, then the same requests unconstrained,
+each as many tokens as its constrained twin (so every step holds the same rows): milliseconds a generated token,
+the mask's share (Grammars.allowed, timed where the engine calls it: every constrained row's mask in one call a
+step), and how many constrained outputs finished within --tokens (each one that did must validate). The model's weights are random:
 its tokens are not a trained model's, but the mask's cost depends on the grammar's state and the vocabulary, not
 on the weights.
 """
@@ -72,12 +73,13 @@ def main() -> int:
             spent["calls"] += 1
             return out
         grammars.allowed = timed_allowed
-        requests = [Request(prompt, args.tokens, temperature=1.0, seed=i, stop_at_eos=False) for i in range(batch)]
-        decode(engine, requests[:1])  # (warm-up)
-        free_s, free_n, _ = decode(engine, requests)
-        spent.update(mask=0.0, calls=0)
         held = [Request(prompt, args.tokens, temperature=1.0, seed=i, constraint=constraint) for i in range(batch)]
+        decode(engine, held[:1])  # (warm-up)
+        spent.update(mask=0.0, calls=0)
         held_s, held_n, outputs = decode(engine, held)
+        # the same requests free, each as long as its constrained one: the same rows in every step
+        free = [Request(prompt, len(out), temperature=1.0, seed=i, stop_at_eos=False) for i, out in enumerate(outputs)]
+        free_s, free_n, _ = decode(engine, free)
         finished = 0
         for tokens in outputs:
             try:
