@@ -181,6 +181,11 @@ def _generate_args(p):
                    help="beam search's stopping rule: exact (stop when nothing can still win), or transformers' "
                         "true / false / never, for the same results as its generate()")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--json-schema", metavar="FILE", help="output JSON that follows this schema (`object`: any JSON "
+                                                          "object); needs lmforge[structured]")
+    p.add_argument("--regex", help="output text the whole of which matches this regular expression")
+    p.add_argument("--grammar", metavar="FILE", help="output text this grammar (Lark, or llama.cpp's GBNF) accepts")
+    p.add_argument("--choice", action="append", default=[], help="output one of these strings (repeatable)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")

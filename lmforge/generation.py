@@ -256,7 +256,7 @@ def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 10
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              num_beams: int = 1, length_penalty: float = 1.0, stop: str | list[str] | None = None,
              seed: int | None = None, stream: bool = False, compile: bool = False,
-             early_stopping: bool | str = "exact"):
+             early_stopping: bool | str = "exact", constraint=None):
     """Continue prompt(s); return the continuation only (a list for a list of prompts), or with stream=True an
     iterator of text pieces. Stops at end-of-text, at any stop string (not returned), or after max_new_tokens.
 
@@ -265,6 +265,7 @@ def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 10
     pays for long generations; for many calls build one Engine(model, tokenizer, compile=True) and pass it.
     A list of prompts is decoded together (continuous batching); the request of prompt i is seeded with seed + i.
     early_stopping: beam search's rule (see beam_search): "exact", or transformers' True, False or "never".
+    constraint: a structured.Constraint (a JSON schema, a regex, a grammar, a choice) every continuation keeps to.
     """
     if early_stopping not in ("exact", True, False, "never"):
         raise UserError(f"early_stopping={early_stopping!r}: use 'exact', True, False or 'never'")
@@ -277,6 +278,8 @@ def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 10
     if stream and many:
         raise UserError("stream=True takes one prompt; call it once per prompt")
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    if num_beams > 1 and constraint is not None:
+        raise UserError("beam search does not take a constraint; sample or decode greedily (num_beams=1)")
     if num_beams > 1:
         inference = model.model if isinstance(model, Engine) else inference_copy(unwrap(model))
         outs = [beam_search(inference, p, max_new_tokens, num_beams, length_penalty, tokenizer.eot_id, early_stopping)
@@ -285,8 +288,8 @@ def generate(model, tokenizer, prompt: str | list[str], max_new_tokens: int = 10
     engine = _engine_for(model, tokenizer, ids, max_new_tokens, compile)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    requests = [Request(p, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed + i)
-                for i, p in enumerate(ids)]
+    requests = [Request(p, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed + i,
+                        constraint=constraint) for i, p in enumerate(ids)]
     if stream:
         engine.check(requests[0])  # a bad request fails here, not at the first next()
         return _stream(engine, requests[0])
@@ -316,7 +319,8 @@ def generate_cli(args) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
                    length_penalty=args.length_penalty, stop=args.stop,
-                   early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping))
+                   early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),
+                   constraint=_constraint_of(args))
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                    args.num_beams, args.seed, args.length_penalty)
     if args.seed is not None and args.seed + args.num_samples > 2**63:
@@ -383,10 +387,36 @@ def generate_cli(args) -> int:
 
 
 
+def _constraint_of(args):
+    """--json-schema FILE (or `object`), --regex, --grammar FILE or --choice: the structured.Constraint, or None."""
+    from pathlib import Path
+    from .structured import Constraint
+    given = [f for f, v in (("--json-schema", args.json_schema), ("--regex", args.regex), ("--grammar", args.grammar),
+                            ("--choice", args.choice)) if v]
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)} each constrain the output; give one")
+    def text(flag: str, path: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{flag} {path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
+    if args.json_schema == "object":
+        return Constraint.json_object()
+    if args.json_schema:
+        return Constraint.json_schema(text("--json-schema", args.json_schema))
+    if args.regex:
+        return Constraint.regex(args.regex)
+    if args.grammar:
+        return Constraint.grammar(text("--grammar", args.grammar))
+    return Constraint.choice(args.choice) if args.choice else None
+
+
 def _generate_onnx(args, prompt: str) -> int:
     """`lmforge generate ONNX_DIR`: the exported graphs in onnxruntime, sampled as the engine samples."""
     from .onnx import OnnxModel
     unsupported = [flag for flag, on in (("--num-beams", args.num_beams != 1), ("--interactive", args.interactive),
+                                         ("--json-schema / --regex / --grammar / --choice",
+                                          any((args.json_schema, args.regex, args.grammar, args.choice))),
                                          ("--repetition-penalty", args.repetition_penalty != 1.0),
                                          ("--compile", args.compile), ("--checkpoint", args.checkpoint),
                                          ("--device", args.device != "cpu"), ("--dtype", args.dtype != "float32"))

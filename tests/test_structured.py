@@ -161,7 +161,7 @@ def test_bad_constraints_are_one_line_errors(tok, model, constraint, message):
 # ------------------------------------------------------------------------------------------------ the server
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tok):
+def json_run(tmp_path_factory, tok):
     path = tmp_path_factory.mktemp("structured") / "json-run"
     cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, position="rope", block_size=256)
     path.mkdir()
@@ -169,7 +169,27 @@ def server(tmp_path_factory, tok):
     tok.save(path / "tokenizer.json")
     torch.manual_seed(1)
     save_checkpoint(path, weights_for_saving(GPT(cfg).state_dict(), True), {"step": 1}, run_config(cfg))
-    server = ServerProcess(path, "--api-key", KEY, "--max-batch", "4")
+    return path
+
+
+def test_generate_keeps_to_a_constraint_in_python_and_on_the_command_line(json_run, tmp_path, capsys):
+    from lmforge import generate, load
+    from lmforge.cli import main
+    model, tokenizer = load(json_run)
+    texts = generate(model, tokenizer, ["x", "y"], max_new_tokens=30, seed=3, constraint=Constraint.regex("[a-z]{4}"))
+    assert all(re.fullmatch("[a-z]{4}", t) for t in texts)
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    assert main(["generate", str(json_run), "--prompt", "P:", "--json-schema", str(tmp_path / "schema.json"),
+                 "--max-new-tokens", "120", "--seed", "1", "--num-samples", "2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("P:")]
+    assert len(lines) == 2
+    for line in lines:
+        jsonschema.validate(json.loads(line[2:]), SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def server(json_run):
+    server = ServerProcess(json_run, "--api-key", KEY, "--max-batch", "4")
     yield server
     server.stop()
 
