@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .structured import Constraint
 
 MAX_LOGPROBS = 20  # top alternatives a request may ask for
 
@@ -28,7 +24,7 @@ class Request:
     stop_at_eos: bool = True  # end at the tokenizer's end-of-text (Engine(eos_id=...))
     logprobs: int | None = None  # report each new token's log-probability and this many top alternatives
     prompt_logprobs: bool = False  # also report the prompt tokens' log-probabilities (in the first event)
-    constraint: Constraint | None = None  # hold the output to a JSON schema, a regex, a grammar (structured.py)
+    constraint: object = None  # a structured.Constraint: hold the output to a JSON schema, a regex, a grammar
 
 
 @dataclass

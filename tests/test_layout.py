@@ -126,7 +126,7 @@ def test_the_model_file_imports_only_torch_and_the_standard_library():
 
 def test_importing_lmforge_loads_no_optional_library():
     optional = ["transformers", "fastapi", "uvicorn", "onnx", "onnxruntime", "gguf", "datasets", "pyarrow",
-                "matplotlib", "peft", "huggingface_hub", "prometheus_client", "zstandard"]
+                "matplotlib", "peft", "huggingface_hub", "prometheus_client", "zstandard", "llguidance"]
     code = f"import sys, lmforge; print([m for m in {optional!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
