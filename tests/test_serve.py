@@ -30,6 +30,16 @@ TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the 
         "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 .,;:!?'\"-()\n")
 
 
+def save_run(path: Path, tok, cfg: ModelConfig, seed: int = 0) -> Path:
+    """A run folder holding a randomly initialised GPT(cfg) (seeded) and tok, as training leaves one."""
+    path.mkdir(parents=True)
+    write_json_atomic(path / "config.json", run_config(cfg))
+    tok.save(path / "tokenizer.json")
+    torch.manual_seed(seed)
+    save_checkpoint(path, weights_for_saving(GPT(cfg).state_dict(), True), {"step": 1}, run_config(cfg))
+    return path
+
+
 def make_run(path: Path, seed: int = 0, **model) -> Path:
     tok = CharTokenizer.train(TEXT)
     cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, **{"position": "rope", "block_size": 128, **model})

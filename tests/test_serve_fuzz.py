@@ -13,7 +13,7 @@ from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_serve import TEXT, ServerProcess  # noqa: E402
+from test_serve import TEXT, ServerProcess, save_run  # noqa: E402
 
 EXAMPLES = {GenerationMode.POSITIVE: 250, GenerationMode.NEGATIVE: 100}  # per route (the whole test: ~30 s)
 
@@ -21,19 +21,11 @@ EXAMPLES = {GenerationMode.POSITIVE: 250, GenerationMode.NEGATIVE: 100}  # per r
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A run with a byte-level BPE, so that any text the fuzzer writes can be a prompt."""
-    import torch
-
-    from lmforge import GPT, ModelConfig
-    from lmforge.checkpoint import run_config, save_checkpoint, weights_for_saving, write_json_atomic
+    from lmforge import ModelConfig
     from lmforge.tokenizer import BPETokenizer
-    path = tmp_path_factory.mktemp("fuzz") / "bpe"
     tok = BPETokenizer.train(TEXT * 4, 300)
     cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, position="rope", block_size=64)
-    path.mkdir()
-    write_json_atomic(path / "config.json", run_config(cfg))
-    tok.save(path / "tokenizer.json")
-    torch.manual_seed(0)
-    save_checkpoint(path, weights_for_saving(GPT(cfg).state_dict(), True), {"step": 1}, run_config(cfg))
+    path = save_run(tmp_path_factory.mktemp("fuzz") / "bpe", tok, cfg)
     server = ServerProcess(path, "--max-tokens-limit", "8", "--model-name", "m")
     yield server
     server.stop()

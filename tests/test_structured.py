@@ -16,14 +16,13 @@ import pytest
 import torch
 
 from lmforge import GPT, ModelConfig, UserError
-from lmforge.checkpoint import run_config, save_checkpoint, weights_for_saving, write_json_atomic
 from lmforge.engine import Engine
 from lmforge.request import Request
 from lmforge.structured import MAX_SPEC_CHARS, Constraint
 from lmforge.tokenizer import CharTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_serve import KEY, ServerProcess  # noqa: E402
+from test_serve import KEY, ServerProcess, save_run  # noqa: E402
 
 TEXT = 'abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 {}[]":,.-_\n'
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
@@ -162,14 +161,8 @@ def test_bad_constraints_are_one_line_errors(tok, model, constraint, message):
 
 @pytest.fixture(scope="module")
 def json_run(tmp_path_factory, tok):
-    path = tmp_path_factory.mktemp("structured") / "json-run"
     cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, position="rope", block_size=256)
-    path.mkdir()
-    write_json_atomic(path / "config.json", run_config(cfg))
-    tok.save(path / "tokenizer.json")
-    torch.manual_seed(1)
-    save_checkpoint(path, weights_for_saving(GPT(cfg).state_dict(), True), {"step": 1}, run_config(cfg))
-    return path
+    return save_run(tmp_path_factory.mktemp("structured") / "json-run", tok, cfg, seed=1)
 
 
 def test_generate_keeps_to_a_constraint_in_python_and_on_the_command_line(json_run, tmp_path, capsys):
