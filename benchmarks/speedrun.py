@@ -150,14 +150,16 @@ def judge_lmforge(run: Path, data: Path) -> float:
 
 
 def judge_nanogpt(checkout: Path, out_dir: Path, data: Path) -> float:
-    """nanoGPT's saved checkpoint (its best val, which with these settings is its last evaluation) in its own
-    model.py."""
+    """nanoGPT's saved checkpoint in its own model.py: its last iteration's (it saves when its val improves, so the
+    benchmark stops should its last evaluation not be its best)."""
     import importlib.util
     import torch
     spec = importlib.util.spec_from_file_location("nanogpt_model", checkout / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=False)
+    if ckpt["iter_num"] != 2000:  # (it saves only when its val improves: its last evaluation was not its best)
+        sys.exit(f"nanoGPT's checkpoint is from iteration {ckpt['iter_num']}, not its last; rerun")
     model = module.GPT(module.GPTConfig(**ckpt["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     model.eval()

@@ -262,10 +262,7 @@ class Engine:
         if stop and self.tokenizer is None:
             raise UserError("stop strings need text: give the Engine a tokenizer")
         if r.constraint is not None:
-            matcher = self.grammars.matcher(r.constraint)  # (compiled once: add() copies it)
-            if not bool(self.grammars.allowed([matcher])[0].any()) or matcher.is_error():
-                raise UserError(f"the {r.constraint.kind.replace('_', ' ')} cannot begin with any token of this "
-                                f"model's vocabulary")
+            self.grammars.matcher(r.constraint)  # (compiled once: add() copies it)
         cfg = self.config
         slides = not cfg.extrapolates and self.max_seq_len == cfg.block_size  # a full window slides on
         needed = (min(len(prompt), cfg.block_size) if slides else len(prompt)) + max(r.max_new_tokens - 1, 0)
@@ -475,8 +472,8 @@ class Engine:
         if seq.matcher is not None:
             if allowed is None:
                 allowed = self.grammars.allowed([seq.matcher], self.device)[0]
-            if not bool(allowed.any()):  # the shape needs a token this vocabulary lacks: it ends here
-                return self._finish(seq, Event(seq.id, None), "stop")
+            if not bool(allowed.any()) or seq.matcher.is_error():  # the shape cannot go on: it ends here, saying so
+                return self._finish(seq, Event(seq.id, None), "constraint")
             logits = logits.masked_fill(~allowed, float("-inf"))
         token = int(sample_next_token(logits, r.temperature, r.top_k, r.top_p, seq.generator)[0])
         event = Event(seq.id, token)
@@ -489,7 +486,8 @@ class Engine:
             return self._finish(seq, event, "stop")
         if seq.matcher is not None:
             from .structured import consume
-            consume(seq.matcher, token)
+            if not consume(seq.matcher, token):
+                return self._finish(seq, event, "constraint")
         if seq.stream is not None:
             event.text = seq.stream.feed(self.tokenizer.decode_bytes([token]))
             if seq.stream.stopped:

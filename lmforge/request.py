@@ -21,7 +21,7 @@ class Request:
     repetition_penalty: float = 1.0  # CTRL's rule; 1 = off
     stop: list[str] = field(default_factory=list)  # stop strings (need the engine's tokenizer); not returned
     seed: int | None = None  # None: drawn from torch's global generator
-    stop_at_eos: bool = True  # end at the tokenizer's end-of-text (Engine(eos_id=...))
+    stop_at_eos: bool = True  # end at the tokenizer's end-of-text (Engine(eos_id=...)); always, under a constraint
     logprobs: int | None = None  # report each new token's log-probability and this many top alternatives
     prompt_logprobs: bool = False  # also report the prompt tokens' log-probabilities (in the first event)
     constraint: object = None  # a structured.Constraint: hold the output to a JSON schema, a regex, a grammar
@@ -40,7 +40,9 @@ class Logprob:
 class Event:
     """One request's news from a step: its new token (None when it ended without one), the text that token completes
     (with a tokenizer; held back while it may begin a stop string), and whether it ended: finish_reason 'stop' (end
-    of text or a stop string) or 'length' (max_new_tokens). With Request.logprobs, logprob scores the new token; with
+    of text, a stop string, or a constraint's shape complete), 'length' (max_new_tokens) or 'constraint' (the
+    constraint could not go on: its grammar past llguidance's parser limits, or needing a token the vocabulary
+    lacks). With Request.logprobs, logprob scores the new token; with
     Request.prompt_logprobs, the request's first event scores every prompt token after the first."""
     request_id: int
     token: int | None

@@ -55,6 +55,8 @@ class Constraint:
 
     @classmethod
     def choice(cls, options: list[str]) -> Constraint:
+        if isinstance(options, str):
+            raise UserError(f"a choice is a list of strings, got the string {options[:50]!r}")
         return cls("choice", json.dumps(list(options)))
 
 
@@ -77,6 +79,19 @@ def grammar_text(constraint: Constraint) -> str:
     if len(spec) > MAX_SPEC_CHARS:
         raise UserError(f"the {kind} is {len(spec):,} characters, more than the {MAX_SPEC_CHARS:,} allowed; "
                         f"simplify it")
+    try:
+        spec.encode("utf-8")
+    except UnicodeError:
+        raise UserError(f"the {kind} holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+    try:
+        return _grammar_text(llg, kind, spec)
+    except (ValueError, TypeError, RecursionError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"the {kind}: {_first_line(str(e)) or type(e).__name__}") from None
+
+
+def _grammar_text(llg, kind: str, spec: str) -> str:
     if kind == "json_object":
         return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
     if kind == "json_schema":
@@ -120,7 +135,7 @@ class Grammars:
     allowed), keeps the last few compiled, and computes masks. Safe to share between threads: request threads check
     constraints while the engine's thread decodes."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_ids: set[int], cache_size: int = 64):
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: set[int], cache_size: int = 16):
         llg = _llguidance()
         specials = {i: name for name, i in tokenizer.special_tokens.items()}
 
@@ -142,13 +157,19 @@ class Grammars:
         self.vocab_size = vocab_size
         self.tokenizer = llg.LLTokenizer(llg.TokenizerWrapper(_Wrapper()), n_vocab=vocab_size,
                                          eos_token=sorted(e for e in eos_ids if e < vocab_size))
-        self._executor = llg.LLExecutor()
+        # mask threads: as many as torch computes with, at most 8 (llguidance's default is 80% of the machine's)
+        self._executor = llg.LLExecutor(num_threads=max(1, min(8, torch.get_num_threads())))
+        # ids a grammar may name directly (<[id]>) but no text is: rows past the tokenizer's, never sampled
+        self._usable = torch.arange(vocab_size) < tokenizer.vocab_size
         self._compiled: OrderedDict[Constraint, object] = OrderedDict()  # a fresh matcher of each, to copy
         self._lock = threading.Lock()
         self._cache_size = cache_size
 
     def matcher(self, constraint: Constraint):
-        """A new matcher for one generation under constraint, or a UserError naming what is wrong with it."""
+        """A new matcher for one generation under constraint, or a UserError naming what is wrong with it (one
+        that does not compile, or that no token of the vocabulary can begin)."""
+        if not isinstance(constraint, Constraint):
+            raise UserError(f"constraint must be a structured.Constraint, got {type(constraint).__name__}")
         with self._lock:
             fresh = self._compiled.get(constraint)
             if fresh is not None:
@@ -160,6 +181,9 @@ class Grammars:
         if fresh.is_error():
             raise UserError(f"the {constraint.kind.replace('_', ' ')} cannot be compiled: "
                             f"{_first_line(fresh.get_error())}")
+        if not bool(self.allowed([fresh])[0].any()) or fresh.is_error():
+            raise UserError(f"the {constraint.kind.replace('_', ' ')} cannot begin with any token of this model's "
+                            f"vocabulary")
         with self._lock:
             self._compiled[constraint] = fresh
             while len(self._compiled) > self._cache_size:
@@ -174,11 +198,10 @@ class Grammars:
                                                len(matchers))
         shifts = torch.arange(32, dtype=torch.int32)
         allowed = ((bits[:, :, None] >> shifts) & 1).view(len(matchers), words * 32)[:, :self.vocab_size]
-        return allowed.bool().to(device, non_blocking=True)
+        return (allowed.bool() & self._usable).to(device, non_blocking=True)
 
 
-def consume(matcher, token: int) -> None:
-    """Advance the matcher past a sampled token (one its mask allowed)."""
-    if not matcher.consume_token(token):
-        raise RuntimeError(f"the constraint's matcher refused token {token}, which its mask allowed: "
-                           f"{_first_line(matcher.get_error())}")
+def consume(matcher, token: int) -> bool:
+    """Advance the matcher past a sampled token (one its mask allowed). False when it cannot go on: llguidance's
+    parser limits (a deeply recursive or ambiguous grammar, a lexer past its states) stop it."""
+    return bool(matcher.consume_token(token)) and not matcher.is_error()

@@ -473,8 +473,9 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
     seconds = {"setup": time.perf_counter() - entered, "train": 0.0, "eval": 0.0, "sample": 0.0, "save": 0.0,
                "curves": 0.0}
     # under compile, a process's first step is mostly compiling: it is timed as setup, not as training, so that a
-    # time budget's warmup and decay fall on training steps (max_seconds counts training, as without compile)
-    compiling = cfg.compile
+    # time budget's warmup and decay fall on training steps (max_seconds counts training, as without compile); the
+    # budget is charged the next step's time for it instead, so a resumed run (which compiles again) stays exact
+    compiling, owed = cfg.compile, False
 
     @contextlib.contextmanager
     def timing(phase: str):
@@ -492,6 +493,8 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
     window_start, window_tokens = time.perf_counter(), 0
     try:
         while step < cfg.max_steps and not out_of_time:
+            if info.world > 1 and cfg.max_seconds > 0:  # (no rank's clock counts another's sampling or saving)
+                dist.barrier()
             t0 = time.perf_counter()
             lr = lr_at(step, cfg, train_seconds)
             for opt in optimizers:
@@ -530,10 +533,11 @@ def _train(cfg: TrainConfig, resume: bool, info: Dist, device: torch.device) -> 
                 took = took_t.item()
             if compiling:
                 seconds["setup"] += took
-                compiling = False
+                compiling, owed = False, True
             else:
-                train_seconds += took
+                train_seconds += 2 * took if owed else took
                 seconds["train"] += took
+                owed = False
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             out_of_time = cfg.max_seconds > 0 and train_seconds >= cfg.max_seconds

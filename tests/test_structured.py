@@ -139,6 +139,34 @@ def test_greedy_constrained_decoding_equals_masking_the_full_forward(tok, free):
     assert tokens == expected
 
 
+def test_a_grammar_past_the_parsers_limits_ends_its_own_request_only(tok, model):
+    """An ambiguous grammar outgrows llguidance's parser (its rows hold at most 2,000 items) some hundreds of tokens
+    in: that request ends with finish_reason 'constraint', its neighbour decodes on. And a grammar that names token
+    ids directly gets none past the tokenizer's vocabulary."""
+    flat = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, block_size=256, position="rope",
+                                  tie_embeddings=False)).eval()
+    with torch.no_grad():  # every logit 0: greedy takes the lowest allowed id, "a" before "b" and end-of-text
+        flat.lm_head.weight.zero_()
+    engine = Engine(flat, tok, max_batch=2, max_seq_len=1024)
+    ambiguous = Constraint.grammar('start: e "b"\ne: e e | e e e | "a"')
+    (held, reason), (tokens, free_reason) = run_all(engine, [
+        Request(tok.encode("x"), 1000, temperature=0.0, constraint=ambiguous),
+        Request(tok.encode("x"), 200, temperature=1.0, seed=1, stop_at_eos=False)])
+    assert reason == "constraint" and 100 < len(held) < 1000 and set(text_of(tok, held)) == {"a"}
+    assert free_reason == "length" and len(tokens) == 200
+    ids = Constraint.grammar(f"start: <[{tok.vocab_size - 3}-{tok.vocab_size + 4}]>+")
+    tokens, _ = run_all(Engine(model, tok, max_batch=1), [Request(tok.encode("x"), 50, temperature=1.0, seed=2,
+                                                                     constraint=ids)])[0]
+    assert tokens and max(tokens) < tok.vocab_size
+
+
+def test_what_is_not_a_constraint_is_a_one_line_error(tok, model):
+    with pytest.raises(UserError, match="list of strings"):
+        Constraint.choice("yes")
+    with pytest.raises(UserError, match="structured.Constraint"):
+        Engine(model, tok).add(Request(tok.encode("x"), 5, constraint={"type": "object"}))
+
+
 @pytest.mark.parametrize("constraint, message", [
     (Constraint.regex("a(b"), "regex cannot be compiled"),
     (Constraint.json_schema('{"type": "object", '), "not valid JSON"),
@@ -148,6 +176,8 @@ def test_greedy_constrained_decoding_equals_masking_the_full_forward(tok, free):
     (Constraint.choice([]), "non-empty list"),
     (Constraint.regex("é+"), "cannot begin with any token"),  # a character this vocabulary lacks
     (Constraint("yaml"), "one of the kinds"),
+    (Constraint.regex("a\ud800"), "lone surrogate"),
+    (Constraint.json_schema("[" * 3000 + "]" * 3000), "json_schema"),
 ])
 def test_bad_constraints_are_one_line_errors(tok, model, constraint, message):
     engine = Engine(model, tok, max_batch=1)
@@ -216,10 +246,14 @@ def test_the_openai_client_gets_json_that_follows_its_schema(server):
     ({"guided_regex": "(", "guided_choice": ["a"]}, "guided_choice", "give one"),
     ({"guided_grammar": "root ::= ("}, "guided_grammar", "grammar"),
     ({"response_format": {"type": "xml"}}, None, "response_format"),
+    ({"guided_regex": "a\ud800"}, "guided_regex", "lone surrogate"),
+    ({"guided_json": {"enum": ["\ud800"]}}, "guided_json", "json_schema"),
+    ({"guided_regex": "é+"}, "guided_regex", "cannot begin with any token"),
 ])
 def test_bad_structured_requests_are_400s_naming_the_field(server, extra, param, message):
-    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                   json={"model": "json-run", "prompt": "x", "max_tokens": 5, **extra})
+    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}",
+                                                             "Content-Type": "application/json"},
+                   content=json.dumps({"model": "json-run", "prompt": "x", "max_tokens": 5, **extra}))  # (\u escapes)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert message in error["message"] and (param is None or error["param"] == param)

@@ -421,6 +421,14 @@ class Served:
         done()
 
 
+async def _checked(server: Server, prompts, body, max_tokens, logprobs, prompt_logprobs: bool = False):
+    """server.requests, on a worker thread when the body has a constraint: compiling one (and, at the first,
+    reading the tokenizer's vocabulary into llguidance) can take a second, which the event loop must not wait for."""
+    if constraint_of(body) is None:
+        return server.requests(prompts, body, max_tokens, logprobs, prompt_logprobs)
+    return await asyncio.to_thread(server.requests, prompts, body, max_tokens, logprobs, prompt_logprobs)
+
+
 def _check_text(text: str, param: str):
     """Text that cannot be UTF-8 (a lone surrogate from a JSON escape) is the client's error, not a 500 later."""
     try:
@@ -751,7 +759,7 @@ def create_app(runs: str | Path | list, max_body_bytes: int = 1 << 20, max_conne
         scored = body.echo and body.logprobs is not None
         # OpenAI's default for completions (16), within this server's limit
         max_tokens = min(16, server.max_tokens_limit) if body.max_tokens is None else body.max_tokens
-        requests = server.requests(prompts, body, max_tokens, body.logprobs, prompt_logprobs=scored)
+        requests = await _checked(server, prompts, body, max_tokens, body.logprobs, prompt_logprobs=scored)
         job = server.submit(requests, prompts, http)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         http.state.response_id = rid
@@ -820,7 +828,8 @@ def create_app(runs: str | Path | list, max_body_bytes: int = 1 << 20, max_conne
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         prompts = [server.chat_prompt(body.messages)]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        requests = server.requests(prompts, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+        requests = await _checked(server, prompts, body, max_tokens,
+                                  (body.top_logprobs or 0) if body.logprobs else None)
         job = server.submit(requests, prompts, http)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         http.state.response_id = rid
